@@ -1,0 +1,1 @@
+"""Foredeck Python SDK and CLI."""

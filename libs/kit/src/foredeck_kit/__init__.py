@@ -1,0 +1,1 @@
+"""Foredeck shared service runtime."""

@@ -1,0 +1,1 @@
+"""pytest plugin: fixtures that start real Redis, ArcadeDB and scripted providers."""
