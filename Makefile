@@ -1,0 +1,64 @@
+# Foredeck — `make help` lists the targets.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# uv comes from PyPI; `make setup` installs it when it is missing.
+UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
+RUN := $(UV) run --frozen --all-packages
+PY_PATHS := libs/kit libs/client services tests scripts
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: setup
+setup: ## Install uv if missing and sync every package of the workspace (one lock file).
+	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
+	$(UV) sync --frozen --all-packages
+
+.PHONY: proto
+proto: setup ## Regenerate libs/contracts from proto/.
+	$(RUN) buf format -w proto
+	$(RUN) python scripts/gen_protos.py
+
+.PHONY: check-gen
+check-gen: setup ## Fail when the committed generated code is stale.
+	$(RUN) python scripts/gen_protos.py --check
+
+.PHONY: lint
+lint: setup ## ruff (check + format), buf lint and buf format.
+	$(RUN) ruff check $(PY_PATHS)
+	$(RUN) ruff format --check $(PY_PATHS)
+	$(RUN) buf lint proto
+	$(RUN) buf format -d --exit-code proto
+
+.PHONY: breaking
+breaking: setup ## buf breaking against the latest release tag (none before v0.1.0).
+	RUN="$(RUN)" scripts/buf_breaking.sh
+
+.PHONY: typecheck
+typecheck: setup ## mypy --strict over libraries, services, tests and the generated stubs.
+	$(RUN) mypy $(PY_PATHS)
+	cd libs/contracts/src && $(RUN) mypy --config-file ../pyproject.toml foredeck
+
+.PHONY: test-only
+test-only: setup ## Run the test suites only (PYTEST_ARGS=... to narrow).
+	$(RUN) pytest $(PYTEST_ARGS)
+
+.PHONY: test
+test: setup lint typecheck check-gen breaking test-only ## Everything CI runs: lint, types, generated code, buf checks, all tests.
+
+.PHONY: run
+run: setup ## Start the whole platform locally on embedded defaults (Ctrl-C stops it).
+	$(RUN) foredeck up
+
+.PHONY: bench
+bench: setup ## Run the benchmarks; each prints its figures and the ratio to its baseline.
+	$(RUN) python -m bench
+
+.PHONY: clean
+clean: ## Remove caches, build output and the local stack's data directory.
+	rm -rf .foredeck .mypy_cache .ruff_cache .pytest_cache dist build
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
