@@ -26,40 +26,41 @@ from foredeck.common.v1 import error_pb2 as foredeck_dot_common_dot_v1_dot_error
 from foredeck.common.v1 import run_pb2 as foredeck_dot_common_dot_v1_dot_run__pb2
 from foredeck.common.v1 import tool_pb2 as foredeck_dot_common_dot_v1_dot_tool__pb2
 from foredeck.common.v1 import usage_pb2 as foredeck_dot_common_dot_v1_dot_usage__pb2
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"foredeck/common/v1/run_event.proto\x12\x12\x66oredeck.common.v1\x1a\x1e\x66oredeck/common/v1/error.proto\x1a\x1c\x66oredeck/common/v1/run.proto\x1a\x1d\x66oredeck/common/v1/tool.proto\x1a\x1e\x66oredeck/common/v1/usage.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x05\n\x08RunEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x0estatus_changed\x18\n \x01(\x0b\x32$.foredeck.common.v1.RunStatusChangedH\x00\x12\x37\n\x0cstep_started\x18\x0b \x01(\x0b\x32\x1f.foredeck.common.v1.StepStartedH\x00\x12\x39\n\rstep_finished\x18\x0c \x01(\x0b\x32 .foredeck.common.v1.StepFinishedH\x00\x12\x35\n\x0btoken_delta\x18\r \x01(\x0b\x32\x1e.foredeck.common.v1.TokenDeltaH\x00\x12\x44\n\x13tool_call_requested\x18\x0e \x01(\x0b\x32%.foredeck.common.v1.ToolCallRequestedH\x00\x12\x42\n\x12tool_call_approved\x18\x0f \x01(\x0b\x32$.foredeck.common.v1.ToolCallApprovedH\x00\x12\x42\n\x12tool_call_finished\x18\x10 \x01(\x0b\x32$.foredeck.common.v1.ToolCallFinishedH\x00\x12\x39\n\rmemory_stored\x18\x11 \x01(\x0b\x32 .foredeck.common.v1.MemoryStoredH\x00\x12\x32\n\x05\x65rror\x18\x12 \x01(\x0b\x32!.foredeck.common.v1.ErrorOccurredH\x00\x12\x37\n\x0crun_finished\x18\x13 \x01(\x0b\x32\x1f.foredeck.common.v1.RunFinishedH\x00\x42\t\n\x07payload\"y\n\x10RunStatusChanged\x12\x36\n\x0fprevious_status\x18\x01 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\"\x9a\x01\n\x0bStepStarted\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x05\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.foredeck.common.v1.StepKind\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0c\x63hild_run_id\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\"\x95\x01\n\x0cStepFinished\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.foredeck.common.v1.Usage\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.foredeck.common.v1.Error\"+\n\nTokenDelta\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x85\x01\n\x11ToolCallRequested\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12/\n\ttool_call\x18\x02 \x01(\x0b\x32\x1c.foredeck.common.v1.ToolCall\x12\x19\n\x11requires_approval\x18\x03 \x01(\x08\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\"s\n\x10ToolCallApproved\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x10\n\x08\x61pproved\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ndecided_by\x18\x05 \x01(\t\"z\n\x10ToolCallFinished\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.foredeck.common.v1.ToolResult\x12\x13\n\x0b\x64uration_ms\x18\x03 \x01(\x03\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"`\n\x0cMemoryStored\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x11\n\tmemory_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.foredeck.common.v1.MemoryKind\"Y\n\rErrorOccurred\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.foredeck.common.v1.Error\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"\xa0\x01\n\x0bRunFinished\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x0e\n\x06output\x18\x02 \x01(\t\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x19.foredeck.common.v1.Usage\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.foredeck.common.v1.Error*\xdf\x01\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10STEP_KIND_RECALL\x10\x01\x12\x12\n\x0eSTEP_KIND_PLAN\x10\x02\x12\x14\n\x10STEP_KIND_REASON\x10\x03\x12\x17\n\x13STEP_KIND_TOOL_CALL\x10\x04\x12\x14\n\x10STEP_KIND_REPLAN\x10\x05\x12\x17\n\x13STEP_KIND_SUB_AGENT\x10\x06\x12\x18\n\x14STEP_KIND_SYNTHESIZE\x10\x07\x12\x16\n\x12STEP_KIND_REMEMBER\x10\x08*u\n\nMemoryKind\x12\x1b\n\x17MEMORY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MEMORY_KIND_WORKING\x10\x01\x12\x19\n\x15MEMORY_KIND_LONG_TERM\x10\x02\x12\x16\n\x12MEMORY_KIND_ENTITY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"foredeck/common/v1/run_event.proto\x12\x12\x66oredeck.common.v1\x1a\x1e\x66oredeck/common/v1/error.proto\x1a\x1c\x66oredeck/common/v1/run.proto\x1a\x1d\x66oredeck/common/v1/tool.proto\x1a\x1e\x66oredeck/common/v1/usage.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xda\x05\n\x08RunEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12.\n\nevent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12>\n\x0estatus_changed\x18\n \x01(\x0b\x32$.foredeck.common.v1.RunStatusChangedH\x00\x12\x37\n\x0cstep_started\x18\x0b \x01(\x0b\x32\x1f.foredeck.common.v1.StepStartedH\x00\x12\x39\n\rstep_finished\x18\x0c \x01(\x0b\x32 .foredeck.common.v1.StepFinishedH\x00\x12\x35\n\x0btoken_delta\x18\r \x01(\x0b\x32\x1e.foredeck.common.v1.TokenDeltaH\x00\x12\x44\n\x13tool_call_requested\x18\x0e \x01(\x0b\x32%.foredeck.common.v1.ToolCallRequestedH\x00\x12\x42\n\x12tool_call_approved\x18\x0f \x01(\x0b\x32$.foredeck.common.v1.ToolCallApprovedH\x00\x12\x42\n\x12tool_call_finished\x18\x10 \x01(\x0b\x32$.foredeck.common.v1.ToolCallFinishedH\x00\x12\x39\n\rmemory_stored\x18\x11 \x01(\x0b\x32 .foredeck.common.v1.MemoryStoredH\x00\x12\x32\n\x05\x65rror\x18\x12 \x01(\x0b\x32!.foredeck.common.v1.ErrorOccurredH\x00\x12\x37\n\x0crun_finished\x18\x13 \x01(\x0b\x32\x1f.foredeck.common.v1.RunFinishedH\x00\x42\t\n\x07payload\"y\n\x10RunStatusChanged\x12\x36\n\x0fprevious_status\x18\x01 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\"\x9a\x01\n\x0bStepStarted\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x05\x12*\n\x04kind\x18\x03 \x01(\x0e\x32\x1c.foredeck.common.v1.StepKind\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12\x14\n\x0c\x63hild_run_id\x18\x05 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x06 \x01(\x05\"\x95\x01\n\x0cStepFinished\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0f\n\x07success\x18\x02 \x01(\x08\x12\x0f\n\x07summary\x18\x03 \x01(\t\x12(\n\x05usage\x18\x04 \x01(\x0b\x32\x19.foredeck.common.v1.Usage\x12(\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x19.foredeck.common.v1.Error\"+\n\nTokenDelta\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x85\x01\n\x11ToolCallRequested\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12/\n\ttool_call\x18\x02 \x01(\x0b\x32\x1c.foredeck.common.v1.ToolCall\x12\x19\n\x11requires_approval\x18\x03 \x01(\x08\x12\x13\n\x0b\x61pproval_id\x18\x04 \x01(\t\"s\n\x10ToolCallApproved\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x02 \x01(\t\x12\x10\n\x08\x61pproved\x18\x03 \x01(\x08\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\ndecided_by\x18\x05 \x01(\t\"\x92\x01\n\x10ToolCallFinished\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12.\n\x06result\x18\x02 \x01(\x0b\x32\x1e.foredeck.common.v1.ToolResult\x12+\n\x08\x64uration\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x04 \x01(\x08\"`\n\x0cMemoryStored\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12\x11\n\tmemory_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.foredeck.common.v1.MemoryKind\"Y\n\rErrorOccurred\x12\x0f\n\x07step_id\x18\x01 \x01(\t\x12(\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x19.foredeck.common.v1.Error\x12\r\n\x05\x66\x61tal\x18\x03 \x01(\x08\"\xa0\x01\n\x0bRunFinished\x12-\n\x06status\x18\x01 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x0e\n\x06output\x18\x02 \x01(\t\x12(\n\x05usage\x18\x03 \x01(\x0b\x32\x19.foredeck.common.v1.Usage\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.foredeck.common.v1.Error*\xdf\x01\n\x08StepKind\x12\x19\n\x15STEP_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10STEP_KIND_RECALL\x10\x01\x12\x12\n\x0eSTEP_KIND_PLAN\x10\x02\x12\x14\n\x10STEP_KIND_REASON\x10\x03\x12\x17\n\x13STEP_KIND_TOOL_CALL\x10\x04\x12\x14\n\x10STEP_KIND_REPLAN\x10\x05\x12\x17\n\x13STEP_KIND_SUB_AGENT\x10\x06\x12\x18\n\x14STEP_KIND_SYNTHESIZE\x10\x07\x12\x16\n\x12STEP_KIND_REMEMBER\x10\x08*u\n\nMemoryKind\x12\x1b\n\x17MEMORY_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13MEMORY_KIND_WORKING\x10\x01\x12\x19\n\x15MEMORY_KIND_LONG_TERM\x10\x02\x12\x16\n\x12MEMORY_KIND_ENTITY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foredeck.common.v1.run_event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STEPKIND']._serialized_start=2156
-  _globals['_STEPKIND']._serialized_end=2379
-  _globals['_MEMORYKIND']._serialized_start=2381
-  _globals['_MEMORYKIND']._serialized_end=2498
-  _globals['_RUNEVENT']._serialized_start=217
-  _globals['_RUNEVENT']._serialized_end=947
-  _globals['_RUNSTATUSCHANGED']._serialized_start=949
-  _globals['_RUNSTATUSCHANGED']._serialized_end=1070
-  _globals['_STEPSTARTED']._serialized_start=1073
-  _globals['_STEPSTARTED']._serialized_end=1227
-  _globals['_STEPFINISHED']._serialized_start=1230
-  _globals['_STEPFINISHED']._serialized_end=1379
-  _globals['_TOKENDELTA']._serialized_start=1381
-  _globals['_TOKENDELTA']._serialized_end=1424
-  _globals['_TOOLCALLREQUESTED']._serialized_start=1427
-  _globals['_TOOLCALLREQUESTED']._serialized_end=1560
-  _globals['_TOOLCALLAPPROVED']._serialized_start=1562
-  _globals['_TOOLCALLAPPROVED']._serialized_end=1677
-  _globals['_TOOLCALLFINISHED']._serialized_start=1679
-  _globals['_TOOLCALLFINISHED']._serialized_end=1801
-  _globals['_MEMORYSTORED']._serialized_start=1803
-  _globals['_MEMORYSTORED']._serialized_end=1899
-  _globals['_ERROROCCURRED']._serialized_start=1901
-  _globals['_ERROROCCURRED']._serialized_end=1990
-  _globals['_RUNFINISHED']._serialized_start=1993
-  _globals['_RUNFINISHED']._serialized_end=2153
+  _globals['_STEPKIND']._serialized_start=2213
+  _globals['_STEPKIND']._serialized_end=2436
+  _globals['_MEMORYKIND']._serialized_start=2438
+  _globals['_MEMORYKIND']._serialized_end=2555
+  _globals['_RUNEVENT']._serialized_start=249
+  _globals['_RUNEVENT']._serialized_end=979
+  _globals['_RUNSTATUSCHANGED']._serialized_start=981
+  _globals['_RUNSTATUSCHANGED']._serialized_end=1102
+  _globals['_STEPSTARTED']._serialized_start=1105
+  _globals['_STEPSTARTED']._serialized_end=1259
+  _globals['_STEPFINISHED']._serialized_start=1262
+  _globals['_STEPFINISHED']._serialized_end=1411
+  _globals['_TOKENDELTA']._serialized_start=1413
+  _globals['_TOKENDELTA']._serialized_end=1456
+  _globals['_TOOLCALLREQUESTED']._serialized_start=1459
+  _globals['_TOOLCALLREQUESTED']._serialized_end=1592
+  _globals['_TOOLCALLAPPROVED']._serialized_start=1594
+  _globals['_TOOLCALLAPPROVED']._serialized_end=1709
+  _globals['_TOOLCALLFINISHED']._serialized_start=1712
+  _globals['_TOOLCALLFINISHED']._serialized_end=1858
+  _globals['_MEMORYSTORED']._serialized_start=1860
+  _globals['_MEMORYSTORED']._serialized_end=1956
+  _globals['_ERROROCCURRED']._serialized_start=1958
+  _globals['_ERROROCCURRED']._serialized_end=2047
+  _globals['_RUNFINISHED']._serialized_start=2050
+  _globals['_RUNFINISHED']._serialized_end=2210
 # @@protoc_insertion_point(module_scope)

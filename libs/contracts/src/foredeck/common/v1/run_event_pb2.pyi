@@ -8,6 +8,7 @@ from foredeck.common.v1 import run_pb2 as _run_pb2
 from foredeck.common.v1 import tool_pb2 as _tool_pb2
 from foredeck.common.v1 import usage_pb2 as _usage_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -419,12 +420,10 @@ class ToolCallFinished(_message.Message):
 
     STEP_ID_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
-    DURATION_MS_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
     """The step that made the call."""
-    duration_ms: _builtins.int
-    """How long the tool ran, in milliseconds."""
     replayed: _builtins.bool
     """Whether the result was recorded by an earlier attempt and returned without running the
     tool again.
@@ -433,17 +432,21 @@ class ToolCallFinished(_message.Message):
     def result(self) -> _tool_pb2.ToolResult:
         """The tool's result, as handed to the model."""
 
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long the tool ran."""
+
     def __init__(
         self,
         *,
         step_id: _builtins.str = ...,
         result: _tool_pb2.ToolResult | None = ...,
-        duration_ms: _builtins.int = ...,
+        duration: _duration_pb2.Duration | None = ...,
         replayed: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_ms", b"duration_ms", "replayed", b"replayed", "result", b"result", "step_id", b"step_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "replayed", b"replayed", "result", b"result", "step_id", b"step_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -141,6 +141,8 @@ class Run(_message.Message):
     END_TIME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """The run's id, assigned by the orchestrator at submission."""
     tenant_id: _builtins.str
@@ -167,6 +169,8 @@ class Run(_message.Message):
     """The run this one was forked from, if any."""
     last_event_id: _builtins.str
     """The id of the last event published for the run; WatchRun resumes after it."""
+    request_id: _builtins.str
+    """The client-chosen id the run was submitted with; a retry with the same id returns this run."""
     @_builtins.property
     def error(self) -> _error_pb2.Error:
         """Why the run failed, when status is RUN_STATUS_FAILED."""
@@ -191,6 +195,12 @@ class Run(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Caller-supplied labels, for filtering and reporting."""
 
+    @_builtins.property
+    def budget(self) -> _usage_pb2.Budget:
+        """The caps the run works within: the tightest of its agent's, its credential's and its
+        request's budgets.
+        """
+
     def __init__(
         self,
         *,
@@ -213,10 +223,12 @@ class Run(_message.Message):
         end_time: _timestamp_pb2.Timestamp | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         last_event_id: _builtins.str = ...,
+        budget: _usage_pb2.Budget | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_version", b"agent_version", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "forked_from_run_id", b"forked_from_run_id", "input", b"input", "labels", b"labels", "last_event_id", b"last_event_id", "output", b"output", "parent_run_id", b"parent_run_id", "priority", b"priority", "run_id", b"run_id", "start_time", b"start_time", "status", b"status", "step_count", b"step_count", "tenant_id", b"tenant_id", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_version", b"agent_version", "budget", b"budget", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "forked_from_run_id", b"forked_from_run_id", "input", b"input", "labels", b"labels", "last_event_id", b"last_event_id", "output", b"output", "parent_run_id", b"parent_run_id", "priority", b"priority", "request_id", b"request_id", "run_id", b"run_id", "start_time", b"start_time", "status", b"status", "step_count", b"step_count", "tenant_id", b"tenant_id", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

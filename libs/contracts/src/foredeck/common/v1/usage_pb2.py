@@ -22,17 +22,18 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66oredeck/common/v1/usage.proto\x12\x12\x66oredeck.common.v1\"\x93\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x04 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x05 \x01(\x03\"\xa0\x01\n\x06\x42udget\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13max_cost_usd_micros\x18\x03 \x01(\x03\x12\x1d\n\x15max_wall_time_seconds\x18\x04 \x01(\x05\x12\x1b\n\x13max_sub_agent_depth\x18\x05 \x01(\x05\x12\x16\n\x0emax_sub_agents\x18\x06 \x01(\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66oredeck/common/v1/usage.proto\x12\x12\x66oredeck.common.v1\x1a\x1egoogle/protobuf/duration.proto\"\x93\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x03 \x01(\x03\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x04 \x01(\x03\x12\x17\n\x0f\x63ost_usd_micros\x18\x05 \x01(\x03\"\xb3\x01\n\x06\x42udget\x12\x11\n\tmax_steps\x18\x01 \x01(\x05\x12\x12\n\nmax_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13max_cost_usd_micros\x18\x03 \x01(\x03\x12\x30\n\rmax_wall_time\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x1b\n\x13max_sub_agent_depth\x18\x05 \x01(\x05\x12\x16\n\x0emax_sub_agents\x18\x06 \x01(\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foredeck.common.v1.usage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_USAGE']._serialized_start=55
-  _globals['_USAGE']._serialized_end=202
-  _globals['_BUDGET']._serialized_start=205
-  _globals['_BUDGET']._serialized_end=365
+  _globals['_USAGE']._serialized_start=87
+  _globals['_USAGE']._serialized_end=234
+  _globals['_BUDGET']._serialized_start=237
+  _globals['_BUDGET']._serialized_end=416
 # @@protoc_insertion_point(module_scope)

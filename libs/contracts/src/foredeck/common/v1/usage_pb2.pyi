@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 import builtins as _builtins
 import sys
@@ -67,7 +68,7 @@ class Budget(_message.Message):
     MAX_STEPS_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     MAX_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
-    MAX_WALL_TIME_SECONDS_FIELD_NUMBER: _builtins.int
+    MAX_WALL_TIME_FIELD_NUMBER: _builtins.int
     MAX_SUB_AGENT_DEPTH_FIELD_NUMBER: _builtins.int
     MAX_SUB_AGENTS_FIELD_NUMBER: _builtins.int
     max_steps: _builtins.int
@@ -76,25 +77,27 @@ class Budget(_message.Message):
     """The most tokens (input + output, all calls) a run may consume."""
     max_cost_usd_micros: _builtins.int
     """The most a run may cost, in millionths of a US dollar."""
-    max_wall_time_seconds: _builtins.int
-    """The longest a run may take from start to finish, in seconds."""
     max_sub_agent_depth: _builtins.int
     """How deep sub-agents may nest below the run (0 forbids sub-agents)."""
     max_sub_agents: _builtins.int
     """How many sub-agent runs the run may start in all."""
+    @_builtins.property
+    def max_wall_time(self) -> _duration_pb2.Duration:
+        """The longest a run may take from start to finish."""
+
     def __init__(
         self,
         *,
         max_steps: _builtins.int = ...,
         max_tokens: _builtins.int = ...,
         max_cost_usd_micros: _builtins.int = ...,
-        max_wall_time_seconds: _builtins.int = ...,
+        max_wall_time: _duration_pb2.Duration | None = ...,
         max_sub_agent_depth: _builtins.int = ...,
         max_sub_agents: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_wall_time", b"max_wall_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_cost_usd_micros", b"max_cost_usd_micros", "max_steps", b"max_steps", "max_sub_agent_depth", b"max_sub_agent_depth", "max_sub_agents", b"max_sub_agents", "max_tokens", b"max_tokens", "max_wall_time_seconds", b"max_wall_time_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_cost_usd_micros", b"max_cost_usd_micros", "max_steps", b"max_steps", "max_sub_agent_depth", b"max_sub_agent_depth", "max_sub_agents", b"max_sub_agents", "max_tokens", b"max_tokens", "max_wall_time", b"max_wall_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
