@@ -53,7 +53,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_DEADLINE_TOO_SHORT: _ErrorReason.ValueType  # 7
     """DEADLINE_EXCEEDED: the caller's deadline was already spent, or too short to start a
-    provider call, when the request arrived. Metadata `minimum_seconds`. No extra details.
+    provider call, when the request arrived. Metadata `minimumSeconds`. No extra details.
     """
     ERROR_REASON_DOWNSTREAM_UNAVAILABLE: _ErrorReason.ValueType  # 8
     """UNAVAILABLE: a Foredeck dependency other than a model provider could not be reached.
@@ -241,7 +241,7 @@ ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 6
 """
 ERROR_REASON_DEADLINE_TOO_SHORT: ErrorReason.ValueType  # 7
 """DEADLINE_EXCEEDED: the caller's deadline was already spent, or too short to start a
-provider call, when the request arrived. Metadata `minimum_seconds`. No extra details.
+provider call, when the request arrived. Metadata `minimumSeconds`. No extra details.
 """
 ERROR_REASON_DOWNSTREAM_UNAVAILABLE: ErrorReason.ValueType  # 8
 """UNAVAILABLE: a Foredeck dependency other than a model provider could not be reached.

@@ -53,7 +53,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_DEADLINE_TOO_SHORT: _ErrorReason.ValueType  # 7
     """DEADLINE_EXCEEDED: the caller's deadline was already spent, or left less time than the
-    operation needs to start, when the call arrived. Metadata: `minimum_seconds`. No extra
+    operation needs to start, when the call arrived. Metadata: `minimumSeconds`. No extra
     details.
     """
     ERROR_REASON_DOWNSTREAM_UNAVAILABLE: _ErrorReason.ValueType  # 8
@@ -232,7 +232,7 @@ example metadata, entity properties or a chat message). Metadata: `field`, `limi
 """
 ERROR_REASON_DEADLINE_TOO_SHORT: ErrorReason.ValueType  # 7
 """DEADLINE_EXCEEDED: the caller's deadline was already spent, or left less time than the
-operation needs to start, when the call arrived. Metadata: `minimum_seconds`. No extra
+operation needs to start, when the call arrived. Metadata: `minimumSeconds`. No extra
 details.
 """
 ERROR_REASON_DOWNSTREAM_UNAVAILABLE: ErrorReason.ValueType  # 8

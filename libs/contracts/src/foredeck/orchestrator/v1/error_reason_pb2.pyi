@@ -53,7 +53,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_DEADLINE_TOO_SHORT: _ErrorReason.ValueType  # 7
     """DEADLINE_EXCEEDED. The call's deadline was already spent, or too short to do the work,
-    before the server started it. Metadata `minimum_seconds` (the least time the RPC needs). No
+    before the server started it. Metadata `minimumSeconds` (the least time the RPC needs). No
     extra details.
     """
     ERROR_REASON_DOWNSTREAM_UNAVAILABLE: _ErrorReason.ValueType  # 8
@@ -273,7 +273,7 @@ BadRequest naming the field.
 """
 ERROR_REASON_DEADLINE_TOO_SHORT: ErrorReason.ValueType  # 7
 """DEADLINE_EXCEEDED. The call's deadline was already spent, or too short to do the work,
-before the server started it. Metadata `minimum_seconds` (the least time the RPC needs). No
+before the server started it. Metadata `minimumSeconds` (the least time the RPC needs). No
 extra details.
 """
 ERROR_REASON_DOWNSTREAM_UNAVAILABLE: ErrorReason.ValueType  # 8

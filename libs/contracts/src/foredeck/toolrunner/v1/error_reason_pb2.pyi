@@ -54,7 +54,7 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """
     ERROR_REASON_DEADLINE_TOO_SHORT: _ErrorReason.ValueType  # 7
     """DEADLINE_EXCEEDED: the caller's deadline was already spent, or too short to start the
-    tool, when the request arrived. Nothing ran. Metadata `minimum_seconds`. No extra details.
+    tool, when the request arrived. Nothing ran. Metadata `minimumSeconds`. No extra details.
     """
     ERROR_REASON_DOWNSTREAM_UNAVAILABLE: _ErrorReason.ValueType  # 8
     """UNAVAILABLE: a Foredeck dependency could not be reached. Metadata `downstream` and, when
@@ -229,7 +229,7 @@ that field.
 """
 ERROR_REASON_DEADLINE_TOO_SHORT: ErrorReason.ValueType  # 7
 """DEADLINE_EXCEEDED: the caller's deadline was already spent, or too short to start the
-tool, when the request arrived. Nothing ran. Metadata `minimum_seconds`. No extra details.
+tool, when the request arrived. Nothing ran. Metadata `minimumSeconds`. No extra details.
 """
 ERROR_REASON_DOWNSTREAM_UNAVAILABLE: ErrorReason.ValueType  # 8
 """UNAVAILABLE: a Foredeck dependency could not be reached. Metadata `downstream` and, when
