@@ -1,0 +1,16 @@
+"""Run every benchmark (``make bench``)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from bench import kit_overhead
+
+
+def main() -> None:
+    """Run the benchmarks one after another; each prints its own table."""
+    asyncio.run(kit_overhead.run())
+
+
+if __name__ == "__main__":
+    main()
