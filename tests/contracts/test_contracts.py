@@ -75,9 +75,7 @@ def test_reads_declare_no_side_effects() -> None:
 
 
 def test_streaming_only_for_tokens_and_run_events() -> None:
-    streaming = {
-        m.full_name for m in _methods() if m.client_streaming or m.server_streaming
-    }
+    streaming = {m.full_name for m in _methods() if m.client_streaming or m.server_streaming}
     assert streaming == STREAMING_METHODS
     assert not any(m.client_streaming for m in _methods())
 

@@ -69,13 +69,6 @@ CACHED_USAGE = Usage(
 
 
 @pytest.fixture
-async def scripted_provider() -> AsyncIterator[ScriptedProvider]:
-    """A scripted provider server on a free port, closed after the test."""
-    async with ScriptedProvider() as provider:
-        yield provider
-
-
-@pytest.fixture
 async def anthropic_client(
     scripted_provider: ScriptedProvider,
 ) -> AsyncIterator[anthropic.AsyncAnthropic]:
