@@ -46,7 +46,11 @@ def generate(out: Path) -> None:
         f"--mypy_grpc_out={out}",
         *(str(p) for p in protos),
     ]
-    subprocess.run(cmd, check=True, cwd=PROTO_ROOT)
+    # mypy-protobuf reports every file it writes on stderr; show protoc's output only on failure.
+    result = subprocess.run(cmd, cwd=PROTO_ROOT, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.stderr.write(result.stdout + result.stderr)
+        raise SystemExit(f"protoc failed with exit code {result.returncode}")
     # Every directory becomes a regular package so mypy and importers see one layout; the
     # top-level ``foredeck`` stays a namespace-free package owned by this distribution.
     for directory in [out / PACKAGE, *(d for d in (out / PACKAGE).rglob("*") if d.is_dir())]:
