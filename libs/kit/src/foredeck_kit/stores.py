@@ -353,12 +353,69 @@ class _Deadline:
 # --- Redis ----------------------------------------------------------------------------------
 
 
-class RedisProcess:
+class _StoreProcess:
+    """What every locally started store shares: one supervised process and its lifecycle."""
+
+    _label = "store"
+    _stop_grace = 10.0
+
+    def __init__(self) -> None:
+        self._process: ManagedProcess | None = None
+
+    def _started(self) -> ManagedProcess:
+        if self._process is None:
+            raise RuntimeError(f"{self._label} has not been started")
+        return self._process
+
+    async def start(self) -> None:
+        """Start the server and wait until it answers."""
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        """Process id of the server."""
+        return self._started().pid
+
+    @property
+    def running(self) -> bool:
+        """Whether the server process is alive."""
+        return self._process is not None and self._process.running
+
+    async def wait(self) -> int:
+        """Wait until the server process exits (for supervisors); return its exit code."""
+        return await self._started().wait()
+
+    def log_tail(self, max_lines: int = 40) -> str:
+        """The last lines of the server's log from its latest start."""
+        return "" if self._process is None else self._process.log_tail(max_lines)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """SIGTERM the server so it shuts down cleanly; SIGKILL after ``grace`` seconds."""
+        if self._process is not None:
+            await self._process.stop(self._stop_grace if grace is None else grace)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+
+class RedisProcess(_StoreProcess):
     """A real ``redis-server`` bound to 127.0.0.1, with its data and AOF under ``data_dir``.
 
     Append-only persistence is on, so acknowledged writes survive a restart (queues rely on
     it); RDB snapshots are off. ``port=0`` picks a free port.
     """
+
+    _label = "redis-server"
+    _stop_grace = 10.0
 
     def __init__(
         self,
@@ -373,7 +430,7 @@ class RedisProcess:
         self._requested_port = port
         self._executable = executable
         self._port: int | None = None
-        self._process: ManagedProcess | None = None
+        super().__init__()
 
     @property
     def port(self) -> int:
@@ -395,18 +452,6 @@ class RedisProcess:
     def url_for(self, db: int) -> str:
         """URL of database ``db`` (0..15) on this server."""
         return f"redis://{LOCALHOST}:{self.port}/{db}"
-
-    @property
-    def pid(self) -> int:
-        """Process id of the server."""
-        if self._process is None:
-            raise RuntimeError("redis-server has not been started")
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the server process is alive."""
-        return self._process is not None and self._process.running
 
     def _argv(self, executable: Path, port: int) -> list[str]:
         return [
@@ -468,33 +513,6 @@ class RedisProcess:
                 raise StoreStartError(process.describe_failure("did not answer in time"))
             await asyncio.sleep(_POLL_SECONDS)
 
-    async def wait(self) -> int:
-        """Wait until the server process exits (for supervisors); return its exit code."""
-        if self._process is None:
-            raise RuntimeError("redis-server has not been started")
-        return await self._process.wait()
-
-    def log_tail(self, max_lines: int = 40) -> str:
-        """The last lines of the server's log from its latest start."""
-        return "" if self._process is None else self._process.log_tail(max_lines)
-
-    async def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM the server (it fsyncs the AOF and exits), SIGKILL after ``grace`` seconds."""
-        if self._process is not None:
-            await self._process.stop(grace)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
 
 async def _redis_answers_as(pid: int, port: int) -> bool:
     """Whether the Redis on ``port`` answers and is process ``pid``.
@@ -536,13 +554,16 @@ def _http_opener() -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-class ArcadeDbProcess:
+class ArcadeDbProcess(_StoreProcess):
     """A real ArcadeDB server with its Bolt plugin on 127.0.0.1: a Bolt endpoint for Neo4j drivers.
 
     The root password is fixed when ``data_dir`` is first used; restarting on the same
     directory needs the same password. ``default_database`` is created at start and is what a
     Bolt client gets when it names no database.
     """
+
+    _label = "ArcadeDB"
+    _stop_grace = 20.0
 
     user = "root"
 
@@ -570,7 +591,7 @@ class ArcadeDbProcess:
         self._heap_mb = heap_mb
         self._http_port: int | None = None
         self._bolt_port: int | None = None
-        self._process: ManagedProcess | None = None
+        super().__init__()
 
     @property
     def bolt_port(self) -> int:
@@ -600,18 +621,6 @@ class ArcadeDbProcess:
     def auth(self) -> tuple[str, str]:
         """``(user, password)`` for the Bolt driver and the HTTP API."""
         return (self.user, self.password)
-
-    @property
-    def pid(self) -> int:
-        """Process id of the JVM."""
-        if self._process is None:
-            raise RuntimeError("ArcadeDB has not been started")
-        return self._process.pid
-
-    @property
-    def running(self) -> bool:
-        """Whether the JVM is alive."""
-        return self._process is not None and self._process.running
 
     def _argv(self, java: Path, classpath: str, http_port: int) -> list[str]:
         root = self.data_dir
@@ -784,33 +793,6 @@ class ArcadeDbProcess:
         """Names of the existing databases."""
         result = await self._server_command("list databases")
         return [str(name) for name in result]
-
-    async def wait(self) -> int:
-        """Wait until the server process exits (for supervisors); return its exit code."""
-        if self._process is None:
-            raise RuntimeError("ArcadeDB has not been started")
-        return await self._process.wait()
-
-    def log_tail(self, max_lines: int = 40) -> str:
-        """The last lines of the server's log from its latest start."""
-        return "" if self._process is None else self._process.log_tail(max_lines)
-
-    async def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM the JVM (it closes databases cleanly), SIGKILL after ``grace`` seconds."""
-        if self._process is not None:
-            await self._process.stop(grace)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
 
 
 def _check_database_name(name: str) -> None:
