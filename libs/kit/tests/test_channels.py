@@ -6,6 +6,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -82,7 +83,15 @@ async def downstream() -> AsyncIterator[tuple[RunningServer, Seen]]:
             raise ServiceError.store_unavailable("redis")
         return Message(value=f"ok after {count}")
 
+    async def down(request: Message, context: Any) -> Message:
+        raise ServiceError.store_unavailable("redis", timedelta(seconds=2))
+
+    async def reject(request: Message, context: Any) -> Message:
+        raise ServiceError.invalid_request([("value", "rejected")])
+
     handlers = {
+        "Down": unary(down),
+        "Reject": unary(reject),
         "Record": unary(record),
         "RecordStream": server_stream(record_stream),
         "Flaky": unary(flaky),
@@ -199,6 +208,46 @@ async def test_idempotent_methods_retry_on_unavailable(
         assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
         assert error_details(caught.value).reason == Reason.STORE_UNAVAILABLE
         assert seen.attempts["write"] == 1
+
+
+async def test_uncaught_downstream_errors_are_mapped_not_forwarded(
+    downstream: tuple[RunningServer, Seen],
+) -> None:
+    target, _ = downstream
+    channel = open_channel(target.address)
+
+    async def call_down(request: Message, context: Any) -> Message:
+        return await unary_call(channel, request.value)(request)  # type: ignore[no-any-return]
+
+    try:
+        async with running_server(
+            register({"CallDown": unary(call_down)}),
+            service_names=[SERVICE_NAME],
+            domain="upstream.foredeck.dev",
+            keys=KEYS,
+        ) as upstream:
+            call = unary_call(upstream.channel, "CallDown")
+            with pytest.raises(grpc.aio.AioRpcError) as unavailable:
+                await call(Message(value="Down"), metadata=upstream.mint())
+            with pytest.raises(grpc.aio.AioRpcError) as rejected:
+                await call(Message(value="Reject"), metadata=upstream.mint())
+    finally:
+        await channel.close(None)
+
+    details = error_details(unavailable.value)
+    assert details.code is grpc.StatusCode.UNAVAILABLE
+    assert (details.reason, details.domain) == (
+        Reason.DOWNSTREAM_UNAVAILABLE,
+        "upstream.foredeck.dev",
+    )
+    assert details.metadata["upstreamReason"] == Reason.STORE_UNAVAILABLE
+    assert details.retry_after == timedelta(seconds=2)
+
+    # A downstream's INVALID_ARGUMENT is this service's fault: INTERNAL, nothing forwarded.
+    details = error_details(rejected.value)
+    assert details.code is grpc.StatusCode.INTERNAL
+    assert (details.reason, details.message) == (Reason.INTERNAL, "internal error")
+    assert not details.field_violations
 
 
 def test_retry_service_config_shape() -> None:

@@ -16,6 +16,7 @@ import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 import grpc
@@ -26,7 +27,7 @@ from opentelemetry.trace import TracerProvider
 
 from foredeck_kit.context import REQUEST_ID_METADATA_KEY, RpcState, current_rpc
 from foredeck_kit.context import _rpc as _rpc_var
-from foredeck_kit.errors import ServiceError, to_status
+from foredeck_kit.errors import ServiceError, error_details, to_status
 from foredeck_kit.logs import get_logger
 from foredeck_kit.metrics import Metrics
 from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, Principal, PrincipalVerifier
@@ -339,6 +340,25 @@ class PrincipalInterceptor(_BehaviorInterceptor):
         return handle
 
 
+def _from_downstream(error: grpc.aio.AioRpcError) -> Exception:
+    """Map a downstream error the handler let through; never forward it as it came.
+
+    An unavailable downstream is this service's DOWNSTREAM_UNAVAILABLE (with RetryInfo, the
+    downstream's reason kept as ``upstreamReason``); any other downstream failure means this
+    service called it wrongly or it broke, so it stays an internal error.
+    """
+    if error.code() is grpc.StatusCode.UNAVAILABLE:
+        details = error_details(error)
+        mapped = ServiceError.downstream_unavailable(
+            "downstream",
+            details.retry_after or timedelta(seconds=1),
+            upstream_reason=details.reason,
+        )
+        mapped.__cause__ = error
+        return mapped
+    return error
+
+
 class ErrorInterceptor(_BehaviorInterceptor):
     """Innermost: turns :class:`ServiceError` into a rich status and hides everything else.
 
@@ -351,6 +371,8 @@ class ErrorInterceptor(_BehaviorInterceptor):
 
     async def _fail(self, context: Context, exc: Exception) -> NoReturn:
         state = current_rpc()
+        if isinstance(exc, grpc.aio.AioRpcError):
+            exc = _from_downstream(exc)
         if isinstance(exc, ServiceError):
             if state is not None and exc.code in _SERVER_FAULTS | {grpc.StatusCode.UNAVAILABLE}:
                 state.error = exc if exc.__cause__ is not None else None
