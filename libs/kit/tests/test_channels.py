@@ -13,7 +13,9 @@ import grpc
 import grpc.aio
 import pytest
 
-from foredeck_kit.channels import open_channel, retry_service_config
+from foredeck.llmrouter.v1 import llmrouter_service_pb2
+from foredeck.memory.v1 import memory_service_pb2
+from foredeck_kit.channels import idempotent_methods, open_channel, retry_service_config
 from foredeck_kit.context import REQUEST_ID_METADATA_KEY, RpcState, outbound_principal, rpc_scope
 from foredeck_kit.errors import Reason, ServiceError, error_details
 from foredeck_kit.principal import Principal, current_principal
@@ -248,6 +250,22 @@ async def test_uncaught_downstream_errors_are_mapped_not_forwarded(
     assert details.code is grpc.StatusCode.INTERNAL
     assert (details.reason, details.message) == (Reason.INTERNAL, "internal error")
     assert not details.field_violations
+
+
+def test_idempotent_methods_follow_the_contract() -> None:
+    memory = memory_service_pb2.DESCRIPTOR.services_by_name["LongTermMemoryService"]
+    router = llmrouter_service_pb2.DESCRIPTOR.services_by_name["LlmRouterService"]
+    methods = idempotent_methods(memory, router)
+    # Reads and request-id-keyed writes are retried.
+    assert {
+        (memory.full_name, "Recall"),
+        (memory.full_name, "Remember"),
+        (router.full_name, "ListModels"),
+        (router.full_name, "Embed"),
+    } <= set(methods)
+    # A generation without a request id is billed again on a retry: never retried.
+    assert (router.full_name, "Generate") not in methods
+    assert (router.full_name, "StreamGenerate") not in methods
 
 
 def test_retry_service_config_shape() -> None:

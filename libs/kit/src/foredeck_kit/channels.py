@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import grpc.aio
+from google.protobuf import descriptor_pb2
+from google.protobuf.descriptor import ServiceDescriptor
 from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.trace import TracerProvider
 
@@ -35,6 +37,7 @@ else:
 __all__ = [
     "DEFAULT_TIMEOUT_SECONDS",
     "PrincipalSource",
+    "idempotent_methods",
     "open_channel",
     "outbound_interceptors",
     "retry_service_config",
@@ -160,6 +163,29 @@ def outbound_interceptors(
 
 def _seconds(value: float) -> str:
     return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
+_RETRYABLE_LEVELS = frozenset(
+    {
+        descriptor_pb2.MethodOptions.NO_SIDE_EFFECTS,
+        descriptor_pb2.MethodOptions.IDEMPOTENT,
+    }
+)
+
+
+def idempotent_methods(*services: ServiceDescriptor) -> list[tuple[str, str]]:
+    """The ``(service, method)`` pairs a contract declares safe to retry.
+
+    Reads each RPC's ``idempotency_level`` option (NO_SIDE_EFFECTS or IDEMPOTENT) from the
+    generated descriptors, so a client's retry policy follows the contract instead of a list
+    kept by hand. Pass e.g. ``memory_service_pb2.DESCRIPTOR.services_by_name["…"]``.
+    """
+    return [
+        (service.full_name, method.name)
+        for service in services
+        for method in service.methods
+        if method.GetOptions().idempotency_level in _RETRYABLE_LEVELS
+    ]
 
 
 def retry_service_config(
