@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Protocol, TextIO
 
+from foredeck_kit.principal import MIN_KEY_BYTES, generate_key
 from foredeck_kit.stack import (
     StackConfigError,
     StackContext,
@@ -140,13 +141,14 @@ def load_or_create_principal_keys(path: Path) -> tuple[dict[str, str], str]:
             active = str(data["active_kid"])
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise StackConfigError(f"{path} is not a principal key file: {error}") from error
-        if active not in keys or any(len(secret) < 32 for secret in keys.values()):
+        if active not in keys or any(len(secret) < MIN_KEY_BYTES for secret in keys.values()):
             raise StackConfigError(
-                f"{path}: the active key must be listed and every key must be >= 32 characters"
+                f"{path}: the active key must be listed and every key must be >= "
+                f"{MIN_KEY_BYTES} characters"
             )
         return keys, active
     active = f"local-{datetime.now(UTC):%Y%m%d}"
-    keys = {active: secrets.token_urlsafe(48)}
+    keys = {active: generate_key().decode()}
     _write_private(path, json.dumps({"active_kid": active, "keys": keys}, indent=2) + "\n")
     return keys, active
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from foredeck_kit.principal import format_keys
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "STORES",
@@ -91,7 +93,7 @@ class StackContext:
             self.principal_active_kid,
             *sorted(set(self.principal_keys) - {self.principal_active_kid}),
         ]
-        return ",".join(f"{kid}:{self.principal_keys[kid]}" for kid in kids)
+        return format_keys({kid: self.principal_keys[kid].encode() for kid in kids})
 
     def service_address(self, name: str) -> str:
         """``host:port`` of a service started earlier; it must be listed in ``needs``."""
