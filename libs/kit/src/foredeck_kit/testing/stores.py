@@ -64,12 +64,8 @@ def stores_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def redis_server(stores_data_dir: Path) -> AsyncIterator[RedisProcess]:
     """A real redis-server for the whole session, stopped at the end."""
-    server = RedisProcess(stores_data_dir / "redis")
-    await server.start()
-    try:
+    async with RedisProcess(stores_data_dir / "redis") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -110,12 +106,8 @@ async def redis_client(redis_url: str) -> AsyncIterator[Redis]:
 @pytest_asyncio.fixture(scope="session", loop_scope="session")
 async def arcadedb_server(stores_data_dir: Path) -> AsyncIterator[ArcadeDbProcess]:
     """A real ArcadeDB server with its Bolt endpoint for the whole session, stopped at the end."""
-    server = ArcadeDbProcess(stores_data_dir / "arcadedb")
-    await server.start()
-    try:
+    async with ArcadeDbProcess(stores_data_dir / "arcadedb") as server:
         yield server
-    finally:
-        await server.stop()
 
 
 @pytest.fixture(scope="session")
