@@ -23,8 +23,8 @@ from foredeck_kit.channels import open_channel
 from foredeck_kit.context import outbound_principal
 from foredeck_kit.settings import ServiceSettings
 from foredeck_kit.telemetry import setup_telemetry
-from foredeck_kit.testing import echo
-from foredeck_kit.testing.server import running_server
+from foredeck_testing import echo
+from foredeck_testing.server import running_server
 
 WARMUP = 300
 SEQUENTIAL = 3000

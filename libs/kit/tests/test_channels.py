@@ -19,7 +19,7 @@ from foredeck_kit.channels import idempotent_methods, open_channel, retry_servic
 from foredeck_kit.context import REQUEST_ID_METADATA_KEY, RpcState, outbound_principal, rpc_scope
 from foredeck_kit.errors import Reason, ServiceError, error_details
 from foredeck_kit.principal import Principal, current_principal
-from foredeck_kit.testing.echo import (
+from foredeck_testing.echo import (
     SERVICE_NAME,
     Message,
     register,
@@ -28,7 +28,7 @@ from foredeck_kit.testing.echo import (
     unary,
     unary_call,
 )
-from foredeck_kit.testing.server import RunningServer, fresh_keys, running_server
+from foredeck_testing.server import RunningServer, fresh_keys, running_server
 
 DOMAIN = "kittest.foredeck.dev"
 KEYS = fresh_keys()

@@ -27,7 +27,7 @@ from foredeck_kit.errors import (
     reason_to_enum,
     to_status,
 )
-from foredeck_kit.testing.echo import (
+from foredeck_testing.echo import (
     Message,
     bidi_stream,
     client_stream,
@@ -37,7 +37,7 @@ from foredeck_kit.testing.echo import (
     unary,
     unary_call,
 )
-from foredeck_kit.testing.server import RunningServer, running_server
+from foredeck_testing.server import RunningServer, running_server
 
 DOMAIN = "kittest.foredeck.dev"
 SECRET = "db-password-hunter2"

@@ -28,8 +28,8 @@ from foredeck_kit.principal import (
     optional_principal,
     parse_keys,
 )
-from foredeck_kit.testing.echo import Message, register, server_stream, unary, unary_call
-from foredeck_kit.testing.server import RunningServer, running_server
+from foredeck_testing.echo import Message, register, server_stream, unary, unary_call
+from foredeck_testing.server import RunningServer, running_server
 
 DOMAIN = "kittest.foredeck.dev"
 KEYS = {"k1": b"k" * 32, "k2": b"q" * 40}

@@ -22,8 +22,8 @@ from pydantic_settings import SettingsConfigDict
 from foredeck_kit.principal import format_keys, generate_key
 from foredeck_kit.server import build_grpc_server
 from foredeck_kit.settings import ServiceSettings, SettingsError, load_settings
-from foredeck_kit.testing.echo import SERVICE_NAME, Message, register, unary, unary_call
-from foredeck_kit.testing.server import running_server
+from foredeck_testing.echo import SERVICE_NAME, Message, register, unary, unary_call
+from foredeck_testing.server import running_server
 
 DOMAIN = "kittest.foredeck.dev"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -182,7 +182,7 @@ async def test_sigterm_shows_not_serving_then_exits_zero(tmp_path: Any) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "foredeck_kit.testing.echo",
+        "foredeck_testing.echo",
         env=env,
         stdout=asyncio.subprocess.PIPE,
     )

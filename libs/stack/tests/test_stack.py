@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from foredeck_kit.stack import (
+from foredeck_stack.services import (
     ENTRY_POINT_GROUP,
     StackConfigError,
     StackContext,

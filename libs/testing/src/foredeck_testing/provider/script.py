@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from foredeck_kit.testing.provider.steps import (
+from foredeck_testing.provider.steps import (
     ConnectionReset,
     Delay,
     Endpoint,

@@ -7,6 +7,6 @@ modules listed below, which pytest loads as plugins of their own.
 """
 
 pytest_plugins = [
-    "foredeck_kit.testing.stores",
-    "foredeck_kit.testing.provider.fixtures",
+    "foredeck_testing.stores",
+    "foredeck_testing.provider.fixtures",
 ]

@@ -12,7 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from foredeck_kit.testing.provider._common import (
+from foredeck_testing.provider._common import (
     Phase,
     SseEvent,
     arguments_json,
@@ -22,7 +22,7 @@ from foredeck_kit.testing.provider._common import (
     split_words,
     sse,
 )
-from foredeck_kit.testing.provider.steps import HttpError, Reply, TextReply, ToolCallsReply
+from foredeck_testing.provider.steps import HttpError, Reply, TextReply, ToolCallsReply
 
 REQUEST_ID_HEADER = "x-request-id"
 SYSTEM_FINGERPRINT = "fp_scripted"

@@ -19,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from foredeck_kit.stack import StackContext, StackService, env_prefix
+from foredeck_stack.services import StackContext, StackService, env_prefix
 
 log = logging.getLogger("fake_stack_service")
 

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import IO, Any, Protocol, TextIO
 
 from foredeck_kit.principal import MIN_KEY_BYTES, generate_key
-from foredeck_kit.stack import (
+from foredeck_stack.services import (
     StackConfigError,
     StackContext,
     StackService,
     discover_services,
     select_services,
 )
-from foredeck_kit.stores import (
+from foredeck_stack.stores import (
     LOCALHOST,
     ArcadeDbProcess,
     LogFollower,

@@ -3,7 +3,7 @@
 Methods use ``google.protobuf.StringValue`` in and out, so tests need no generated contracts.
 Tests build handlers with :func:`unary`, :func:`server_stream`, :func:`client_stream` and
 :func:`bidi_stream`, register them with :func:`register`, and call them with
-:func:`unary_call` / :func:`stream_call`. ``python -m foredeck_kit.testing.echo`` runs an
+:func:`unary_call` / :func:`stream_call`. ``python -m foredeck_testing.echo`` runs an
 ``Echo`` method as a real process through :func:`foredeck_kit.server.serve`, configured from
 ``FOREDECK_DEMO_*`` variables; it logs a ``listening`` line with its port to standard output.
 """

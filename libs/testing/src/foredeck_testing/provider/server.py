@@ -20,16 +20,16 @@ from typing import Any, NoReturn, Self
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from foredeck_kit.testing.provider import anthropic_format, openai_format
-from foredeck_kit.testing.provider._common import SseEvent
-from foredeck_kit.testing.provider.script import (
+from foredeck_testing.provider import anthropic_format, openai_format
+from foredeck_testing.provider._common import SseEvent
+from foredeck_testing.provider.script import (
     QueuedStep,
     Script,
     ScriptError,
     parse_script,
     step_to_dict,
 )
-from foredeck_kit.testing.provider.steps import (
+from foredeck_testing.provider.steps import (
     ConnectionReset,
     Delay,
     Endpoint,

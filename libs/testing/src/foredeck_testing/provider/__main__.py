@@ -1,4 +1,4 @@
-"""Run the scripted provider as a process: `python -m foredeck_kit.testing.provider`.
+"""Run the scripted provider as a process: `python -m foredeck_testing.provider`.
 
 The first line written to stdout is the base URL (`http://127.0.0.1:PORT`; OpenAI clients append
 `/v1`). The server runs until SIGINT or SIGTERM. Steps can be added while it runs with
@@ -14,13 +14,13 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from foredeck_kit.testing.provider.script import Script, ScriptError, load_script
-from foredeck_kit.testing.provider.server import ScriptedProvider
+from foredeck_testing.provider.script import Script, ScriptError, load_script
+from foredeck_testing.provider.server import ScriptedProvider
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m foredeck_kit.testing.provider",
+        prog="python -m foredeck_testing.provider",
         description="Serve scripted Anthropic and OpenAI API answers.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")

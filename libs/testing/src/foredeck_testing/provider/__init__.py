@@ -3,11 +3,11 @@
 Tests drive the real `anthropic` and `openai` SDKs against it: queue steps (replies, tool calls,
 HTTP errors, broken streams, resets, delays, hangs), make calls, then assert on what the SDK
 parsed and on the requests the server recorded. Run it in-process with `ScriptedProvider` or as
-a process with `python -m foredeck_kit.testing.provider`.
+a process with `python -m foredeck_testing.provider`.
 """
 
-from foredeck_kit.testing.provider.openai_format import embedding_vector
-from foredeck_kit.testing.provider.script import (
+from foredeck_testing.provider.openai_format import embedding_vector
+from foredeck_testing.provider.script import (
     QueuedStep,
     Script,
     ScriptError,
@@ -16,13 +16,13 @@ from foredeck_kit.testing.provider.script import (
     step_from_dict,
     step_to_dict,
 )
-from foredeck_kit.testing.provider.server import (
+from foredeck_testing.provider.server import (
     DEFAULT_MODELS,
     DEFAULT_REPLY,
     RecordedRequest,
     ScriptedProvider,
 )
-from foredeck_kit.testing.provider.steps import (
+from foredeck_testing.provider.steps import (
     ConnectionReset,
     Delay,
     Endpoint,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pytest
 import pytest_asyncio
 
-from foredeck_kit.stores import ArcadeDbProcess, RedisProcess
+from foredeck_stack.stores import ArcadeDbProcess, RedisProcess
 
 if TYPE_CHECKING:
     from neo4j import AsyncDriver

@@ -1,4 +1,4 @@
-"""pytest fixture for the scripted provider, loaded by :mod:`foredeck_kit.testing.plugin`."""
+"""pytest fixture for the scripted provider, loaded by :mod:`foredeck_testing.plugin`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from foredeck_kit.testing.provider.server import ScriptedProvider
+from foredeck_testing.provider.server import ScriptedProvider
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import http
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from foredeck_kit.testing.provider._common import (
+from foredeck_testing.provider._common import (
     SseEvent,
     arguments_json,
     estimate_tokens,
@@ -16,7 +16,7 @@ from foredeck_kit.testing.provider._common import (
     split_words,
     sse,
 )
-from foredeck_kit.testing.provider.steps import HttpError, Reply, TextReply, ToolCallsReply
+from foredeck_testing.provider.steps import HttpError, Reply, TextReply, ToolCallsReply
 
 REQUEST_ID_HEADER = "request-id"
 

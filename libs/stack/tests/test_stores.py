@@ -14,8 +14,8 @@ from neo4j import AsyncDriver, AsyncGraphDatabase, AsyncManagedTransaction
 from neo4j.exceptions import ClientError
 from redis.asyncio import Redis
 
-from foredeck_kit import stores
-from foredeck_kit.stores import (
+from foredeck_stack import stores
+from foredeck_stack.stores import (
     LOCALHOST,
     ArcadeDbProcess,
     RedisProcess,
@@ -24,7 +24,7 @@ from foredeck_kit.stores import (
     find_arcadedb,
     find_redis_server,
 )
-from foredeck_kit.testing.stores import GraphDatabaseRef
+from foredeck_testing.stores import GraphDatabaseRef
 
 
 def process_exists(pid: int) -> bool:

@@ -31,7 +31,7 @@ from openai.types.chat import (
     ChatCompletionToolParam,
 )
 
-from foredeck_kit.testing.provider import (
+from foredeck_testing.provider import (
     DEFAULT_REPLY,
     ConnectionReset,
     Delay,
@@ -1051,7 +1051,7 @@ async def test_process_mode_serves_a_script(tmp_path: Path) -> None:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "foredeck_kit.testing.provider",
+        "foredeck_testing.provider",
         "--port",
         "0",
         "--script",

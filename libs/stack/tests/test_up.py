@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from neo4j import GraphDatabase
 from redis import Redis
 
-from foredeck_client.up import StackNotRunningError, read_stack_file
+from foredeck_stack.up import StackNotRunningError, read_stack_file
 
 TESTS_DIR = Path(__file__).resolve().parent
 MARKER_VARIABLE = "FOREDECK_UP_TEST_RUN"

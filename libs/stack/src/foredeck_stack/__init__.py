@@ -1,0 +1,1 @@
+"""Foredeck's local stack: store processes, service discovery and `foredeck up`."""

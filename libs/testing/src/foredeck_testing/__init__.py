@@ -1,0 +1,1 @@
+"""Foredeck's test helpers: fixtures that start real servers, and a scripted LLM provider."""
