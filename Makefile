@@ -6,7 +6,7 @@ SHELL := bash
 # uv comes from PyPI; `make setup` installs it when it is missing.
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --all-packages
-PY_PATHS := libs/kit libs/client libs/stack libs/testing $(wildcard services/*/) tests scripts bench
+PY_PATHS := libs/kit libs/client libs/stack libs/testing libs/embeddings $(wildcard services/*/) tests scripts bench
 PYTEST_ARGS ?=
 
 .PHONY: help
