@@ -1,0 +1,79 @@
+"""Fixtures: the tool runner on a real gRPC server with a real Redis and the real sandbox."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from foredeck.toolrunner.v1 import toolrunner_service_pb2_grpc as svc_grpc
+
+from foredeck_kit.metrics import Metrics
+from foredeck_testing.server import RunningServer, running_server
+from foredeck_toolrunner.adapters.sandbox import Sandbox, SandboxCapabilities, probe
+from foredeck_toolrunner.config import ToolRunnerSettings
+from foredeck_toolrunner.errors import DOMAIN
+from foredeck_toolrunner.server import SERVICE_NAMES, Deps, ToolRunnerService
+
+
+@dataclass
+class Runner:
+    """A running tool runner: stubs, principals and the service's parts."""
+
+    server: RunningServer
+    service: ToolRunnerService
+    registry: svc_grpc.ToolRegistryServiceStub
+    runner: svc_grpc.ToolRunnerServiceStub
+
+    def md(self, *permissions: str, tenant: str = "tenant-a", user: str = "user-a") -> tuple[tuple[str, str], ...]:
+        """Call metadata with a principal holding ``permissions`` (all when none given)."""
+        return self.server.mint(tenant, user, permissions or ("*",))
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def sandbox_capabilities() -> SandboxCapabilities:
+    """What isolation this host offers, probed once."""
+    return await probe()
+
+
+@pytest_asyncio.fixture
+async def toolrunner(
+    redis_url: str, sandbox_capabilities: SandboxCapabilities
+) -> AsyncIterator[Runner]:
+    """The tool runner serving on a free port, its Redis database empty."""
+    settings = ToolRunnerSettings(
+        redis_url=redis_url, grace_period_seconds=1.0, metrics_port=-1, sandbox_pool_size=0
+    )
+    deps = Deps(
+        redis=Redis.from_url(redis_url),
+        sandbox=Sandbox(sandbox_capabilities, uid_base=420_000, max_concurrent=16),
+        metrics=Metrics(),
+    )
+    service = ToolRunnerService(settings, deps)
+    try:
+        async with running_server(
+            service.register,
+            service_names=SERVICE_NAMES,
+            domain=DOMAIN,
+            settings=settings,
+            readiness=service.readiness,
+        ) as server:
+            yield Runner(
+                server,
+                service,
+                svc_grpc.ToolRegistryServiceStub(server.channel),
+                svc_grpc.ToolRunnerServiceStub(server.channel),
+            )
+    finally:
+        await service.close()
+
+
+@pytest.fixture
+def bubblewrap(sandbox_capabilities: SandboxCapabilities) -> SandboxCapabilities:
+    """Skip unless bubblewrap works here (``make setup`` installs it when run as root)."""
+    if sandbox_capabilities.kind != "bubblewrap":
+        pytest.skip("bubblewrap does not work on this host")
+    return sandbox_capabilities
