@@ -205,6 +205,13 @@ def sandbox_outcome(
             ),
             "timeout",
         )
+    if run.kill_cause == "output":
+        # Stopped for flooding its output: what it printed up to the cap is the output, and
+        # the executor cuts it or fails the call under the tool's overflow policy.
+        stdout = run.stdout.decode("utf-8", errors="ignore")
+        outcome = _output({"stdout": stdout, "stderr": stderr})
+        outcome.output.output_bytes = max(outcome.output.output_bytes, run.stdout_bytes)
+        return outcome, "output"
     if run.signal == 31:  # SIGSYS from the seccomp filter
         return (
             tool_error(
