@@ -550,9 +550,11 @@ class Sandbox:
 
         async def feed() -> None:
             assert process.stdin
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                process.stdin.write(payload)
-                await process.stdin.drain()
+            try:
+                with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                    process.stdin.write(payload)
+                    await process.stdin.drain()
+            finally:
                 process.stdin.close()
 
         async def read_out() -> None:
@@ -595,8 +597,6 @@ class Sandbox:
         finally:
             # Runs on cancellation too (the caller's deadline): nothing of the call survives.
             self._kill(process)
-            for task in tasks:
-                task.cancel()
             await asyncio.shield(self._reap(process, tasks))
         report = self._report(report_r)
         return SandboxRun(
@@ -617,12 +617,24 @@ class Sandbox:
     async def _finish(
         process: asyncio.subprocess.Process, tasks: list[asyncio.Future[None]]
     ) -> None:
-        await asyncio.gather(*tasks[1:])
+        # asyncio.wait, not gather: cancelling this wait must leave the readers draining.
+        await asyncio.wait(tasks[1:])
         await process.wait()
 
     @staticmethod
     async def _reap(process: asyncio.subprocess.Process, tasks: list[asyncio.Future[None]]) -> None:
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # The readers drain to EOF, which comes once every process holding a pipe is dead;
+        # a reader cancelled early would leave its pipe open and the process never reaped.
+        try:
+            async with asyncio.timeout(10):
+                await asyncio.gather(*tasks, return_exceptions=True)
+        except TimeoutError:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for stream in (process.stdout, process.stderr):
+                if stream is not None:
+                    stream.feed_eof()
         await process.wait()
 
     @staticmethod
