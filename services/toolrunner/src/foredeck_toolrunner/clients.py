@@ -7,6 +7,7 @@ outlives the caller's deadline (the kit's channel does both).
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -20,6 +21,9 @@ from foredeck_toolrunner.domain.errors import ToolRunnerError
 from foredeck_toolrunner.domain.execution import tool_error
 from foredeck_toolrunner.domain.ports import CallContext, RunResult
 
+if TYPE_CHECKING:
+    from foredeck.toolrunner.v1.toolrunner_service_pb2_grpc import ToolHostServiceAsyncStub
+
 __all__ = ["ToolHostClient"]
 
 _UNAVAILABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
@@ -32,7 +36,7 @@ class ToolHostClient:
         self._settings = settings
         self._channels: dict[tuple[str, bool], grpc.aio.Channel] = {}
 
-    def _stub(self, runtime: tool_pb2.GrpcHostRuntime) -> svc_grpc.ToolHostServiceStub:
+    def _stub(self, runtime: tool_pb2.GrpcHostRuntime) -> ToolHostServiceAsyncStub:
         key = (runtime.target, runtime.use_tls)
         channel = self._channels.get(key)
         if channel is None:
@@ -50,10 +54,10 @@ class ToolHostClient:
     async def close(self) -> None:
         """Close every channel."""
         for channel in self._channels.values():
-            await channel.close()
+            await channel.close(None)
         self._channels.clear()
 
-    async def check_offers(self, tool: tool_pb2.Tool, timeout: float = 10.0) -> None:
+    async def check_offers(self, tool: tool_pb2.Tool, seconds: float = 10.0) -> None:
         """Raise unless the host lists the tool (REMOTE_TOOL_NOT_FOUND / TOOL_HOST_UNAVAILABLE)."""
         runtime = tool.grpc_host
         name = tool.definition.name
@@ -63,7 +67,7 @@ class ToolHostClient:
         try:
             for _ in range(100):
                 page = await stub.ListHostedTools(
-                    svc.ListHostedToolsRequest(page_size=1000, page_token=token), timeout=timeout
+                    svc.ListHostedToolsRequest(page_size=1000, page_token=token), timeout=seconds
                 )
                 if any(t.definition.name == remote for t in page.tools):
                     return

@@ -62,7 +62,7 @@ class RegistryServicer(svc_grpc.ToolRegistryServiceServicer):
         self, request: svc.ListToolsRequest, context: Context
     ) -> svc.ListToolsResponse:
         """A page of the tools visible to the caller."""
-        tools, token = await self._registry.list(current_principal(), request)
+        tools, token = await self._registry.list_page(current_principal(), request)
         return svc.ListToolsResponse(tools=tools, next_page_token=token)
 
     @maps_errors
@@ -70,7 +70,7 @@ class RegistryServicer(svc_grpc.ToolRegistryServiceServicer):
         self, request: svc.ExportToolSchemasRequest, context: Context
     ) -> svc.ExportToolSchemasResponse:
         """The caller's runnable tools as model-facing definitions."""
-        tools, token = await self._registry.export(current_principal(), request)
+        tools, token = await self._registry.export_page(current_principal(), request)
         return svc.ExportToolSchemasResponse(
             tool_definitions=definitions(tools),
             document_json=render(tools, request.format),

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
 from foredeck.toolrunner.v1 import toolrunner_service_pb2_grpc as svc_grpc
-
 from foredeck_kit.metrics import Metrics
 from foredeck_testing.server import RunningServer, running_server
 from foredeck_toolrunner.adapters.sandbox import Sandbox, SandboxCapabilities, probe
 from foredeck_toolrunner.config import ToolRunnerSettings
 from foredeck_toolrunner.errors import DOMAIN
 from foredeck_toolrunner.server import SERVICE_NAMES, Deps, ToolRunnerService
+
+if TYPE_CHECKING:
+    from foredeck.toolrunner.v1.toolrunner_service_pb2_grpc import (
+        ToolRegistryServiceAsyncStub,
+        ToolRunnerServiceAsyncStub,
+    )
 
 
 @dataclass
@@ -25,10 +31,12 @@ class Runner:
 
     server: RunningServer
     service: ToolRunnerService
-    registry: svc_grpc.ToolRegistryServiceStub
-    runner: svc_grpc.ToolRunnerServiceStub
+    registry: ToolRegistryServiceAsyncStub
+    runner: ToolRunnerServiceAsyncStub
 
-    def md(self, *permissions: str, tenant: str = "tenant-a", user: str = "user-a") -> tuple[tuple[str, str], ...]:
+    def md(
+        self, *permissions: str, tenant: str = "tenant-a", user: str = "user-a"
+    ) -> tuple[tuple[str, str], ...]:
         """Call metadata with a principal holding ``permissions`` (all when none given)."""
         return self.server.mint(tenant, user, permissions or ("*",))
 

@@ -24,7 +24,6 @@ import pytest
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
-
 from foredeck_toolrunner.adapters.sandbox import SandboxCapabilities
 
 from .conftest import Runner
@@ -102,13 +101,16 @@ async def test_cannot_read_shadow_or_other_secrets(toolrunner: Runner) -> None:
     shadow = Path("/etc/shadow")
     if not os.access(shadow, os.R_OK):
         pytest.skip("the test itself cannot read /etc/shadow")
-    first_line = shadow.read_text().splitlines()[0]
-    code = ATTEMPT + """
+    first_line = shadow.read_text().splitlines()[0]  # noqa: ASYNC240 - a small local file
+    code = (
+        ATTEMPT
+        + """
 attempt("shadow", lambda: open("/etc/shadow").read())
 attempt("proc_root", lambda: open("/proc/1/root/etc/shadow").read())
 attempt("root_home", lambda: __import__("os").listdir("/root/.ssh"))
 attempt("passwd", lambda: open("/etc/passwd").read())
 """
+    )
     reply = await run_python(toolrunner, code)
     output = stdout_of(reply)
     assert first_line not in output
@@ -144,7 +146,9 @@ except OSError as error:
 
 async def test_cannot_write_outside_the_work_dir(toolrunner: Runner, tmp_path: Path) -> None:
     target = tmp_path / "written-by-tool"
-    code = ATTEMPT + """
+    code = (
+        ATTEMPT
+        + """
 import os
 def write(path):
     with open(path, "w") as f:
@@ -158,6 +162,7 @@ attempt("etc", lambda: write("/etc/x"))
 attempt("python", lambda: write(os.path.dirname(os.__file__) + "/x.py"))
 attempt("work", lambda: write("inside-work-dir"))
 """
+    )
     output = stdout_of(await run_python(toolrunner, code, target=str(target)))
     assert_all_blocked(output, ["host_tmp", "tmp", "usr", "root", "etc", "python"])
     assert "work ESCAPED" in output  # the positive control: the work dir is writable
@@ -167,7 +172,9 @@ attempt("work", lambda: write("inside-work-dir"))
 async def test_symlinks_do_not_lead_out(toolrunner: Runner, tmp_path: Path) -> None:
     secret = tmp_path / "secret.txt"
     secret.write_text("host-secret")
-    code = ATTEMPT + """
+    code = (
+        ATTEMPT
+        + """
 import os
 os.symlink("/etc/shadow", "shadow_link")
 os.symlink(arguments["secret"], "host_link")
@@ -177,6 +184,7 @@ attempt("host", lambda: open("host_link").read())
 attempt("host_write", lambda: open("host_link", "w").write("x"))
 attempt("proc_root", lambda: os.listdir("root_link/etc"))
 """
+    )
     output = stdout_of(await run_python(toolrunner, code, secret=str(secret)))
     assert_all_blocked(output, ["shadow", "host", "host_write", "proc_root"])
     assert "host-secret" not in output
@@ -206,13 +214,16 @@ async def reach(host: str, port: int) -> None:
     await writer.wait_closed()
 
 
-CONNECT = ATTEMPT + """
+CONNECT = (
+    ATTEMPT
+    + """
 import socket
 def connect():
     s = socket.create_connection((arguments["host"], arguments["port"]), timeout=2)
     s.close()
 attempt("connect", connect)
 """
+)
 
 
 async def test_cannot_connect_to_a_loopback_server(toolrunner: Runner) -> None:
@@ -263,9 +274,7 @@ async def test_cannot_connect_to_an_address_in_a_test_network_namespace(
     async with counting_server(namespace_address) as (port, connections):
         await reach(namespace_address, port)
         assert len(connections) == 1
-        output = stdout_of(
-            await run_python(toolrunner, CONNECT, host=namespace_address, port=port)
-        )
+        output = stdout_of(await run_python(toolrunner, CONNECT, host=namespace_address, port=port))
         assert_all_blocked(output, ["connect"])
         assert len(connections) == 1
 
@@ -273,9 +282,12 @@ async def test_cannot_connect_to_an_address_in_a_test_network_namespace(
 async def test_cannot_resolve_names(toolrunner: Runner) -> None:
     received: list[bytes] = []
 
+    arrived = asyncio.Event()
+
     class Dns(asyncio.DatagramProtocol):
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
             received.append(data)
+            arrived.set()
 
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_datagram_endpoint(Dns, local_addr=("127.0.0.1", 0))
@@ -285,9 +297,10 @@ async def test_cannot_resolve_names(toolrunner: Runner) -> None:
         probe_socket.sendto(b"probe", ("127.0.0.1", port))
         probe_socket.close()
         async with asyncio.timeout(5):
-            while not received:
-                await asyncio.sleep(0.01)
-        code = ATTEMPT + """
+            await arrived.wait()
+        code = (
+            ATTEMPT
+            + """
 import socket, os
 query = bytes.fromhex("abcd01000001000000000000076578616d706c6503636f6d0000010001")
 def udp_dns():
@@ -299,6 +312,7 @@ attempt("udp_dns", udp_dns)
 attempt("resolv_conf", lambda: open("/etc/resolv.conf").read())
 attempt("hosts", lambda: open("/etc/hosts").read())
 """
+        )
         output = stdout_of(await run_python(toolrunner, code, port=port))
         assert_all_blocked(output, ["udp_dns", "resolv_conf", "hosts"])
         assert received == [b"probe"]
@@ -370,7 +384,9 @@ async def test_stdout_flood_is_cut_off(toolrunner: Runner) -> None:
     )
     await register_python(toolrunner, "flood_python", policy)
     reply = await run_python(
-        toolrunner, "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)", tool="flood_python"
+        toolrunner,
+        "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)",
+        tool="flood_python",
     )
     assert reply.outcome.error.kind == execution_pb2.TOOL_ERROR_KIND_OUTPUT_TOO_LARGE
     assert reply.sandbox.termination_signal == 9

@@ -5,19 +5,21 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Mapping
 
 import grpc
 import pytest
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
-
 from foredeck_kit.errors import error_details
 
 from .conftest import Runner
 
 
-def execute(name: str, arguments: object, key: str | None = None, **extra: object) -> svc.ExecuteToolRequest:
+def execute(
+    name: str, arguments: object, key: str | None = None, **extra: object
+) -> svc.ExecuteToolRequest:
     return svc.ExecuteToolRequest(
         tool_name=name,
         arguments_json=json.dumps(arguments),
@@ -27,7 +29,7 @@ def execute(name: str, arguments: object, key: str | None = None, **extra: objec
 
 
 async def register_builtin(
-    runner: Runner, name: str, builtin: str, schema: dict[str, object], **policy: object
+    runner: Runner, name: str, builtin: str, schema: Mapping[str, object], **policy: object
 ) -> tool_pb2.Tool:
     tool = tool_pb2.Tool(builtin=tool_pb2.BuiltinRuntime(builtin_name=builtin))
     tool.definition.name = name

@@ -16,7 +16,6 @@ import pytest_asyncio
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
-
 from foredeck_kit.errors import error_details
 
 from .conftest import Runner
@@ -139,5 +138,3 @@ async def test_unreachable_http_server_is_unavailable(toolrunner: Runner) -> Non
     details = error_details(caught.value)
     assert details.code is grpc.StatusCode.UNAVAILABLE
     assert details.reason == "MCP_SERVER_UNAVAILABLE"
-
-

@@ -10,7 +10,6 @@ import pytest
 
 from foredeck.toolrunner.v1 import tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
-
 from foredeck_kit.errors import error_details
 
 from .conftest import Runner
@@ -213,10 +212,10 @@ async def test_list_is_filtered_by_permissions_and_pages(toolrunner: Runner) -> 
         if not token:
             break
     assert seen == ["t0", "t1", "t2", "t3", "t4"]
+    first = await toolrunner.registry.ListTools(
+        svc.ListToolsRequest(page_size=2, name_prefix="t"), metadata=md
+    )
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        first = await toolrunner.registry.ListTools(
-            svc.ListToolsRequest(page_size=2, name_prefix="t"), metadata=md
-        )
         await toolrunner.registry.ListTools(
             svc.ListToolsRequest(page_size=2, page_token=first.next_page_token, name_prefix="x"),
             metadata=md,

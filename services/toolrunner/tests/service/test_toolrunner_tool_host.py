@@ -15,7 +15,6 @@ import pytest_asyncio
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
-
 from foredeck_kit.errors import error_details
 
 from .conftest import Runner
@@ -45,7 +44,10 @@ def hosted(name: str, target: str, remote: str = "", timeout_ms: int = 0) -> too
     tool.definition.name = name
     tool.definition.description = "a hosted tool"
     tool.definition.parameters_json_schema = json.dumps(
-        {"type": "object", "properties": {"text": {"type": "string"}, "seconds": {"type": "number"}}}
+        {
+            "type": "object",
+            "properties": {"text": {"type": "string"}, "seconds": {"type": "number"}},
+        }
     )
     if timeout_ms:
         tool.policy.timeout.FromMilliseconds(timeout_ms)
@@ -59,7 +61,9 @@ async def register(runner: Runner, tool: tool_pb2.Tool) -> tool_pb2.Tool:
     return reply.tool
 
 
-async def run(runner: Runner, name: str, arguments: object, key: str = "") -> svc.ExecuteToolResponse:
+async def run(
+    runner: Runner, name: str, arguments: object, key: str = ""
+) -> svc.ExecuteToolResponse:
     return await runner.runner.ExecuteTool(
         svc.ExecuteToolRequest(
             tool_name=name,

@@ -236,10 +236,11 @@ def sandbox_outcome(
             limit.replace(" ", "_"),
         )
     if run.exit_code != 0:
+        status = str(run.exit_code) if run.exit_code is not None else f"signal {run.signal}"
         return (
             tool_error(
                 execution_pb2.TOOL_ERROR_KIND_NONZERO_EXIT,
-                f"the code exited with status {run.exit_code if run.exit_code is not None else 'signal ' + str(run.signal)}",
+                f"the code exited with status {status}",
                 details=details,
             ),
             None,
@@ -283,7 +284,7 @@ class PythonRuntime:
             {"code": call.arguments["code"], "arguments": call.arguments.get("input", {})}
         ).encode()
         try:
-            run = await self._sandbox.run(spec, payload, timeout=call.timeout, max_output=cap)
+            run = await self._sandbox.run(spec, payload, time_limit=call.timeout, max_output=cap)
         except SandboxUnavailable:
             raise ToolRunnerError.sandbox_unavailable(call.tool.definition.name) from None
         outcome, cause = sandbox_outcome(run, spec.limits.cpu_seconds)

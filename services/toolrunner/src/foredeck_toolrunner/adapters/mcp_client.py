@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,7 +47,7 @@ class McpClient:
 
     @contextlib.asynccontextmanager
     async def _session(
-        self, server: tool_pb2.McpServer, policy: tool_pb2.ToolPolicy, timeout: float
+        self, server: tool_pb2.McpServer, policy: tool_pb2.ToolPolicy, seconds: float
     ) -> AsyncIterator[ClientSession]:
         if server.WhichOneof("transport") == "stdio":
             stdio = server.stdio
@@ -62,31 +63,34 @@ class McpClient:
             )
             async with self._sandbox.exec_argv(spec) as argv:
                 params = StdioServerParameters(command=argv[0], args=argv[1:], env={})
-                with open("/dev/null", "w") as errlog:  # noqa: ASYNC230 - opening /dev/null does not block
-                    async with stdio_client(params, errlog=errlog) as (read, write):
-                        async with ClientSession(
-                            read, write, read_timeout_seconds=timeout
-                        ) as session:
-                            await session.initialize()
-                            yield session
+                # The server's stderr is its own business; it must not reach the runner's logs.
+                with open(os.devnull, "w") as errlog:  # noqa: ASYNC230 - /dev/null never blocks
+                    async with (
+                        stdio_client(params, errlog=errlog) as (read, write),
+                        ClientSession(read, write, read_timeout_seconds=seconds) as session,
+                    ):
+                        await session.initialize()
+                        yield session
             return
         http = server.streamable_http
         headers = dict(http.headers)
         headers.update({name: self._secret(secret) for name, secret in http.secret_headers.items()})
-        async with create_mcp_http_client(headers=headers) as client:
-            async with streamable_http_client(http.url, http_client=client) as (read, write):
-                async with ClientSession(read, write, read_timeout_seconds=timeout) as session:
-                    await session.initialize()
-                    yield session
+        async with (
+            create_mcp_http_client(headers=headers) as client,
+            streamable_http_client(http.url, http_client=client) as (read, write),
+            ClientSession(read, write, read_timeout_seconds=seconds) as session,
+        ):
+            await session.initialize()
+            yield session
 
     async def list_tools(
-        self, server: tool_pb2.McpServer, policy: tool_pb2.ToolPolicy, timeout: float
+        self, server: tool_pb2.McpServer, policy: tool_pb2.ToolPolicy, seconds: float
     ) -> list[RemoteTool]:
         """Every tool the server lists, with its declared input schema."""
         label = _label(server)
         tools: list[RemoteTool] = []
         try:
-            async with self._session(server, policy, timeout) as session:
+            async with self._session(server, policy, seconds) as session:
                 cursor: str | None = None
                 for _ in range(100):
                     from mcp.types import PaginatedRequestParams

@@ -124,12 +124,11 @@ class RedisEffectLedger:
         state, fp, tool, resp = await self._redis.hmget(name, ["state", "fp", "tool", "resp"])
         if state is None:
             return None
-        return Claim(
-            _text(state), response=bytes(resp or b""), tool_name=_text(tool), fingerprint=_text(fp)
-        )
+        raw = resp if isinstance(resp, bytes) else (resp or "").encode()
+        return Claim(_text(state), response=raw, tool_name=_text(tool), fingerprint=_text(fp))
 
-    async def wait_change(self, tenant: str, key: str, timeout: float) -> Claim | None:
-        """Wait until the running call completes or is released, at most ``timeout`` s.
+    async def wait_change(self, tenant: str, key: str, seconds: float) -> Claim | None:
+        """Wait until the running call completes or is released, at most ``seconds``.
 
         Returns the entry's state afterwards (None when it is gone); a ``running`` state after
         the timeout means nothing changed.
@@ -143,7 +142,7 @@ class RedisEffectLedger:
             if current is None or current.state != "running":
                 return current
             loop = asyncio.get_running_loop()
-            end = loop.time() + timeout
+            end = loop.time() + seconds
             while (left := end - loop.time()) > 0:
                 message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=left)
                 if message is not None:
@@ -153,7 +152,7 @@ class RedisEffectLedger:
             raise ToolRunnerError.store_unavailable() from None
         finally:
             with contextlib.suppress(RedisError):
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 class RedisRateLimiter:

@@ -79,6 +79,10 @@ return {'OK', resp}
 """
 
 
+def _raw(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -113,8 +117,8 @@ class RedisRegistryStore:
         current = int(last or 0)
         if version and version != current:
             raw = results[2]
-            return (tool_pb2.Tool.FromString(raw) if raw is not None else None), current
-        return tool_pb2.Tool.FromString(body), current
+            return (tool_pb2.Tool.FromString(bytes(raw)) if raw is not None else None), current
+        return tool_pb2.Tool.FromString(bytes(body)), current
 
     async def last_version(self, name: str) -> int:
         """The last version ever used for ``name``."""
@@ -135,7 +139,7 @@ class RedisRegistryStore:
             bodies = await self._redis.hmget(self._current, names)
         except RedisError:
             raise ToolRunnerError.store_unavailable() from None
-        return [tool_pb2.Tool.FromString(body) for body in bodies if body is not None]
+        return [tool_pb2.Tool.FromString(_raw(body)) for body in bodies if body is not None]
 
     async def recorded(self, request_key: str, fingerprint: str) -> bytes | None:
         """The response recorded for a request key; REQUEST_ID_REUSED on another request."""
@@ -147,7 +151,7 @@ class RedisRegistryStore:
             return None
         if _text(fp) != fingerprint:
             raise ToolRunnerError.request_id_reused(request_key.rsplit("|", 1)[-1])
-        return bytes(response or b"")
+        return _raw(response or b"")
 
     async def apply(
         self,
@@ -183,7 +187,7 @@ class RedisRegistryStore:
             raise ToolRunnerError.store_unavailable() from None
         status = _text(result[0])
         if status in ("OK", "RECORDED"):
-            return bytes(result[1])
+            return _raw(result[1])
         if status == "REUSED":
             raise ToolRunnerError.request_id_reused(request_key.rsplit("|", 1)[-1])
         if status == "EXISTS":

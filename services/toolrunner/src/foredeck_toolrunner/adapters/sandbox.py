@@ -171,7 +171,7 @@ async def _runs(argv: Sequence[str], *, pass_fds: Sequence[int] = ()) -> bool:
         return False
     try:
         async with asyncio.timeout(10):
-            _, err = await process.communicate()
+            await process.communicate()
     except TimeoutError:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
@@ -426,14 +426,14 @@ class Sandbox:
                     shutil.rmtree(host_work, ignore_errors=True)
 
     async def run(
-        self, spec: SandboxSpec, payload: bytes, *, timeout: float, max_output: int
+        self, spec: SandboxSpec, payload: bytes, *, time_limit: float, max_output: int
     ) -> SandboxRun:
         """Run one sandboxed call to the end, the timeout or the output cap; kill everything."""
         if self.kind == "none":
             raise SandboxUnavailable("no sandbox works on this host")
         self.check(spec)
         async with self._slot() as slot:
-            return await self._run(spec, payload, timeout, max_output, slot)
+            return await self._run(spec, payload, time_limit, max_output, slot)
 
     def _command(
         self,
@@ -476,7 +476,7 @@ class Sandbox:
         ]
 
     async def _run(
-        self, spec: SandboxSpec, payload: bytes, timeout: float, max_output: int, slot: int
+        self, spec: SandboxSpec, payload: bytes, time_limit: float, max_output: int, slot: int
     ) -> SandboxRun:
         caps = self.capabilities
         started = time.monotonic()
@@ -519,7 +519,9 @@ class Sandbox:
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
         try:
-            return await self._supervise(process, payload, report_r, timeout, max_output, started)
+            return await self._supervise(
+                process, payload, report_r, time_limit, max_output, started
+            )
         finally:
             os.close(report_r)
             if host_work is not None:
@@ -537,11 +539,13 @@ class Sandbox:
         process: asyncio.subprocess.Process,
         payload: bytes,
         report_r: int,
-        timeout: float,
+        time_limit: float,
         max_output: int,
         started: float,
     ) -> SandboxRun:
-        assert process.stdin and process.stdout and process.stderr
+        assert process.stdin is not None
+        assert process.stdout is not None
+        assert process.stderr is not None
         stdout = bytearray()
         stdout_total = 0
         stderr_tail = bytearray()
@@ -575,13 +579,15 @@ class Sandbox:
                 stderr_tail.extend(chunk)
                 del stderr_tail[:-_STDERR_TAIL]
 
-        tasks = [asyncio.ensure_future(t) for t in (feed(), read_out(), read_err())]
+        tasks = [asyncio.create_task(t) for t in (feed(), read_out(), read_err())]
         try:
             overflow_wait = asyncio.ensure_future(overflow.wait())
             done_wait = asyncio.ensure_future(self._finish(process, tasks))
             try:
                 finished, _ = await asyncio.wait(
-                    {overflow_wait, done_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    {overflow_wait, done_wait},
+                    timeout=time_limit,
+                    return_when=asyncio.FIRST_COMPLETED,
                 )
             finally:
                 overflow_wait.cancel()
@@ -614,15 +620,13 @@ class Sandbox:
         )
 
     @staticmethod
-    async def _finish(
-        process: asyncio.subprocess.Process, tasks: list[asyncio.Future[None]]
-    ) -> None:
+    async def _finish(process: asyncio.subprocess.Process, tasks: list[asyncio.Task[None]]) -> None:
         # asyncio.wait, not gather: cancelling this wait must leave the readers draining.
         await asyncio.wait(tasks[1:])
         await process.wait()
 
     @staticmethod
-    async def _reap(process: asyncio.subprocess.Process, tasks: list[asyncio.Future[None]]) -> None:
+    async def _reap(process: asyncio.subprocess.Process, tasks: list[asyncio.Task[None]]) -> None:
         # The readers drain to EOF, which comes once every process holding a pipe is dead;
         # a reader cancelled early would leave its pipe open and the process never reaped.
         try:

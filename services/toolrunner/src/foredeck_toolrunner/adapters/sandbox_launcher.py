@@ -17,12 +17,12 @@ import signal
 import sys
 
 
-def _seccomp(program):
+def _seccomp(program: bytes) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
 
-    class Fprog(ctypes.Structure):
+    class Fprog(ctypes.Structure):  # struct sock_fprog
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     buffer = ctypes.create_string_buffer(program, len(program))
@@ -33,7 +33,7 @@ def _seccomp(program):
         raise OSError(ctypes.get_errno(), "seccomp")
 
 
-def _limits(limits):
+def _limits(limits: "dict[str, float]") -> None:
     pairs = (
         (resource.RLIMIT_AS, "memory_bytes"),
         (resource.RLIMIT_NOFILE, "open_files"),
@@ -49,17 +49,17 @@ def _limits(limits):
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 
 
-def _leftovers():
+def _leftovers() -> "list[int]":
     """Processes other than this one and PID 1 in the sandbox's PID namespace."""
     me = os.getpid()
-    found = []
+    found: list[int] = []
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) not in (1, me):
             found.append(int(entry))
     return found
 
 
-def main():
+def main() -> None:
     config = json.loads(sys.argv[1])
     report = os.fdopen(config["report_fd"], "w") if config.get("report_fd") is not None else None
     uid = config.get("uid")
@@ -104,7 +104,7 @@ def main():
             sys.stderr.flush()
             os._exit(1)
     _, status, usage = os.wait4(pid, 0)
-    killed = set()
+    killed: set[int] = set()
     if config.get("own_pid_namespace"):
         # Bounded: a fork bomb's survivors may fork while the sweep runs.
         for _ in range(100):

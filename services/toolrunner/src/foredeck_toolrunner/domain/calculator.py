@@ -74,10 +74,15 @@ def _check_size(value: Any) -> Number:
 def _power(base: Number, exponent: Number) -> Number:
     if abs(exponent) > MAX_EXPONENT:
         raise CalculatorError("the exponent is too large")
-    if isinstance(base, int) and isinstance(exponent, int) and exponent > 0:
-        # Estimate the size before computing, so 9**9999 is refused without being built.
-        if base not in (0, 1, -1) and abs(base).bit_length() * exponent > MAX_INT_BITS:
-            raise CalculatorError("the result is too large")
+    # Estimate the size before computing, so 9**9999 is refused without being built.
+    if (
+        isinstance(base, int)
+        and isinstance(exponent, int)
+        and exponent > 0
+        and base not in (0, 1, -1)
+        and abs(base).bit_length() * exponent > MAX_INT_BITS
+    ):
+        raise CalculatorError("the result is too large")
     result: Number = base**exponent
     if isinstance(result, complex):
         raise CalculatorError("the result is not a real number")
@@ -101,9 +106,13 @@ def _eval(node: ast.AST) -> Number:
         left, right = _eval(node.left), _eval(node.right)
         if isinstance(node.op, ast.Pow):
             return _check_size(_power(left, right))
-        if isinstance(node.op, ast.Mult) and isinstance(left, int) and isinstance(right, int):
-            if left.bit_length() + right.bit_length() > MAX_INT_BITS + 1:
-                raise CalculatorError("the result is too large")
+        if (
+            isinstance(node.op, ast.Mult)
+            and isinstance(left, int)
+            and isinstance(right, int)
+            and left.bit_length() + right.bit_length() > MAX_INT_BITS + 1
+        ):
+            raise CalculatorError("the result is too large")
         try:
             return _check_size(_BINARY[type(node.op)](left, right))
         except ZeroDivisionError:

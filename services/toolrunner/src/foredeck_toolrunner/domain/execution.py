@@ -76,7 +76,11 @@ class ExecutionObserver(Protocol):
 
 
 def tool_error(
-    kind: int, message: str, *, details: Mapping[str, Any] | None = None, retryable: bool = False
+    kind: execution_pb2.ToolErrorKind.ValueType,
+    message: str,
+    *,
+    details: Mapping[str, Any] | None = None,
+    retryable: bool = False,
 ) -> execution_pb2.ToolOutcome:
     """An outcome holding a tool failure written for the agent."""
     error = execution_pb2.ToolError(kind=kind, message=message[:4096], retryable=retryable)
@@ -283,7 +287,7 @@ class Executor:
         time_remaining: Callable[[], float | None],
         principal: Principal,
         principal_token: str | None,
-        timeout: float,
+        tool_timeout: float,
     ) -> tuple[svc.ExecuteToolResponse, str | None]:
         name = request.tool_name
         arguments = load_arguments(name, request.arguments_json)
@@ -301,6 +305,7 @@ class Executor:
 
         left = time_remaining()
         caller_bound = False
+        timeout = tool_timeout
         effective = timeout
         if left is not None:
             # Stop slightly before the caller's deadline so the answer still reaches it.

@@ -40,7 +40,7 @@ class McpCatalog(Protocol):
     """Lists the tools an MCP server offers."""
 
     async def list_tools(
-        self, server: tool_pb2.McpServer, policy: tool_pb2.ToolPolicy, timeout: float
+        self, server: tool_pb2.McpServer, policy: tool_pb2.ToolPolicy, seconds: float
     ) -> list[RemoteTool]:
         """Every tool the server lists (MCP_SERVER_UNAVAILABLE / PROTOCOL_ERROR on failure)."""
         ...
@@ -63,7 +63,7 @@ class McpImporter:
         self,
         principal: Principal,
         request: svc.ImportMcpServerRequest,
-        timeout: float = 30.0,
+        seconds: float = 30.0,
     ) -> list[tool_pb2.Tool]:
         """Connect, list, validate and register (or update) the selected tools atomically."""
         permissions.require_registry_write(principal)
@@ -82,7 +82,7 @@ class McpImporter:
         if recorded is not None:
             return list(svc.ImportMcpServerResponse.FromString(recorded).tools)
 
-        listed = await self._catalog.list_tools(request.server, request.policy, timeout)
+        listed = await self._catalog.list_tools(request.server, request.policy, seconds)
         by_name = {tool.name: tool for tool in listed}
         wanted = list(request.remote_tool_names) or sorted(by_name)
         target = _server_label(request.server)

@@ -110,7 +110,7 @@ class EffectLedger(Protocol):
         """Forget a claim whose call ended in an RPC error, and wake its waiters."""
         ...
 
-    async def wait_change(self, tenant: str, key: str, timeout: float) -> Claim | None:
+    async def wait_change(self, tenant: str, key: str, seconds: float) -> Claim | None:
         """Wait until the key is completed or released (None on timeout); return its state."""
         ...
 

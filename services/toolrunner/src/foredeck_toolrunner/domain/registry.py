@@ -29,7 +29,6 @@ __all__ = ["RegistryRace", "RemoteCheck", "ToolRegistry", "request_fingerprint"]
 RemoteCheck = Callable[[tool_pb2.Tool], Awaitable[None]]
 """Checks that a tool's gRPC host or MCP server offers it (raises a ToolRunnerError if not)."""
 
-_OUTPUT_ONLY = ("version", "create_time", "update_time", "created_by", "updated_by")
 _RACE_RETRIES = 8
 
 
@@ -41,8 +40,11 @@ def request_fingerprint(message: Any) -> str:
 def _clean(tool: tool_pb2.Tool) -> tool_pb2.Tool:
     copy = tool_pb2.Tool()
     copy.CopyFrom(tool)
-    for field in _OUTPUT_ONLY:
-        copy.ClearField(field)
+    copy.ClearField("version")
+    copy.ClearField("create_time")
+    copy.ClearField("update_time")
+    copy.ClearField("created_by")
+    copy.ClearField("updated_by")
     return copy
 
 
@@ -307,7 +309,7 @@ class ToolRegistry:
             raise ToolRunnerError.invalid_request(bad)
         return min(page_size or default, maximum)
 
-    async def list(
+    async def list_page(
         self, principal: Principal, request: svc.ListToolsRequest
     ) -> tuple[list[tool_pb2.Tool], str]:
         """A page of the tools the caller may run (all of them for registry readers)."""
@@ -324,7 +326,7 @@ class ToolRegistry:
         token = encode_page_token(tools[-1].definition.name, query) if more and tools else ""
         return tools, token
 
-    async def export(
+    async def export_page(
         self, principal: Principal, request: svc.ExportToolSchemasRequest
     ) -> tuple[list[tool_pb2.Tool], str]:
         """A page of the tools the caller may run, for rendering as model-facing definitions."""
