@@ -155,6 +155,10 @@ def test_convenience_constructors_use_shared_reasons_and_codes() -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             Reason.PAGE_TOKEN_INVALID,
         ),
+        # The contracts give every shared reason one code; delegation refusals are this one.
+        ServiceError(
+            grpc.StatusCode.PERMISSION_DENIED, Reason.DELEGATION_NOT_ALLOWED, "gateway only"
+        ): (grpc.StatusCode.PERMISSION_DENIED, Reason.DELEGATION_NOT_ALLOWED),
     }
     for error, (code, reason) in cases.items():
         assert (error.code, error.reason) == (code, reason)
