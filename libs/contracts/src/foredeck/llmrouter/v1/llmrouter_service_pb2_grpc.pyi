@@ -35,8 +35,10 @@ class LlmRouterServiceStub:
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user
+    come only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in
+    ErrorReason.
     """
 
     @_typing.overload
@@ -53,7 +55,7 @@ class LlmRouterServiceStub:
     expires.
 
     Errors: UNAUTHENTICATED (PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED);
-    PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
+    PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
     (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, INVALID_TOOL_SCHEMA,
     RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST,
     CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND,
@@ -96,16 +98,18 @@ class LlmRouterServiceStub:
     but never falls back to another one, because vectors of different models are not
     comparable.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND
-    (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
-    MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST);
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST,
+    REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED,
+    PROVIDER_REJECTED_REQUEST);
     FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED
     (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
     PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED
     (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
-    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state, and a retry
-    returns the same vectors (the provider bills each call).
+    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state and records
+    nothing, and a retry returns the same vectors (the provider bills each call; embeddings
+    cost little, so a retried Embed is accepted where a retried Generate is not).
     """
     CountTokens: _grpc.UnaryUnaryMultiCallable[_llmrouter_service_pb2.CountTokensRequest, _llmrouter_service_pb2.CountTokensResponse]
     """CountTokens counts the input tokens a Generate request would send to a model, and the most
@@ -127,9 +131,9 @@ class LlmRouterServiceStub:
     prices and circuit state, ordered by name.
 
     Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-    size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page
+    token that is not one of this query's, INVALID_REQUEST for a negative page size or a bad
+    filter); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -147,8 +151,9 @@ class LlmRouterServiceStub:
     their circuit breakers, ordered by name.
 
     Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST);
-    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID,
+    INVALID_REQUEST for a negative page size); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
+    INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -173,8 +178,10 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user
+    come only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in
+    ErrorReason.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -188,7 +195,7 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     expires.
 
     Errors: UNAUTHENTICATED (PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED);
-    PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
+    PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
     (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, INVALID_TOOL_SCHEMA,
     RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST,
     CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND,
@@ -231,16 +238,18 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     but never falls back to another one, because vectors of different models are not
     comparable.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND
-    (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
-    MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST);
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST,
+    REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED,
+    PROVIDER_REJECTED_REQUEST);
     FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED
     (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
     PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED
     (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
-    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state, and a retry
-    returns the same vectors (the provider bills each call).
+    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state and records
+    nothing, and a retry returns the same vectors (the provider bills each call; embeddings
+    cost little, so a retried Embed is accepted where a retried Generate is not).
     """
     CountTokens: _aio.UnaryUnaryMultiCallable[_llmrouter_service_pb2.CountTokensRequest, _llmrouter_service_pb2.CountTokensResponse]  # type: ignore[assignment]
     """CountTokens counts the input tokens a Generate request would send to a model, and the most
@@ -262,9 +271,9 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     prices and circuit state, ordered by name.
 
     Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-    size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page
+    token that is not one of this query's, INVALID_REQUEST for a negative page size or a bad
+    filter); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -282,8 +291,9 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     their circuit breakers, ordered by name.
 
     Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST);
-    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID,
+    INVALID_REQUEST for a negative page size); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
+    INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -307,8 +317,10 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user
+    come only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in
+    ErrorReason.
     """
 
     @_abc_1.abstractmethod
@@ -326,7 +338,7 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         expires.
 
         Errors: UNAUTHENTICATED (PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED);
-        PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
+        PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
         (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, INVALID_TOOL_SCHEMA,
         RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST,
         CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND,
@@ -381,16 +393,18 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         but never falls back to another one, because vectors of different models are not
         comparable.
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND
-        (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
-        MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST);
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+        DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST,
+        REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED,
+        PROVIDER_REJECTED_REQUEST);
         FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED
         (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
         PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED
         (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
-        Atomic: all vectors or an error. Idempotent: it changes no Foredeck state, and a retry
-        returns the same vectors (the provider bills each call).
+        Atomic: all vectors or an error. Idempotent: it changes no Foredeck state and records
+        nothing, and a retry returns the same vectors (the provider bills each call; embeddings
+        cost little, so a retried Embed is accepted where a retried Generate is not).
         """
 
     @_abc_1.abstractmethod
@@ -424,9 +438,9 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         prices and circuit state, ordered by name.
 
         Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-        size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-        INTERNAL (INTERNAL).
+        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page
+        token that is not one of this query's, INVALID_REQUEST for a negative page size or a bad
+        filter); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """
@@ -456,8 +470,9 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         their circuit breakers, ordered by name.
 
         Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST);
-        UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID,
+        INVALID_REQUEST for a negative page size); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
+        INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """

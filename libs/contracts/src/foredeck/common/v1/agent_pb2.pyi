@@ -55,10 +55,12 @@ class Agent(_message.Message):
     """Agent is one immutable version of an agent definition: the instructions, model, tools,
     memory behaviour, planner settings, budgets and approval rules a run executes with.
 
-    Definitions are versioned. Every change creates a new version numbered one above the latest;
-    an existing version never changes. A run is pinned to the version it was submitted with for
-    its whole life, including after the agent gets newer versions or is archived. Fields marked
-    "output only" are set by the orchestrator and ignored when they appear in a request.
+    The orchestrator stores agents (`foredeck.orchestrator.v1.AgentService`) and the gateway
+    serves them to public clients, so the message lives here. Definitions are versioned: every
+    change creates a new version numbered one above the latest, and an existing version never
+    changes. A run is pinned to the version it was submitted with for its whole life, including
+    after the agent gets newer versions or is archived. Fields marked "output only" are set by
+    the orchestrator and ignored when they appear in a request.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -102,6 +104,7 @@ class Agent(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     ARCHIVE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The agent's name, unique within the tenant and never reused, even after archiving: 1-63
     characters of lowercase ASCII letters, digits and `-`, starting with a letter and not
@@ -135,6 +138,12 @@ class Agent(_message.Message):
     """Output only. Whether the agent accepts new runs."""
     created_by: _builtins.str
     """Output only. The user id of the principal that wrote this version."""
+    etag: _builtins.str
+    """Output only. An opaque value naming this version of the agent; only the latest version's
+    etag is current. CreateAgentVersion given the etag of a version that is no longer the
+    latest fails with ABORTED ETAG_MISMATCH, so a change based on an old read cannot silently
+    undo someone else's newer version.
+    """
     @_builtins.property
     def allowed_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The names of the tools the agent may call, as registered in toolrunner: at most 128 names,
@@ -207,10 +216,11 @@ class Agent(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
         archive_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "approval_policy", b"approval_policy", "archive_time", b"archive_time", "budget", b"budget", "create_time", b"create_time", "memory_policy", b"memory_policy", "planner", b"planner", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "allowed_sub_agents", b"allowed_sub_agents", "allowed_tools", b"allowed_tools", "approval_policy", b"approval_policy", "archive_time", b"archive_time", "budget", b"budget", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "memory_policy", b"memory_policy", "model", b"model", "name", b"name", "planner", b"planner", "state", b"state", "system_prompt", b"system_prompt", "temperature", b"temperature", "tenant_id", b"tenant_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "allowed_sub_agents", b"allowed_sub_agents", "allowed_tools", b"allowed_tools", "approval_policy", b"approval_policy", "archive_time", b"archive_time", "budget", b"budget", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "etag", b"etag", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "memory_policy", b"memory_policy", "model", b"model", "name", b"name", "planner", b"planner", "state", b"state", "system_prompt", b"system_prompt", "temperature", b"temperature", "tenant_id", b"tenant_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
