@@ -300,9 +300,9 @@ class LlmExchange(_message.Message):
     enum prefix, such as `STOP` or `TOOL_CALLS`).
     """
     idempotency_key: _builtins.str
-    """The request id the call carried, `<run_id>:<step_id>:<attempt>`: a worker that re-executes
-    the same attempt after a crash gets llmrouter's recorded response instead of a second,
-    billed generation, while a new attempt generates anew.
+    """The request id the call carried, `<run_id>:<step_id>:<attempt>`: a worker that re-executes the
+    same attempt after a crash gets llmrouter's recorded response instead of a second, billed
+    generation, while a new attempt generates anew.
     """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]:
@@ -364,9 +364,9 @@ class ToolExchange(_message.Message):
     DURATION_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """The tool effect key the call carried: exactly `<run_id>:<step_id>` (built with
-    `foredeck_kit.idempotency.tool_effect_key`), the same on every attempt of the step and
-    after any crash, so toolrunner's effect ledger runs the tool at most once per step. Never
-    derived from the tool call id, which a re-generated model response may change.
+    `foredeck_kit.idempotency.tool_effect_key`), the same on every attempt of the step and after
+    any crash, so toolrunner's effect ledger runs the tool at most once per step. Never derived
+    from the tool call id, which a re-generated model response may change.
     """
     approval_required: _builtins.bool
     """Whether the call needed a person's approval."""
@@ -438,14 +438,14 @@ class MemoryOperation(_message.Message):
 
     @_builtins.property
     def memory_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The ids of the memories the written contents now live in (new, or merged into), in the
-        order of `contents`.
+        """The ids of the memories the written contents now live in (new, or merged into), in the order of
+        `contents`.
         """
 
     @_builtins.property
     def contents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The contents written, for REMEMBER operations, in request order: one for Remember, several
-        for RememberMany.
+        """The contents written, for REMEMBER operations, in request order: one for Remember, several for
+        RememberMany.
         """
 
     @_builtins.property
@@ -556,8 +556,8 @@ class PlannedStep(_message.Message):
     SUB_AGENT_NAME_FIELD_NUMBER: _builtins.int
     SUB_AGENT_INPUT_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
-    """The id the step will run under once executed, assigned by the orchestrator when it
-    journals the plan (a model's output never names step ids).
+    """The id the step will run under once executed, assigned by the orchestrator when it journals the
+    plan (a model's output never names step ids).
     """
     description: _builtins.str
     """What the step does, in a sentence."""

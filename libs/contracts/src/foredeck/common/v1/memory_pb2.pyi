@@ -60,16 +60,15 @@ Global___MemoryState: _TypeAlias = MemoryState  # noqa: Y015
 
 @_typing.final
 class Memory(_message.Message):
-    """Memory is one version of a long-term memory: a piece of text an agent should be able to
-    recall in later sessions, with its embedding in the vector store and its node in the graph.
+    """Memory is one version of a long-term memory: a piece of text an agent should be able to recall in
+    later sessions, with its embedding in the vector store and its node in the graph.
 
-    The memory service (`foredeck.memory.v1.LongTermMemoryService`) owns memories; the message
-    lives here because a run's journal records the memories a recall returned, exactly as
-    returned. Long-term memories belong to one user of one tenant; no other user, and no other
-    tenant, can read them. Facts are superseded, never overwritten: an update writes a new version
-    with its own `memory_id`, links the two through `supersedes_memory_id` /
-    `superseded_by_memory_id`, and ends the old version's validity. The chain of versions is the
-    memory's history.
+    The memory service (`foredeck.memory.v1.LongTermMemoryService`) owns memories; the message lives
+    here because a run's journal records the memories a recall returned, exactly as returned.
+    Long-term memories belong to one user of one tenant; no other user, and no other tenant, can read
+    them. Facts are superseded, never overwritten: an update writes a new version with its own
+    `memory_id`, links the two through `supersedes_memory_id` / `superseded_by_memory_id`, and ends
+    the old version's validity. The chain of versions is the memory's history.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -106,13 +105,13 @@ class Memory(_message.Message):
     """The version that replaced this one, if any."""
     dedup_key: _builtins.str
     """The deterministic duplicate key, computed by the service: the lowercase hex SHA-256 of the
-    category and the normalised content (Unicode NFC, case-folded, whitespace collapsed).
-    Memories of one user with the same key are exact duplicates.
+    category and the normalised content (Unicode NFC, case-folded, whitespace collapsed). Memories
+    of one user with the same key are exact duplicates.
     """
     fact_key: _builtins.str
-    """The caller's name for the fact this memory states, such as `user.home_city`, or empty. At
-    most one current memory per user has a given fact key; remembering a different content
-    under the same key supersedes the current one. 1-128 characters of `[A-Za-z0-9_.:-]`.
+    """The caller's name for the fact this memory states, such as `user.home_city`, or empty. At most
+    one current memory per user has a given fact key; remembering a different content under the
+    same key supersedes the current one. 1-128 characters of `[A-Za-z0-9_.:-]`.
     """
     merge_count: _builtins.int
     """How many duplicates were merged into this version instead of being stored apart."""
@@ -121,15 +120,15 @@ class Memory(_message.Message):
     embedding_model: _builtins.str
     """The embedding model that embedded the content, such as `all-MiniLM-L6-v2`."""
     etag: _builtins.str
-    """Output only. An opaque value that changes whenever this version changes in place (a
-    duplicate merged into it, or its validity ended). UpdateMemory given a stale one fails with
-    ABORTED ETAG_MISMATCH instead of overwriting what a concurrent writer merged in.
+    """Output only. An opaque value that changes whenever this version changes in place (a duplicate
+    merged into it, or its validity ended). UpdateMemory given a stale one fails with ABORTED
+    ETAG_MISMATCH instead of overwriting what a concurrent writer merged in.
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """Free-form metadata: a JSON object of at most 64 top-level keys and 16 KiB of JSON text.
-        Keys are 1-64 characters of `[A-Za-z0-9_-]` (no dots, so a key is never read as a path).
-        Top-level string, number and boolean values can be filtered on in Recall and ListMemories.
+        """Free-form metadata: a JSON object of at most 64 top-level keys and 16 KiB of JSON text. Keys
+        are 1-64 characters of `[A-Za-z0-9_-]` (no dots, so a key is never read as a path). Top-level
+        string, number and boolean values can be filtered on in Recall and ListMemories.
         """
 
     @_builtins.property
@@ -148,8 +147,8 @@ class Memory(_message.Message):
 
     @_builtins.property
     def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[Global___EntityRef]:
-        """The entities of the tenant's graph this memory is about; the graph links the memory to
-        each of them. At most 32.
+        """The entities of the tenant's graph this memory is about; the graph links the memory to each of
+        them. At most 32.
         """
 
     @_builtins.property
@@ -158,9 +157,7 @@ class Memory(_message.Message):
 
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When this version last changed in place (a duplicate merged into it, or its validity
-        ended).
-        """
+        """When this version last changed in place (a duplicate merged into it, or its validity ended)."""
 
     def __init__(
         self,
@@ -203,8 +200,8 @@ class RecalledMemory(_message.Message):
     MEMORY_FIELD_NUMBER: _builtins.int
     SCORE_FIELD_NUMBER: _builtins.int
     score: _builtins.float
-    """The cosine similarity between the query's embedding and the memory's, from -1 to 1;
-    higher is closer. Comparable only between results embedded by the same model.
+    """The cosine similarity between the query's embedding and the memory's, from -1 to 1; higher is
+    closer. Comparable only between results embedded by the same model.
     """
     @_builtins.property
     def memory(self) -> Global___Memory:
@@ -238,8 +235,8 @@ class EntityRef(_message.Message):
     case-sensitive.
     """
     entity_id: _builtins.str
-    """The entity's id within its type, chosen by the caller (a natural key such as an email
-    address or a slug): 1-256 characters of UTF-8, case-sensitive.
+    """The entity's id within its type, chosen by the caller (a natural key such as an email address
+    or a slug): 1-256 characters of UTF-8, case-sensitive.
     """
     def __init__(
         self,

@@ -52,26 +52,26 @@ Global___PrincipalKind: _TypeAlias = PrincipalKind  # noqa: Y015
 class Principal(_message.Message):
     """Principal is the verified identity on whose behalf a call runs inside the mesh.
 
-    It travels in the `x-foredeck-principal` gRPC metadata entry as an HS256 JWT whose header
-    `kid` names the signing key, so keys rotate without downtime. Two issuers mint principals,
-    both for the audience `foredeck-internal`, and each lives 5 minutes:
+    It travels in the `x-foredeck-principal` gRPC metadata entry as an HS256 JWT whose header `kid`
+    names the signing key, so keys rotate without downtime. Two issuers mint principals, both for the
+    audience `foredeck-internal`, and each lives 5 minutes:
 
     - `foredeck-gateway` (keys `PRINCIPAL_KEYS`): the gateway authenticates the caller (API key or
       JWT) and mints a principal for each call it forwards. Claims: `iss`, `aud`, `sub` (user id),
       `tid` (tenant id), `perms`, `bud`, `kind`, `iat`, `exp`, `jti`.
     - `foredeck-orchestrator` (keys `DELEGATION_KEYS`, whose key ids differ from every gateway key
-      id): a run may wait for days and its worker calls llmrouter, toolrunner and memory long
-      after the gateway's principal expired. The orchestrator stores the claims of the principal
-      that submitted the run and, for each downstream call of the run, mints a fresh principal
-      with the same `sub`, `tid`, `perms`, `bud` and `kind`, plus the actor claim
-      `act: {"sub": "orchestrator"}` (in the style of RFC 8693) and `rid`, the run id.
+      id): a run may wait for days and its worker calls llmrouter, toolrunner and memory long after
+      the gateway's principal expired. The orchestrator stores the claims of the principal that
+      submitted the run and, for each downstream call of the run, mints a fresh principal with the
+      same `sub`, `tid`, `perms`, `bud` and `kind`, plus the actor claim `act: {"sub":
+      "orchestrator"}` (in the style of RFC 8693) and `rid`, the run id.
 
-    Every internal service verifies the signature, issuer, audience and expiry before serving a
-    call and accepts both issuers, except on gateway-only methods: those refuse an
-    orchestrator-minted principal with PERMISSION_DENIED and the shared reason
-    DELEGATION_NOT_ALLOWED (each service's README lists its gateway-only methods). Services take
-    the tenant only from here, never from a request body. This message documents the claims and
-    is returned by RPCs that report who the caller is.
+    Every internal service verifies the signature, issuer, audience and expiry before serving a call
+    and accepts both issuers, except on gateway-only methods: those refuse an orchestrator-minted
+    principal with PERMISSION_DENIED and the shared reason DELEGATION_NOT_ALLOWED (each service's
+    README lists its gateway-only methods). Services take the tenant only from here, never from a
+    request body. This message documents the claims and is returned by RPCs that report who the
+    caller is.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -94,14 +94,12 @@ class Principal(_message.Message):
     token_id: _builtins.str
     """A unique id of the signed token, for audit logs (`jti`)."""
     actor: _builtins.str
-    """The service acting on the principal's behalf, from the `act.sub` claim: `orchestrator` for
-    a principal the orchestrator minted for a run's downstream call; empty when the gateway
-    minted it.
-    """
-    run_id: _builtins.str
-    """The run a delegated principal acts for, from the `rid` claim; empty when the gateway minted
+    """The service acting on the principal's behalf, from the `act.sub` claim: `orchestrator` for a
+    principal the orchestrator minted for a run's downstream call; empty when the gateway minted
     it.
     """
+    run_id: _builtins.str
+    """The run a delegated principal acts for, from the `rid` claim; empty when the gateway minted it."""
     @_builtins.property
     def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Permissions granted to the caller, such as `runs:create` or `tools:python` (`perms`). A

@@ -145,8 +145,8 @@ class Run(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PARENT_STEP_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The run's id, assigned by the orchestrator at submission: 1-128 characters of
-    `[A-Za-z0-9_.-]` (never a `:`, so the tool effect key `<run_id>:<step_id>` splits one way).
+    """The run's id, assigned by the orchestrator at submission: 1-128 characters of `[A-Za-z0-9_.-]`
+    (never a `:`, so the tool effect key `<run_id>:<step_id>` splits one way).
     """
     tenant_id: _builtins.str
     """The tenant that owns the run."""

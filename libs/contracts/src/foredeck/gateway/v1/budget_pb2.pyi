@@ -53,8 +53,8 @@ class _BudgetPeriod:
 class _BudgetPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetPeriod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BUDGET_PERIOD_UNSPECIFIED: _BudgetPeriod.ValueType  # 0
-    """Not set: the same as BUDGET_PERIOD_LIFETIME. (SetBudget keeps an existing budget's
-    period unless its mask names `period`.)
+    """Not set: the same as BUDGET_PERIOD_LIFETIME. (SetBudget keeps an existing budget's period
+    unless its mask names `period`.)
     """
     BUDGET_PERIOD_LIFETIME: _BudgetPeriod.ValueType  # 1
     """Never: the limits apply to all spending ever."""
@@ -69,8 +69,8 @@ class BudgetPeriod(_BudgetPeriod, metaclass=_BudgetPeriodEnumTypeWrapper):
     """
 
 BUDGET_PERIOD_UNSPECIFIED: BudgetPeriod.ValueType  # 0
-"""Not set: the same as BUDGET_PERIOD_LIFETIME. (SetBudget keeps an existing budget's
-period unless its mask names `period`.)
+"""Not set: the same as BUDGET_PERIOD_LIFETIME. (SetBudget keeps an existing budget's period
+unless its mask names `period`.)
 """
 BUDGET_PERIOD_LIFETIME: BudgetPeriod.ValueType  # 1
 """Never: the limits apply to all spending ever."""
@@ -148,9 +148,9 @@ class BudgetAccount(_message.Message):
     updated_by: _builtins.str
     """Output only. The user id of the operator who last changed the limits or period."""
     etag: _builtins.str
-    """Output only. An opaque value that changes whenever the limits or period change or the
-    spent amounts are reset (not when runs spend). SetBudget and ResetBudgetSpend given a
-    stale one fail with ABORTED ETAG_MISMATCH.
+    """Output only. An opaque value that changes whenever the limits or period change or the spent
+    amounts are reset (not when runs spend). SetBudget and ResetBudgetSpend given a stale one fail
+    with ABORTED ETAG_MISMATCH.
     """
     @_builtins.property
     def period_start_time(self) -> _timestamp_pb2.Timestamp:

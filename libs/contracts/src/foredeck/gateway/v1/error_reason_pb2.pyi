@@ -165,16 +165,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Metadata `approvalId`, `status` and `upstreamReason`. No extra details.
     """
     ERROR_REASON_AGENT_NOT_FOUND: _ErrorReason.ValueType  # 36
-    """NOT_FOUND. The request named an agent that does not exist in the tenant. Metadata
-    `agentName` and `upstreamReason`. No extra details.
+    """NOT_FOUND. The request named an agent that does not exist in the tenant. Metadata `agentName`
+    and `upstreamReason`. No extra details.
     """
     ERROR_REASON_AGENT_VERSION_NOT_FOUND: _ErrorReason.ValueType  # 37
     """NOT_FOUND. The request named an agent version that does not exist. Metadata `agentName`,
     `agentVersion` and `upstreamReason`. No extra details.
     """
     ERROR_REASON_AGENT_ARCHIVED: _ErrorReason.ValueType  # 38
-    """FAILED_PRECONDITION. CreateRun, ForkRun or CreateAgentVersion named an archived agent.
-    Metadata `agentName` and `upstreamReason`. No extra details.
+    """FAILED_PRECONDITION. CreateRun, ForkRun or CreateAgentVersion named an archived agent. Metadata
+    `agentName` and `upstreamReason`. No extra details.
     """
     ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 39
     """NOT_FOUND. No API key with that id exists (in the named tenant, where the request names
@@ -218,15 +218,14 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     `route` (the full RPC name); comes with RetryInfo.
     """
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 49
-    """ABORTED. The request carried an `etag` that is no longer current: SetBudget or
-    ResetBudgetSpend for a budget that changed since it was read, or CreateAgentVersion based
-    on a version that is no longer the latest. Nothing was written; read again and reapply the
-    change. Metadata `budgetId` or `agentName`, and `upstreamReason` when mapped. No extra
-    details.
+    """ABORTED. The request carried an `etag` that is no longer current: SetBudget or ResetBudgetSpend
+    for a budget that changed since it was read, or CreateAgentVersion based on a version that is
+    no longer the latest. Nothing was written; read again and reapply the change. Metadata
+    `budgetId` or `agentName`, and `upstreamReason` when mapped. No extra details.
     """
     ERROR_REASON_AGENT_ALREADY_EXISTS: _ErrorReason.ValueType  # 50
-    """ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived
-    (names are never reused). Metadata `agentName` and `upstreamReason`. No extra details.
+    """ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived (names
+    are never reused). Metadata `agentName` and `upstreamReason`. No extra details.
     """
     ERROR_REASON_RUN_NOT_FINISHED: _ErrorReason.ValueType  # 51
     """FAILED_PRECONDITION. ReplayRun or ForkRun named a run that has not finished yet. Metadata
@@ -402,16 +401,16 @@ ERROR_REASON_APPROVAL_NOT_PENDING: ErrorReason.ValueType  # 35
 Metadata `approvalId`, `status` and `upstreamReason`. No extra details.
 """
 ERROR_REASON_AGENT_NOT_FOUND: ErrorReason.ValueType  # 36
-"""NOT_FOUND. The request named an agent that does not exist in the tenant. Metadata
-`agentName` and `upstreamReason`. No extra details.
+"""NOT_FOUND. The request named an agent that does not exist in the tenant. Metadata `agentName`
+and `upstreamReason`. No extra details.
 """
 ERROR_REASON_AGENT_VERSION_NOT_FOUND: ErrorReason.ValueType  # 37
 """NOT_FOUND. The request named an agent version that does not exist. Metadata `agentName`,
 `agentVersion` and `upstreamReason`. No extra details.
 """
 ERROR_REASON_AGENT_ARCHIVED: ErrorReason.ValueType  # 38
-"""FAILED_PRECONDITION. CreateRun, ForkRun or CreateAgentVersion named an archived agent.
-Metadata `agentName` and `upstreamReason`. No extra details.
+"""FAILED_PRECONDITION. CreateRun, ForkRun or CreateAgentVersion named an archived agent. Metadata
+`agentName` and `upstreamReason`. No extra details.
 """
 ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 39
 """NOT_FOUND. No API key with that id exists (in the named tenant, where the request names
@@ -455,15 +454,14 @@ configured to fail closed, so the call was refused rather than admitted unchecke
 `route` (the full RPC name); comes with RetryInfo.
 """
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 49
-"""ABORTED. The request carried an `etag` that is no longer current: SetBudget or
-ResetBudgetSpend for a budget that changed since it was read, or CreateAgentVersion based
-on a version that is no longer the latest. Nothing was written; read again and reapply the
-change. Metadata `budgetId` or `agentName`, and `upstreamReason` when mapped. No extra
-details.
+"""ABORTED. The request carried an `etag` that is no longer current: SetBudget or ResetBudgetSpend
+for a budget that changed since it was read, or CreateAgentVersion based on a version that is
+no longer the latest. Nothing was written; read again and reapply the change. Metadata
+`budgetId` or `agentName`, and `upstreamReason` when mapped. No extra details.
 """
 ERROR_REASON_AGENT_ALREADY_EXISTS: ErrorReason.ValueType  # 50
-"""ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived
-(names are never reused). Metadata `agentName` and `upstreamReason`. No extra details.
+"""ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived (names
+are never reused). Metadata `agentName` and `upstreamReason`. No extra details.
 """
 ERROR_REASON_RUN_NOT_FINISHED: ErrorReason.ValueType  # 51
 """FAILED_PRECONDITION. ReplayRun or ForkRun named a run that has not finished yet. Metadata

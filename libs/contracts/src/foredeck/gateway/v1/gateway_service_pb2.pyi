@@ -39,8 +39,8 @@ class CreateAgentRequest(_message.Message):
     AGENT_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
-    """A client-chosen id that makes the call idempotent: 1-64 characters of `[A-Za-z0-9._:-]`,
-    unique per write (a UUID is a good choice). Required. Remembered per tenant for 24 hours.
+    """A client-chosen id that makes the call idempotent: 1-64 characters of `[A-Za-z0-9._:-]`, unique
+    per write (a UUID is a good choice). Required. Remembered per tenant for 24 hours.
     """
     @_builtins.property
     def agent(self) -> _agent_pb2.Agent:
@@ -95,8 +95,8 @@ class CreateAgentVersionRequest(_message.Message):
     ETAG_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     etag: _builtins.str
-    """The `etag` of the version the caller based its change on. When set and not the latest
-    version's etag, the call fails with ABORTED ETAG_MISMATCH. Empty writes without the check.
+    """The `etag` of the version the caller based its change on. When set and not the latest version's
+    etag, the call fails with ABORTED ETAG_MISMATCH. Empty writes without the check.
     """
     request_id: _builtins.str
     """A client-chosen id that makes the call idempotent: 1-64 characters of `[A-Za-z0-9._:-]`.
@@ -104,18 +104,18 @@ class CreateAgentVersionRequest(_message.Message):
     """
     @_builtins.property
     def agent(self) -> _agent_pb2.Agent:
-        """The new version's values for the fields `update_mask` names. `name` picks the agent;
-        fields marked output only are ignored.
+        """The new version's values for the fields `update_mask` names. `name` picks the agent; fields
+        marked output only are ignored.
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which fields of `agent` the new version takes from the request; the others are copied
-        from the latest version. Paths are the settable fields of Agent and, one level down, of
-        its `memory_policy`, `planner`, `budget` and `approval_policy` (a path to a message
-        replaces it whole). Empty names every field `agent` populates (AIP-134), so an older client
-        never clears a field it does not know; to set a field to its zero value, name it. `*`
-        makes `agent` the whole content. An unknown path, or `name`, fails with INVALID_REQUEST.
+        """Which fields of `agent` the new version takes from the request; the others are copied from the
+        latest version. Paths are the settable fields of Agent and, one level down, of its
+        `memory_policy`, `planner`, `budget` and `approval_policy` (a path to a message replaces it
+        whole). Empty names every field `agent` populates (AIP-134), so an older client never clears a
+        field it does not know; to set a field to its zero value, name it. `*` makes `agent` the whole
+        content. An unknown path, or `name`, fails with INVALID_REQUEST.
         """
 
     def __init__(
@@ -703,13 +703,13 @@ class GetRunTreeResponse(_message.Message):
     RUNS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     truncated: _builtins.bool
-    """Whether the tree holds more than the 1,000 runs returned; the missing ones come last in
-    the depth-first order.
+    """Whether the tree holds more than the 1,000 runs returned; the missing ones come last in the
+    depth-first order.
     """
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]:
-        """The named run first, then its sub-agent runs depth first, children in creation order.
-        Each run's `parent_run_id` and `parent_step_id` place it under its parent's step.
+        """The named run first, then its sub-agent runs depth first, children in creation order. Each
+        run's `parent_run_id` and `parent_step_id` place it under its parent's step.
         """
 
     def __init__(
@@ -1168,8 +1168,8 @@ class ForkRunRequest(_message.Message):
     journal. 1 reuses nothing and reruns the task from the start.
     """
     input: _builtins.str
-    """A new task for the fork, 1 byte to 256 KiB of UTF-8; unset keeps the source run's input.
-    Reused steps keep their recorded results even when the input changes.
+    """A new task for the fork, 1 byte to 256 KiB of UTF-8; unset keeps the source run's input. Reused
+    steps keep their recorded results even when the input changes.
     """
     agent_version: _builtins.int
     """The agent version for the fork, 1 or more. Zero keeps the source run's version."""
@@ -1185,9 +1185,7 @@ class ForkRunRequest(_message.Message):
 
     @_builtins.property
     def budget(self) -> _usage_pb2.Budget:
-        """Caps for the new run that tighten its agent's and the key's, as in
-        CreateRunRequest.budget.
-        """
+        """Caps for the new run that tighten its agent's and the key's, as in CreateRunRequest.budget."""
 
     def __init__(
         self,
@@ -1220,8 +1218,8 @@ class ForkRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
-    """True when this call created the run; false when the request id matched an earlier fork
-    and its run was returned.
+    """True when this call created the run; false when the request id matched an earlier fork and its
+    run was returned.
     """
     @_builtins.property
     def run(self) -> _run_pb2.Run:
@@ -1632,9 +1630,7 @@ class SetBudgetRequest(_message.Message):
     otherwise.
     """
     token_limit: _builtins.int
-    """The most tokens per period, when the mask names `token_limit`: 0 (no token limit) to
-    10^15.
-    """
+    """The most tokens per period, when the mask names `token_limit`: 0 (no token limit) to 10^15."""
     cost_limit_usd_micros: _builtins.int
     """The most cost per period, in millionths of a US dollar, when the mask names
     `cost_limit_usd_micros`: 0 (no cost limit) to 10^15.
@@ -1644,21 +1640,21 @@ class SetBudgetRequest(_message.Message):
     BUDGET_PERIOD_LIFETIME.
     """
     etag: _builtins.str
-    """The `etag` of the budget as the caller read it. When set and no longer the budget's etag
-    (or the budget does not exist), the call fails with ABORTED ETAG_MISMATCH and writes
-    nothing. Empty writes unconditionally.
+    """The `etag` of the budget as the caller read it. When set and no longer the budget's etag (or
+    the budget does not exist), the call fails with ABORTED ETAG_MISMATCH and writes nothing. Empty
+    writes unconditionally.
     """
     request_id: _builtins.str
-    """An optional client-chosen id: 1-64 characters of `[A-Za-z0-9._:-]`. When set, a retry with
-    the same id and request within 24 hours returns the first call's response without writing
-    again, even after the etag changed. Remembered per operator.
+    """An optional client-chosen id: 1-64 characters of `[A-Za-z0-9._:-]`. When set, a retry with the
+    same id and request within 24 hours returns the first call's response without writing again,
+    even after the etag changed. Remembered per operator.
     """
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which of `token_limit`, `cost_limit_usd_micros` and `period` to write; the others keep
-        their values (for a new budget: no limit and BUDGET_PERIOD_LIFETIME). Empty names every one
-        of them the request populates (AIP-134), so setting a limit to 0 needs its path. `*` names
-        all three. An unknown path fails with INVALID_REQUEST.
+        """Which of `token_limit`, `cost_limit_usd_micros` and `period` to write; the others keep their
+        values (for a new budget: no limit and BUDGET_PERIOD_LIFETIME). Empty names every one of them
+        the request populates (AIP-134), so setting a limit to 0 needs its path. `*` names all three.
+        An unknown path fails with INVALID_REQUEST.
         """
 
     def __init__(
@@ -1728,8 +1724,8 @@ class ResetBudgetSpendRequest(_message.Message):
     api_key_id: _builtins.str
     """The API key, for BUDGET_SCOPE_API_KEY (required then); must be empty otherwise."""
     etag: _builtins.str
-    """The `etag` of the budget as the caller read it. When set and no longer the budget's etag,
-    the call fails with ABORTED ETAG_MISMATCH and resets nothing. Empty resets unconditionally.
+    """The `etag` of the budget as the caller read it. When set and no longer the budget's etag, the
+    call fails with ABORTED ETAG_MISMATCH and resets nothing. Empty resets unconditionally.
     """
     request_id: _builtins.str
     """A client-chosen id that makes the reset happen once: 1-64 characters of `[A-Za-z0-9._:-]`,
@@ -1766,12 +1762,12 @@ class ResetBudgetSpendResponse(_message.Message):
     reset_tokens: _builtins.int
     """The tokens spent in the current period that the reset set back to zero."""
     reset_cost_usd_micros: _builtins.int
-    """The cost spent in the current period that the reset set back to zero, in millionths of a
-    US dollar.
+    """The cost spent in the current period that the reset set back to zero, in millionths of a US
+    dollar.
     """
     replayed: _builtins.bool
-    """True when this response was recorded by an earlier call with the same request id and
-    nothing was reset this time.
+    """True when this response was recorded by an earlier call with the same request id and nothing
+    was reset this time.
     """
     @_builtins.property
     def budget(self) -> _budget_pb2.BudgetAccount:

@@ -37,13 +37,13 @@ class GatewayServiceStub:
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides
-    the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
 
     def __init__(self, channel):
@@ -156,55 +156,55 @@ class GatewayServiceServicer:
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides
-    the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
 
     def CreateAgent(self, request, context):
         """CreateAgent writes version 1 of a new agent in the caller's tenant. Needs `agents:write`.
 
-        Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived
-        agent); INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any
-        other bad field; FAILED_PRECONDITION REQUEST_ID_REUSED.
+        Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived agent);
+        INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any other bad
+        field; FAILED_PRECONDITION REQUEST_ID_REUSED.
 
-        Atomic: the agent exists with version 1, or nothing was written. Idempotent by
-        `request_id`: a retry with the same request id and content returns the agent the first
-        call created, without writing again.
+        Atomic: the agent exists with version 1, or nothing was written. Idempotent by `request_id`: a
+        retry with the same request id and content returns the agent the first call created, without
+        writing again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CreateAgentVersion(self, request, context):
-        """CreateAgentVersion writes a new immutable version of an agent, numbered one above its
-        latest: the latest version's content with the fields `update_mask` names taken from the
-        request. Runs already started keep the version they were pinned to. Needs `agents:write`.
+        """CreateAgentVersion writes a new immutable version of an agent, numbered one above its latest:
+        the latest version's content with the fields `update_mask` names taken from the request. Runs
+        already started keep the version they were pinned to. Needs `agents:write`.
 
-        The mask follows AIP-134: an empty mask names every field the request's agent populates,
-        so a client built before a field existed carries it over instead of clearing it; `*`
-        makes the request the whole content. Send the `etag` of the version the change is based
-        on to be sure nobody wrote a version in between.
+        The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+        client built before a field existed carries it over instead of clearing it; `*` makes the
+        request the whole content. Send the `etag` of the version the change is based on to be sure
+        nobody wrote a version in between.
 
-        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED
-        ETAG_MISMATCH; INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST (bad fields or mask
-        paths); FAILED_PRECONDITION REQUEST_ID_REUSED.
+        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH;
+        INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST (bad fields or mask paths);
+        FAILED_PRECONDITION REQUEST_ID_REUSED.
 
-        Atomic: the etag check and the write happen in one step. Idempotent by `request_id`,
-        checked first: a retry returns the version the first call wrote, even though the etag has
-        changed since, and writes no second version.
+        Atomic: the etag check and the write happen in one step. Idempotent by `request_id`, checked
+        first: a retry returns the version the first call wrote, even though the etag has changed
+        since, and writes no second version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgent(self, request, context):
-        """GetAgent returns one version of an agent of the caller's tenant: the latest unless a
-        version is given. Archived agents stay readable. Needs `agents:read`.
+        """GetAgent returns one version of an agent of the caller's tenant: the latest unless a version is
+        given. Archived agents stay readable. Needs `agents:read`.
 
         Errors: NOT_FOUND AGENT_NOT_FOUND or AGENT_VERSION_NOT_FOUND.
 
@@ -215,11 +215,11 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """ListAgents returns the latest version of each agent of the caller's tenant, ordered by
-        name. Needs `agents:read`.
+        """ListAgents returns the latest version of each agent of the caller's tenant, ordered by name.
+        Needs `agents:read`.
 
-        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this
-        query's; INVALID_REQUEST for a negative page size or a bad filter.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for a negative page size or a bad filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -231,8 +231,8 @@ class GatewayServiceServicer:
     def ListAgentVersions(self, request, context):
         """ListAgentVersions returns every version of one agent, newest first. Needs `agents:read`.
 
-        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or
-        INVALID_REQUEST for a negative page size.
+        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+        a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -242,9 +242,9 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAgent(self, request, context):
-        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay
-        readable, and runs already started finish on their pinned version. Nothing is erased, and
-        the name is never reused. Needs `agents:write`.
+        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+        and runs already started finish on their pinned version. Nothing is erased, and the name is
+        never reused. Needs `agents:write`.
 
         Errors: NOT_FOUND AGENT_NOT_FOUND.
 
@@ -291,11 +291,11 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """ListRuns returns runs, newest first, filtered by status, agent, labels, parent run and
-        creation time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
+        """ListRuns returns runs, newest first, filtered by status, agent, labels, parent run and creation
+        time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this
-        query's; INVALID_REQUEST for bad filters or a negative page size.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for bad filters or a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -306,11 +306,11 @@ class GatewayServiceServicer:
 
     def GetRunTree(self, request, context):
         """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
-        `parent_step_id`: with GetRunJournal (whose SUB_AGENT entries name their `child_run_id`) it
-        is what `foredeck trace` draws. Needs `runs:read`.
+        `parent_step_id`: with GetRunJournal (whose SUB_AGENT entries name their `child_run_id`) it is
+        what `foredeck trace` draws. Needs `runs:read`.
 
-        Runs come depth first: the named run, then each child in creation order followed by its
-        own descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+        Runs come depth first: the named run, then each child in creation order followed by its own
+        descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
 
         Errors: NOT_FOUND RUN_NOT_FOUND.
 
@@ -329,11 +329,10 @@ class GatewayServiceServicer:
         losing and repeating none. For a finished run the stream sends the remaining events and
         ends. Set no deadline, or one long enough for the run.
 
-        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-        or INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED;
-        UNAVAILABLE
-        ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the last
-        event id).
+        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+        INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED;
+        UNAVAILABLE ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the
+        last event id).
 
         Read-only and idempotent: it changes nothing, and resuming from the same event id
         yields the same events.
@@ -384,10 +383,10 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRunJournal(self, request, context):
-        """GetRunJournal returns a run with a page of its step journal, one entry per step attempt
-        with timings and usage: what `foredeck trace` draws for each run of a run tree (a SUB_AGENT
-        entry names its `child_run_id` in every view). The FULL view adds the recorded model, tool
-        and memory exchanges. Needs `runs:read`.
+        """GetRunJournal returns a run with a page of its step journal, one entry per step attempt with
+        timings and usage: what `foredeck trace` draws for each run of a run tree (a SUB_AGENT entry
+        names its `child_run_id` in every view). The FULL view adds the recorded model, tool and memory
+        exchanges. Needs `runs:read`.
 
         Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
         PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
@@ -404,8 +403,8 @@ class GatewayServiceServicer:
         model, tool and memory results instead of calling any service, and reports the result and
         whether it is identical to the recorded one. Needs `runs:read`.
 
-        Nothing is written and nothing is charged: the replay creates no run, no events and no
-        journal entries. It may take tens of seconds for a long run; set the deadline accordingly.
+        Nothing is written and nothing is charged: the replay creates no run, no events and no journal
+        entries. It may take tens of seconds for a long run; set the deadline accordingly.
 
         Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
         REPLAY_DIVERGED when `strict` is set and the replay diverged.
@@ -418,21 +417,20 @@ class GatewayServiceServicer:
 
     def ForkRun(self, request, context):
         """ForkRun starts a new run from step N of a finished run: steps 1 to N-1 are reused from the
-        source run's journal as recorded, and execution continues live at step N, optionally with
-        a changed input or agent version. Needs `runs:create` and visibility of the source run.
+        source run's journal as recorded, and execution continues live at step N, optionally with a
+        changed input or agent version. Needs `runs:create` and visibility of the source run.
 
-        The new run is admitted like CreateRun's (concurrency cap, budget reservation) and is a
-        run of its own: a new run id, so its live steps run their tools again under new tool
-        effect keys.
+        The new run is admitted like CreateRun's (concurrency cap, budget reservation) and is a run of
+        its own: a new run id, so its live steps run their tools again under new tool effect keys.
 
-        Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND;
-        FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT
-        BUDGET_INVALID; RESOURCE_EXHAUSTED CONCURRENCY_LIMITED, BUDGET_EXHAUSTED or QUEUE_FULL;
-        FAILED_PRECONDITION REQUEST_ID_REUSED.
+        Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND; FAILED_PRECONDITION
+        RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT BUDGET_INVALID;
+        RESOURCE_EXHAUSTED CONCURRENCY_LIMITED, BUDGET_EXHAUSTED or QUEUE_FULL; FAILED_PRECONDITION
+        REQUEST_ID_REUSED.
 
         Atomic: the run is admitted, reserved and queued, or nothing is left behind. Idempotent by
-        `request_id`: a retry returns the run the first call created, with `created` false, and
-        neither reserves nor forks a second time.
+        `request_id`: a retry returns the run the first call created, with `created` false, and neither
+        reserves nor forks a second time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -565,13 +563,13 @@ class GatewayService:
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides
-    the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
 
     @staticmethod
@@ -1159,8 +1157,8 @@ class AdminServiceServicer:
         """ListApiKeys returns API keys of one tenant or of every tenant, newest first, never with
         secrets.
 
-        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for bad filters or a
-        negative page size.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for bad filters or a negative
+        page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -1194,21 +1192,21 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetBudget(self, request, context):
-        """SetBudget creates a tenant's, a user's or a key's budget, or changes the limits and period
-        of an existing one: the fields `update_mask` names take the request's values and the
-        others keep theirs (a new budget starts from no limits and BUDGET_PERIOD_LIFETIME). Spent
-        and reserved amounts are kept (ResetBudgetSpend zeroes the spent ones); a changed period
-        starts a new period at once. Lowering a limit below what is already spent or reserved
-        stops new runs without stopping running ones.
+        """SetBudget creates a tenant's, a user's or a key's budget, or changes the limits and period of
+        an existing one: the fields `update_mask` names take the request's values and the others keep
+        theirs (a new budget starts from no limits and BUDGET_PERIOD_LIFETIME). Spent and reserved
+        amounts are kept (ResetBudgetSpend zeroes the spent ones); a changed period starts a new period
+        at once. Lowering a limit below what is already spent or reserved stops new runs without
+        stopping running ones.
 
-        The mask follows AIP-134: an empty mask names every field the request populates, so an
-        operator tool built before a field existed never clears it; to set a limit to zero (no
-        limit), name it. `*` names every updatable field.
+        The mask follows AIP-134: an empty mask names every field the request populates, so an operator
+        tool built before a field existed never clears it; to set a limit to zero (no limit), name it.
+        `*` names every updatable field.
 
-        Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit,
-        INVALID_REQUEST for a missing tenant, scope or subject or an unknown mask path; NOT_FOUND
-        API_KEY_NOT_FOUND for a key that does not exist in the tenant; ABORTED ETAG_MISMATCH when
-        `etag` is set and the budget changed since; FAILED_PRECONDITION REQUEST_ID_REUSED.
+        Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit, INVALID_REQUEST
+        for a missing tenant, scope or subject or an unknown mask path; NOT_FOUND API_KEY_NOT_FOUND for
+        a key that does not exist in the tenant; ABORTED ETAG_MISMATCH when `etag` is set and the
+        budget changed since; FAILED_PRECONDITION REQUEST_ID_REUSED.
 
         Atomic. Idempotent: it writes absolute values, so a retry writes the same values again and
         changes nothing more. A retry of a call that sent an `etag` and succeeded would fail with
@@ -1223,13 +1221,13 @@ class AdminServiceServicer:
         """ResetBudgetSpend sets a budget's spent tokens and cost of the current period back to zero;
         reservations of running runs are kept, and the limits and period do not change.
 
-        Errors: NOT_FOUND BUDGET_NOT_FOUND when the budget was never set; ABORTED ETAG_MISMATCH
-        when `etag` is set and the budget changed since; INVALID_REQUEST for a missing tenant,
-        scope, subject or request id; FAILED_PRECONDITION REQUEST_ID_REUSED.
+        Errors: NOT_FOUND BUDGET_NOT_FOUND when the budget was never set; ABORTED ETAG_MISMATCH when
+        `etag` is set and the budget changed since; INVALID_REQUEST for a missing tenant, scope,
+        subject or request id; FAILED_PRECONDITION REQUEST_ID_REUSED.
 
-        Atomic. Resetting is not idempotent by nature (a repeat would zero spending made since),
-        so `request_id` is required: a retry with the same request id returns the first reset's
-        response and resets nothing again.
+        Atomic. Resetting is not idempotent by nature (a repeat would zero spending made since), so
+        `request_id` is required: a retry with the same request id returns the first reset's response
+        and resets nothing again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -1250,8 +1248,8 @@ class AdminServiceServicer:
         """ListBudgets returns budgets of one tenant or of every tenant, ordered by tenant id and then
         budget id.
 
-        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size
-        or a bad filter.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a
+        bad filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.

@@ -83,9 +83,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     field.
     """
     ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 14
-    """PERMISSION_DENIED: the call carried a principal the orchestrator minted for one run, and
-    its `metadata.run_id` names another run. llmrouter has no gateway-only method. Metadata
-    `method` (the full RPC name) and `runId` (the principal's run). No extra details.
+    """PERMISSION_DENIED: the call carried a principal the orchestrator minted for one run, and its
+    `metadata.run_id` names another run. llmrouter has no gateway-only method. Metadata `method`
+    (the full RPC name) and `runId` (the principal's run). No extra details.
     """
     ERROR_REASON_MODEL_NOT_FOUND: _ErrorReason.ValueType  # 20
     """NOT_FOUND: the requested model or alias is not configured, or no default model is
@@ -276,9 +276,9 @@ different parameters; restart from the first page. A `BadRequest` names the `pag
 field.
 """
 ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 14
-"""PERMISSION_DENIED: the call carried a principal the orchestrator minted for one run, and
-its `metadata.run_id` names another run. llmrouter has no gateway-only method. Metadata
-`method` (the full RPC name) and `runId` (the principal's run). No extra details.
+"""PERMISSION_DENIED: the call carried a principal the orchestrator minted for one run, and its
+`metadata.run_id` names another run. llmrouter has no gateway-only method. Metadata `method`
+(the full RPC name) and `runId` (the principal's run). No extra details.
 """
 ERROR_REASON_MODEL_NOT_FOUND: ErrorReason.ValueType  # 20
 """NOT_FOUND: the requested model or alias is not configured, or no default model is

@@ -59,12 +59,11 @@ class GenerateRequest(_message.Message):
     chain. Retries of that model still happen.
     """
     request_id: _builtins.str
-    """A client-chosen id that makes the call idempotent: 1-512 characters of
-    `[a-zA-Z0-9_.:-]`, unique per tenant, such as a UUID; the orchestrator sends
-    `<run_id>:<step_id>:<attempt>`, so a worker that re-executes an attempt after a crash gets
-    the recorded response and a new attempt generates anew. Empty means the call is not
-    deduplicated. A reused id with a different request (every field but `metadata`
-    is compared) fails with REQUEST_ID_REUSED.
+    """A client-chosen id that makes the call idempotent: 1-512 characters of `[a-zA-Z0-9_.:-]`,
+    unique per tenant, such as a UUID; the orchestrator sends `<run_id>:<step_id>:<attempt>`, so a
+    worker that re-executes an attempt after a crash gets the recorded response and a new attempt
+    generates anew. Empty means the call is not deduplicated. A reused id with a different request
+    (every field but `metadata` is compared) fails with REQUEST_ID_REUSED.
     """
     cache_prompt: _builtins.bool
     """When true, the router marks the stable prefix of the request (tools, system prompt and
@@ -242,10 +241,10 @@ class StreamGenerateRequest(_message.Message):
     disable_fallback: _builtins.bool
     """When true, only the requested model is tried."""
     request_id: _builtins.str
-    """A client-chosen id that makes the call idempotent: 1-512 characters of
-    `[a-zA-Z0-9_.:-]`, unique per tenant, such as the orchestrator's
-    `<run_id>:<step_id>:<attempt>`. Empty means the call is not deduplicated. A reused id
-    with a different request fails with REQUEST_ID_REUSED before the stream starts.
+    """A client-chosen id that makes the call idempotent: 1-512 characters of `[a-zA-Z0-9_.:-]`,
+    unique per tenant, such as the orchestrator's `<run_id>:<step_id>:<attempt>`. Empty means the
+    call is not deduplicated. A reused id with a different request fails with REQUEST_ID_REUSED
+    before the stream starts.
     """
     cache_prompt: _builtins.bool
     """When true, the stable prefix of the request is marked cacheable for providers with explicit

@@ -593,8 +593,8 @@ Global___RememberItem: _TypeAlias = RememberItem  # noqa: Y015
 
 @_typing.final
 class RememberManyRequest(_message.Message):
-    """RememberManyRequest is the input of LongTermMemoryService.RememberMany. The whole request must
-    be at most 8 MiB.
+    """RememberManyRequest is the input of LongTermMemoryService.RememberMany. The whole request must be
+    at most 8 MiB.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -617,8 +617,8 @@ class RememberManyRequest(_message.Message):
     dedup_policy: _memory_pb2.DedupPolicy.ValueType
     """How duplicates are treated, for every item. Unset means MERGE."""
     near_duplicate_threshold: _builtins.float
-    """The similarity at or above which a memory counts as a near duplicate, for every item: 0
-    means the configured threshold; otherwise 0.5 to 1.
+    """The similarity at or above which a memory counts as a near duplicate, for every item: 0 means
+    the configured threshold; otherwise 0.5 to 1.
     """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RememberItem]:
@@ -925,35 +925,35 @@ class UpdateMemoryRequest(_message.Message):
     characters.
     """
     etag: _builtins.str
-    """The `etag` of the current version as the caller read it. When set and no longer the
-    current version's etag, the call fails with ABORTED ETAG_MISMATCH and writes nothing; read
-    the memory again and reapply the change. Empty updates unconditionally.
+    """The `etag` of the current version as the caller read it. When set and no longer the current
+    version's etag, the call fails with ABORTED ETAG_MISMATCH and writes nothing; read the memory
+    again and reapply the change. Empty updates unconditionally.
     """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """The new metadata, replacing the old as a whole, when the mask names `metadata`. Same
-        limits as in RememberRequest.
+        """The new metadata, replacing the old as a whole, when the mask names `metadata`. Same limits as
+        in RememberRequest.
         """
 
     @_builtins.property
     def valid_to(self) -> _timestamp_pb2.Timestamp:
-        """The new end of validity, when the mask names `valid_to`; must be after `effective_time`.
-        Unset with the path in the mask makes the new version open-ended.
+        """The new end of validity, when the mask names `valid_to`; must be after `effective_time`. Unset
+        with the path in the mask makes the new version open-ended.
         """
 
     @_builtins.property
     def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.EntityRef]:
-        """The new entity links, replacing the old as a whole, when the mask names `entity_refs`. At
-        most 32; each must exist.
+        """The new entity links, replacing the old as a whole, when the mask names `entity_refs`. At most
+        32; each must exist.
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Which fields to change, of `content`, `metadata`, `category`, `valid_to` and `entity_refs`;
         fields not named keep the current version's values. Empty names every field this request
-        populates (AIP-134), so an older client never clears a field it does not know; an empty
-        mask with nothing populated fails with INVALID_REQUEST. `*` names all five, clearing those
-        left unpopulated.
+        populates (AIP-134), so an older client never clears a field it does not know; an empty mask
+        with nothing populated fails with INVALID_REQUEST. `*` names all five, clearing those left
+        unpopulated.
         """
 
     @_builtins.property

@@ -84,12 +84,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     field.
     """
     ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 14
-    """PERMISSION_DENIED. A gateway-only method (agent writes, CancelRun, ResolveApproval,
-    ReplayRun, ForkRun) was called with a principal the orchestrator minted for a run, or
-    SubmitRun paired a principal with a run it may not submit: a top-level run with a minted
-    principal, or a sub-agent whose `parent_run_id` is not the principal's run. Metadata
-    `method` (the full RPC name) and, for a minted principal, `runId` (its run). No extra
-    details.
+    """PERMISSION_DENIED. A gateway-only method (agent writes, CancelRun, ResolveApproval, ReplayRun,
+    ForkRun) was called with a principal the orchestrator minted for a run, or SubmitRun paired a
+    principal with a run it may not submit: a top-level run with a minted principal, or a sub-agent
+    whose `parent_run_id` is not the principal's run. Metadata `method` (the full RPC name) and,
+    for a minted principal, `runId` (its run). No extra details.
     """
     ERROR_REASON_AGENT_NOT_FOUND: _ErrorReason.ValueType  # 20
     """NOT_FOUND. No agent of that name exists in the caller's tenant. Metadata `agentName`. No
@@ -228,9 +227,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     without finishing and was moved to the dead-letter stream. Metadata `deliveries`.
     """
     ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 51
-    """ABORTED. CreateAgentVersion carried an `etag` that is not the latest version's: someone
-    else wrote a version first. Nothing was written; read the latest and reapply the change.
-    Metadata `agentName` and `latestVersion`. No extra details.
+    """ABORTED. CreateAgentVersion carried an `etag` that is not the latest version's: someone else
+    wrote a version first. Nothing was written; read the latest and reapply the change. Metadata
+    `agentName` and `latestVersion`. No extra details.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -312,12 +311,11 @@ different parameters; restart from the first page. A `BadRequest` names the `pag
 field.
 """
 ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 14
-"""PERMISSION_DENIED. A gateway-only method (agent writes, CancelRun, ResolveApproval,
-ReplayRun, ForkRun) was called with a principal the orchestrator minted for a run, or
-SubmitRun paired a principal with a run it may not submit: a top-level run with a minted
-principal, or a sub-agent whose `parent_run_id` is not the principal's run. Metadata
-`method` (the full RPC name) and, for a minted principal, `runId` (its run). No extra
-details.
+"""PERMISSION_DENIED. A gateway-only method (agent writes, CancelRun, ResolveApproval, ReplayRun,
+ForkRun) was called with a principal the orchestrator minted for a run, or SubmitRun paired a
+principal with a run it may not submit: a top-level run with a minted principal, or a sub-agent
+whose `parent_run_id` is not the principal's run. Metadata `method` (the full RPC name) and,
+for a minted principal, `runId` (its run). No extra details.
 """
 ERROR_REASON_AGENT_NOT_FOUND: ErrorReason.ValueType  # 20
 """NOT_FOUND. No agent of that name exists in the caller's tenant. Metadata `agentName`. No
@@ -456,8 +454,8 @@ ERROR_REASON_DELIVERY_LIMIT: ErrorReason.ValueType  # 50
 without finishing and was moved to the dead-letter stream. Metadata `deliveries`.
 """
 ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 51
-"""ABORTED. CreateAgentVersion carried an `etag` that is not the latest version's: someone
-else wrote a version first. Nothing was written; read the latest and reapply the change.
-Metadata `agentName` and `latestVersion`. No extra details.
+"""ABORTED. CreateAgentVersion carried an `etag` that is not the latest version's: someone else
+wrote a version first. Nothing was written; read the latest and reapply the change. Metadata
+`agentName` and `latestVersion`. No extra details.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

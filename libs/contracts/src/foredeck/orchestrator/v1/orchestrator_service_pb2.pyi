@@ -96,23 +96,23 @@ class CreateAgentVersionRequest(_message.Message):
     Required. Remembered for 24 hours.
     """
     etag: _builtins.str
-    """The `etag` of the version the caller based its change on. When set and not the latest
-    version's etag, the call fails with ABORTED ETAG_MISMATCH. Empty writes without the check.
+    """The `etag` of the version the caller based its change on. When set and not the latest version's
+    etag, the call fails with ABORTED ETAG_MISMATCH. Empty writes without the check.
     """
     @_builtins.property
     def agent(self) -> _agent_pb2.Agent:
-        """The new version's values for the fields `update_mask` names. `name` picks the agent;
-        fields marked output only are ignored.
+        """The new version's values for the fields `update_mask` names. `name` picks the agent; fields
+        marked output only are ignored.
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which fields of `agent` the new version takes from the request; the others are copied
-        from the latest version. Paths are the settable fields of Agent and, one level down, of
-        its `memory_policy`, `planner`, `budget` and `approval_policy` (a path to a message
-        replaces it whole). Empty names every field `agent` populates (AIP-134), so an older client
-        never clears a field it does not know; to set a field to its zero value, name it. `*`
-        makes `agent` the whole content. An unknown path, or `name`, fails with INVALID_REQUEST.
+        """Which fields of `agent` the new version takes from the request; the others are copied from the
+        latest version. Paths are the settable fields of Agent and, one level down, of its
+        `memory_policy`, `planner`, `budget` and `approval_policy` (a path to a message replaces it
+        whole). Empty names every field `agent` populates (AIP-134), so an older client never clears a
+        field it does not know; to set a field to its zero value, name it. `*` makes `agent` the whole
+        content. An unknown path, or `name`, fails with INVALID_REQUEST.
         """
 
     def __init__(
@@ -447,9 +447,9 @@ class SubmitRunRequest(_message.Message):
     priority: _run_pb2.Priority.ValueType
     """The queue priority. Unset means PRIORITY_NORMAL."""
     parent_run_id: _builtins.str
-    """The running run that starts this one as a sub-agent; empty for a top-level run. Set only by
-    the parent's worker, with the principal the orchestrator minted for the parent (its `rid`
-    equals this id). The parent's agent must allow this agent as a sub-agent.
+    """The running run that starts this one as a sub-agent; empty for a top-level run. Set only by the
+    parent's worker, with the principal the orchestrator minted for the parent (its `rid` equals
+    this id). The parent's agent must allow this agent as a sub-agent.
     """
     parent_step_id: _builtins.str
     """The parent's step that starts this run; required with `parent_run_id`."""
@@ -713,13 +713,13 @@ class GetRunTreeResponse(_message.Message):
     RUNS_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     truncated: _builtins.bool
-    """Whether the tree holds more than the 1,000 runs returned; the missing ones come last in
-    the depth-first order.
+    """Whether the tree holds more than the 1,000 runs returned; the missing ones come last in the
+    depth-first order.
     """
     @_builtins.property
     def runs(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]:
-        """The named run first, then its sub-agent runs depth first, children in creation order.
-        Each run's `parent_run_id` and `parent_step_id` place it under its parent's step.
+        """The named run first, then its sub-agent runs depth first, children in creation order. Each
+        run's `parent_run_id` and `parent_step_id` place it under its parent's step.
         """
 
     def __init__(

@@ -112,8 +112,8 @@ class Tool(_message.Message):
     updated_by: _builtins.str
     """Output only. The user id of the principal that wrote this version."""
     etag: _builtins.str
-    """Output only. An opaque value naming the tool's current version; it changes with every
-    update. UpdateTool and DeregisterTool given a stale one fail with ABORTED ETAG_MISMATCH.
+    """Output only. An opaque value naming the tool's current version; it changes with every update.
+    UpdateTool and DeregisterTool given a stale one fail with ABORTED ETAG_MISMATCH.
     """
     @_builtins.property
     def definition(self) -> _tool_pb2.ToolDefinition:

@@ -123,9 +123,7 @@ Global___RegisterToolResponse: _TypeAlias = RegisterToolResponse  # noqa: Y015
 
 @_typing.final
 class UpdateToolRequest(_message.Message):
-    """UpdateToolRequest asks to change some fields of a tool. The whole request must be at most
-    1 MiB.
-    """
+    """UpdateToolRequest asks to change some fields of a tool. The whole request must be at most 1 MiB."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -146,8 +144,8 @@ class UpdateToolRequest(_message.Message):
     """
     @_builtins.property
     def tool(self) -> _tool_pb2.Tool:
-        """The tool's new values. `definition.name` names the tool to update; the fields the mask
-        names take the values given here. Output-only fields are ignored.
+        """The tool's new values. `definition.name` names the tool to update; the fields the mask names
+        take the values given here. Output-only fields are ignored.
         """
 
     @_builtins.property
@@ -155,11 +153,11 @@ class UpdateToolRequest(_message.Message):
         """Which fields of `tool` to change. Paths are `definition.description`,
         `definition.parameters_json_schema`, `policy` or any `policy.<field>` (a path to a message
         replaces it whole), `output_json_schema`, and the runtimes `builtin`, `grpc_host` and
-        `mcp_server` (naming one sets that runtime and clears the others). Empty names every field
-        the request populates (AIP-134), descending into `definition` and `policy` one field at a
-        time, so a client that does not know a field never clears it; to set a field to its zero
-        value (such as `policy.requires_approval` false), name it. `*` replaces every settable
-        field. An unknown path fails with INVALID_REQUEST.
+        `mcp_server` (naming one sets that runtime and clears the others). Empty names every field the
+        request populates (AIP-134), descending into `definition` and `policy` one field at a time, so
+        a client that does not know a field never clears it; to set a field to its zero value (such as
+        `policy.requires_approval` false), name it. `*` replaces every settable field. An unknown path
+        fails with INVALID_REQUEST.
         """
 
     def __init__(
@@ -219,9 +217,8 @@ class DeregisterToolRequest(_message.Message):
     tool_name: _builtins.str
     """The tool's name: 1-64 characters of `[a-zA-Z0-9_-]`."""
     etag: _builtins.str
-    """The `etag` of the tool as the caller read it. When set, the tool is removed only if it is
-    still the tool's etag (otherwise ABORTED ETAG_MISMATCH); empty removes it whatever its
-    version.
+    """The `etag` of the tool as the caller read it. When set, the tool is removed only if it is still
+    the tool's etag (otherwise ABORTED ETAG_MISMATCH); empty removes it whatever its version.
     """
     def __init__(
         self,
@@ -566,16 +563,16 @@ class ExecuteToolRequest(_message.Message):
     keep their exact form.
     """
     idempotency_key: _builtins.str
-    """The key under which the outcome is recorded: 1-512 characters of `[a-zA-Z0-9_.:-]`,
-    unique per tenant, the same on every retry of the call. Required. Inside a run it is the
-    tool effect key `<run_id>:<step_id>` (built with `foredeck_kit.idempotency.tool_effect_key`;
-    never from the tool call id, which a re-generated model response may change): with `run_id`
-    and `step_id` set, any other key fails with INVALID_REQUEST.
+    """The key under which the outcome is recorded: 1-512 characters of `[a-zA-Z0-9_.:-]`, unique per
+    tenant, the same on every retry of the call. Required. Inside a run it is the tool effect key
+    `<run_id>:<step_id>` (built with `foredeck_kit.idempotency.tool_effect_key`; never from the
+    tool call id, which a re-generated model response may change): with `run_id` and `step_id` set,
+    any other key fails with INVALID_REQUEST.
     """
     run_id: _builtins.str
     """The run the call belongs to, for provenance, logs and traces: 1-128 characters of
-    `[A-Za-z0-9_.-]`, or empty for a call outside any run. With an orchestrator-minted
-    principal it is required and must be the principal's run, else DELEGATION_NOT_ALLOWED.
+    `[A-Za-z0-9_.-]`, or empty for a call outside any run. With an orchestrator-minted principal it
+    is required and must be the principal's run, else DELEGATION_NOT_ALLOWED.
     """
     step_id: _builtins.str
     """The step within the run: 1-128 characters of `[A-Za-z0-9_.-]`; required with `run_id`."""
@@ -586,15 +583,14 @@ class ExecuteToolRequest(_message.Message):
     with; 0 runs the current version.
     """
     approval_token: _builtins.str
-    """Proof that a person approved this call, required when the tool requires approval: at most
-    8 KiB. It is an HS256 JWT the orchestrator mints when it executes an approved call, signed
-    with its delegation keys (`DELEGATION_KEYS`, header `kid`), issuer `foredeck-orchestrator`,
-    audience `foredeck-toolrunner-approval`, with the claims `tid` (tenant), `rid` (run), `sid`
-    (step), `tool` (tool name), `args` (the lowercase hex SHA-256 of the RFC 8785 canonical JSON
-    of the arguments), `exp` (at most 5 minutes after it was minted) and `jti`. The runner
-    accepts it only when the signature, issuer, audience and expiry verify and `tid`, `rid`,
-    `sid`, `tool` and `args` match the principal's tenant and this request; otherwise
-    APPROVAL_INVALID.
+    """Proof that a person approved this call, required when the tool requires approval: at most 8
+    KiB. It is an HS256 JWT the orchestrator mints when it executes an approved call, signed with
+    its delegation keys (`DELEGATION_KEYS`, header `kid`), issuer `foredeck-orchestrator`, audience
+    `foredeck-toolrunner-approval`, with the claims `tid` (tenant), `rid` (run), `sid` (step),
+    `tool` (tool name), `args` (the lowercase hex SHA-256 of the RFC 8785 canonical JSON of the
+    arguments), `exp` (at most 5 minutes after it was minted) and `jti`. The runner accepts it only
+    when the signature, issuer, audience and expiry verify and `tid`, `rid`, `sid`, `tool` and
+    `args` match the principal's tenant and this request; otherwise APPROVAL_INVALID.
     """
     def __init__(
         self,
