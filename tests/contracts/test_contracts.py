@@ -381,6 +381,28 @@ def test_page_sizes_over_the_maximum_are_clamped_everywhere() -> None:
                 assert "are treated as" in wording, (path.name, index + 1)
 
 
+def test_paged_rpcs_name_page_token_invalid() -> None:
+    """Every paged RPC of a Foredeck service documents the one reason for a bad page token.
+
+    ToolHostService is left out: tool hosts are written outside Foredeck and use bare codes.
+    """
+    paged = {m.full_name for m in _methods() if _field(m.input_type, "page_token") is not None}
+    rpc = re.compile(r"((?:[ \t]*//[^\n]*\n)+)[ \t]*rpc (\w+)\(")
+    documented: set[str] = set()
+    for path, text in _proto_texts().items():
+        if not path.name.endswith("_service.proto"):
+            continue
+        package = "foredeck." + ".".join(path.parent.relative_to(ROOT / "proto" / "foredeck").parts)
+        for match in rpc.finditer(text):
+            owner = text.rfind("\nservice ", 0, match.start())
+            service = text[owner:].split()[1]
+            if "PAGE_TOKEN_INVALID" in match.group(1):
+                documented.add(f"{package}.{service}.{match.group(2)}")
+    hosts = {name for name in paged if ".ToolHostService." in name}
+    assert hosts
+    assert sorted(paged - hosts - documented) == []
+
+
 @pytest.mark.parametrize("service", SERVICES)
 def test_every_service_refuses_delegation_with_reason_14(service: str) -> None:
     module = importlib.import_module(f"foredeck.{service}.v1.error_reason_pb2")
