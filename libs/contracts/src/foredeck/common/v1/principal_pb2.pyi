@@ -63,8 +63,8 @@ class Principal(_message.Message):
       id): a run may wait for days and its worker calls llmrouter, toolrunner and memory long after
       the gateway's principal expired. The orchestrator stores the claims of the principal that
       submitted the run and, for each downstream call of the run, mints a fresh principal with the
-      same `sub`, `tid`, `perms`, `bud` and `kind`, plus the actor claim `act: {"sub":
-      "orchestrator"}` (in the style of RFC 8693) and `rid`, the run id.
+      same `sub`, `tid`, `perms`, `bud` and `kind`, plus the actor claim
+      `act: {"sub": "orchestrator"}` (in the style of RFC 8693) and `rid`, the run id.
 
     Every internal service verifies the signature, issuer, audience and expiry before serving a call
     and accepts both issuers, except on gateway-only methods: those refuse an orchestrator-minted
