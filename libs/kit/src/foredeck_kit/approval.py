@@ -1,23 +1,21 @@
 """Approval tokens: proof, checked by the toolrunner, that a person approved one tool call.
 
-When a person approves a tool call, the orchestrator signs an approval token with its
-delegation keys (the same ``DELEGATION_KEYS`` that sign its delegated principals) and sends it
-with ``ExecuteTool``; the toolrunner refuses a call of a tool that requires approval unless the
-token matches that exact call. It is an HS256 JWT with audience
+When it executes a call whose approval was granted, the orchestrator signs an approval token
+with its delegation keys (the same ``DELEGATION_KEYS`` that sign its delegated principals) and
+sends it in ``ExecuteToolRequest.approval_token``; the toolrunner refuses a call of a tool that
+requires approval unless the token matches that exact call. It is an HS256 JWT with audience
 ``foredeck-toolrunner-approval`` (so it can never pass as a principal, nor a principal as an
-approval) and claims:
-
-``iss`` (``foredeck-orchestrator``), ``aud``, ``tid`` (tenant), ``rid`` (run), ``sid`` (step),
-``tool`` (tool name), ``args`` (hex SHA-256 of the canonical JSON of the arguments, see
-:func:`canonical_json`), ``idk`` (the call's idempotency key, when bound), ``iat``, ``exp``
-(a few minutes: the orchestrator mints one per attempt from its durable approval record) and
-``jti``.
+approval) and claims ``iss`` (``foredeck-orchestrator``), ``aud``, ``tid`` (tenant), ``rid``
+(run), ``sid`` (step), ``tool`` (tool name), ``args`` (lowercase hex SHA-256 of the RFC 8785
+canonical JSON of the arguments, see :func:`canonical_json`), ``iat``, ``exp`` (at most five
+minutes later: the orchestrator mints one per attempt from its durable approval record) and
+``jti``. The call's idempotency key is ``<run_id>:<step_id>``, so the token allows one effect.
 
 A token that fails verification raises PERMISSION_DENIED with the reason the verifier was
 built with (``PERMISSION_MISSING`` by default; the toolrunner passes its own
-``APPROVAL_INVALID``) and metadata ``approval``: ``invalid`` (signature, key, issuer,
-audience, lifetime or claims), ``expired``, or ``mismatch`` (another tenant, run, tool,
-arguments or idempotency key), plus ``toolName``. The wire message is the same for all.
+``APPROVAL_INVALID``), one fixed message, and metadata ``toolName``, ``check`` (the first failed
+check: ``signature``, ``issuer``, ``audience``, ``expiry``, ``tenant``, ``run``, ``step``,
+``tool`` or ``arguments``) and ``approval`` (``invalid``, ``expired`` or ``mismatch``).
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -41,7 +40,8 @@ from foredeck_kit.principal import DELEGATION_ISSUER, MAX_TOKEN_CHARS, Principal
 
 __all__ = [
     "APPROVAL_AUDIENCE",
-    "APPROVAL_ERROR_KEY",
+    "APPROVAL_CATEGORY_KEY",
+    "APPROVAL_CHECK_KEY",
     "APPROVAL_MAX_LIFETIME",
     "APPROVAL_TTL",
     "Approval",
@@ -55,26 +55,93 @@ __all__ = [
 APPROVAL_AUDIENCE = "foredeck-toolrunner-approval"
 APPROVAL_TTL = timedelta(minutes=2)
 """Default lifetime: enough for one ExecuteTool call and its retries."""
-APPROVAL_MAX_LIFETIME = timedelta(minutes=10)
+APPROVAL_MAX_LIFETIME = timedelta(minutes=5)
 """Longest ``exp - iat`` an approval token may have, at minting and at verification."""
-APPROVAL_ERROR_KEY = "approval"
-"""ErrorInfo metadata key saying why an approval token was refused."""
+APPROVAL_CHECK_KEY = "check"
+"""ErrorInfo metadata key naming the first check a refused approval token failed."""
+APPROVAL_CATEGORY_KEY = "approval"
+"""ErrorInfo metadata key saying how a token was refused: invalid, expired or mismatch."""
 
 _DIGEST = re.compile(r"[0-9a-f]{64}")
+_EXACT_INTEGERS = 2**53
+
+
+def _number(value: float) -> str:
+    """A number as ECMAScript writes it (RFC 8785 section 3.2.2.3): shortest round trip."""
+    if not math.isfinite(value):
+        raise ValueError("NaN and infinities are not JSON")
+    if value == 0:
+        return "0"  # -0 included
+    sign = "-" if value < 0 else ""
+    mantissa, _, exponent_text = repr(abs(value)).partition("e")
+    whole, _, fraction = mantissa.partition(".")
+    all_digits = whole + fraction
+    digits = all_digits.lstrip("0")
+    # The value is 0.<digits> x 10**point.
+    point = len(whole) + int(exponent_text or 0) - (len(all_digits) - len(digits))
+    digits = digits.rstrip("0")
+    count = len(digits)
+    if count <= point <= 21:
+        return sign + digits + "0" * (point - count)
+    if 0 < point <= 21:
+        return sign + digits[:point] + "." + digits[point:]
+    if -6 < point <= 0:
+        return sign + "0." + "0" * -point + digits
+    exponent = point - 1
+    shown = digits if count == 1 else digits[0] + "." + digits[1:]
+    return f"{sign}{shown}e{'+' if exponent > 0 else '-'}{abs(exponent)}"
+
+
+def _canonical(value: Any, out: list[str]) -> None:
+    if value is None:
+        out.append("null")
+    elif value is True:
+        out.append("true")
+    elif value is False:
+        out.append("false")
+    elif isinstance(value, int):
+        # JSON numbers are doubles: an integer beyond 2**53 is written as its double would be.
+        out.append(str(value) if abs(value) < _EXACT_INTEGERS else _number(float(value)))
+    elif isinstance(value, float):
+        out.append(_number(value))
+    elif isinstance(value, str):
+        out.append(json.dumps(value, ensure_ascii=False))
+    elif isinstance(value, list | tuple):
+        out.append("[")
+        for index, item in enumerate(value):
+            if index:
+                out.append(",")
+            _canonical(item, out)
+        out.append("]")
+    elif isinstance(value, dict):
+        if not all(isinstance(key, str) for key in value):
+            raise ValueError("JSON object keys must be strings")
+        out.append("{")
+        # RFC 8785 orders keys by their UTF-16 code units, not by code points.
+        for index, key in enumerate(sorted(value, key=lambda k: k.encode("utf-16-be"))):
+            if index:
+                out.append(",")
+            out.append(json.dumps(key, ensure_ascii=False))
+            out.append(":")
+            _canonical(value[key], out)
+        out.append("}")
+    else:
+        raise ValueError(f"{type(value).__name__} is not JSON")
 
 
 def canonical_json(value: Any) -> bytes:
-    """The canonical JSON of a tool call's arguments: sorted keys, no whitespace, UTF-8.
+    """The RFC 8785 canonical JSON of parsed arguments: sorted keys, no whitespace, UTF-8.
 
-    Numbers are written as Python's ``json`` writes them; NaN and infinities are refused.
+    Numbers are written as ECMAScript writes doubles (``1.0`` is ``1``, ``1e21`` is
+    ``1e+21``); NaN, infinities and lone surrogates are refused (ValueError).
     """
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode("utf-8")
+    out: list[str] = []
+    _canonical(value, out)
+    return "".join(out).encode("utf-8")
 
 
 def arguments_digest(value: Any) -> str:
-    """Hex SHA-256 of :func:`canonical_json` of ``value`` (parsed arguments)."""
+    """Lowercase hex SHA-256 of :func:`canonical_json` of ``value`` (parsed arguments)."""
     return hashlib.sha256(canonical_json(value)).hexdigest()
 
 
@@ -91,9 +158,10 @@ def _no_constants(name: str) -> NoReturn:
 
 
 def arguments_json_digest(arguments_json: str | bytes) -> str:
-    """Hex SHA-256 of the canonical form of arguments given as JSON text.
+    """Lowercase hex SHA-256 of the canonical form of arguments given as JSON text.
 
-    Raises ValueError for text that is not strict JSON (repeated keys, NaN, bad syntax).
+    A token still matches when the model's JSON differs only in key order or spacing. Raises
+    ValueError for text that is not strict JSON (repeated keys, NaN, bad syntax).
     """
     value = json.loads(
         arguments_json, object_pairs_hook=_no_duplicates, parse_constant=_no_constants
@@ -110,7 +178,6 @@ class Approval:
     step_id: str
     tool_name: str
     arguments_digest: str
-    idempotency_key: str | None
     expires_at: datetime
     token_id: str
 
@@ -149,11 +216,10 @@ class ApprovalTokenSigner:
         step_id: str,
         tool_name: str,
         arguments_digest: str,
-        idempotency_key: str | None = None,
         ttl: timedelta | None = None,
         now: datetime | None = None,
     ) -> str:
-        """Return a token approving one call of ``tool_name`` with the given arguments.
+        """Return a token approving the call of ``tool_name`` at ``step_id`` of ``run_id``.
 
         ``arguments_digest`` comes from :func:`arguments_digest` or
         :func:`arguments_json_digest`.
@@ -167,9 +233,10 @@ class ApprovalTokenSigner:
             if not value:
                 raise ValueError(f"{name} is required")
         if not _DIGEST.fullmatch(arguments_digest):
-            raise ValueError("arguments_digest must be a hex SHA-256")
+            raise ValueError("arguments_digest must be a lowercase hex SHA-256")
         issued = int((now or datetime.now(UTC)).timestamp())
-        claims: dict[str, Any] = {
+        lifetime = self._ttl if ttl is None else self._lifetime(ttl)
+        claims = {
             "iss": self._issuer,
             "aud": APPROVAL_AUDIENCE,
             "tid": tenant_id,
@@ -177,11 +244,10 @@ class ApprovalTokenSigner:
             "sid": step_id,
             "tool": tool_name,
             "args": arguments_digest,
+            "iat": issued,
+            "exp": issued + lifetime,
+            "jti": secrets.token_urlsafe(16),
         }
-        if idempotency_key:
-            claims["idk"] = idempotency_key
-        lifetime = self._ttl if ttl is None else self._lifetime(ttl)
-        claims.update(iat=issued, exp=issued + lifetime, jti=secrets.token_urlsafe(16))
         token = _jws.encode(claims, self._keys[self._kid], self._kid)
         if len(token) > MAX_TOKEN_CHARS:
             raise ValueError(f"approval token is over {MAX_TOKEN_CHARS} characters")
@@ -189,8 +255,9 @@ class ApprovalTokenSigner:
 
 
 class _Refused(Exception):
-    def __init__(self, category: str, cause: str) -> None:
+    def __init__(self, check: str, cause: str, category: str = "invalid") -> None:
         super().__init__(cause)
+        self.check = check
         self.category = category
 
 
@@ -226,20 +293,21 @@ class ApprovalTokenVerifier:
         *,
         tool_name: str,
         arguments_digest: str,
+        run_id: str,
+        step_id: str,
         principal: Principal | None = None,
-        idempotency_key: str | None = None,
     ) -> Approval:
         """Return the approval if ``token`` allows this call, else raise PERMISSION_DENIED.
 
-        The call is the current principal's (or ``principal``'s): the token must name its
-        tenant, and its run when the principal is delegated for one; the tool; the digest of
-        the arguments; and, when the token binds one, the idempotency key.
+        The token must name the tenant of the current principal (or of ``principal``), the
+        request's ``run_id`` and ``step_id`` (and, for a delegated principal, its run), the
+        tool, and the digest of the request's arguments.
         """
         if not _DIGEST.fullmatch(arguments_digest):
-            raise ValueError("arguments_digest must be a hex SHA-256")
+            raise ValueError("arguments_digest must be a lowercase hex SHA-256")
         caller = principal if principal is not None else current_principal()
         try:
-            return self._verify(token, tool_name, arguments_digest, caller, idempotency_key)
+            return self._verify(token, tool_name, arguments_digest, run_id, step_id, caller)
         except _Refused as refused:
             logger = logging.getLogger("foredeck.approval")
             if logger.isEnabledFor(logging.DEBUG):
@@ -248,7 +316,11 @@ class ApprovalTokenVerifier:
                 grpc.StatusCode.PERMISSION_DENIED,
                 self._reason,
                 "approval token not valid for this call",
-                metadata={APPROVAL_ERROR_KEY: refused.category, "toolName": tool_name},
+                metadata={
+                    "toolName": tool_name,
+                    APPROVAL_CHECK_KEY: refused.check,
+                    APPROVAL_CATEGORY_KEY: refused.category,
+                },
             ) from None
 
     def _verify(
@@ -256,45 +328,48 @@ class ApprovalTokenVerifier:
         token: str,
         tool_name: str,
         digest: str,
+        run_id: str,
+        step_id: str,
         caller: Principal,
-        idempotency_key: str | None,
     ) -> Approval:
         now = self._clock()
         try:
             _, claims = _jws.decode(token, self._keys, MAX_TOKEN_CHARS)
-            if claims.get("iss") != self._issuer:
-                raise _jws.Rejected("issuer not accepted")
-            if claims.get("aud") != APPROVAL_AUDIENCE:
-                raise _jws.Rejected("audience not accepted")
+            token_id = _jws.str_claim(claims, "jti")
+        except _jws.Rejected as rejected:
+            raise _Refused("signature", str(rejected)) from None
+        if claims.get("iss") != self._issuer:
+            raise _Refused("issuer", "issuer not accepted")
+        if claims.get("aud") != APPROVAL_AUDIENCE:
+            raise _Refused("audience", "audience not accepted")
+        try:
             expires = _jws.check_times(
                 claims, now=now, leeway=self._leeway, max_lifetime=self._max_lifetime
             )
-            values = {
-                name: _jws.str_claim(claims, name)
-                for name in ("tid", "rid", "sid", "tool", "args", "jti")
-            }
-            bound_key = _jws.optional_str_claim(claims, "idk")
         except _jws.Rejected as rejected:
-            raise _Refused("invalid", str(rejected)) from None
+            raise _Refused("expiry", str(rejected)) from None
         if _jws.is_expired(expires, now=now, leeway=self._leeway):
-            raise _Refused("expired", "expired")
+            raise _Refused("expiry", "expired", "expired")
+        tenant, run, step = claims.get("tid"), claims.get("rid"), claims.get("sid")
         checks = (
-            ("tenant", values["tid"] == caller.tenant_id),
-            ("run", caller.run_id is None or values["rid"] == caller.run_id),
-            ("tool", values["tool"] == tool_name),
-            ("arguments", values["args"] == digest),
-            ("idempotency key", bound_key is None or bound_key == idempotency_key),
+            ("tenant", tenant == caller.tenant_id),
+            ("run", run == run_id and (caller.run_id is None or run == caller.run_id)),
+            ("step", step == step_id),
+            ("tool", claims.get("tool") == tool_name),
+            ("arguments", claims.get("args") == digest),
         )
-        for what, ok in checks:
+        for check, ok in checks:
             if not ok:
-                raise _Refused("mismatch", f"{what} differs from the approved call")
+                raise _Refused(check, f"{check} differs from the approved call", "mismatch")
+        # Each compared equal to a non-empty string of the request or the principal.
+        assert isinstance(run, str)
+        assert isinstance(step, str)
         return Approval(
-            tenant_id=values["tid"],
-            run_id=values["rid"],
-            step_id=values["sid"],
+            tenant_id=caller.tenant_id,
+            run_id=run,
+            step_id=step,
             tool_name=tool_name,
             arguments_digest=digest,
-            idempotency_key=bound_key,
             expires_at=datetime.fromtimestamp(expires, UTC),
-            token_id=values["jti"],
+            token_id=token_id,
         )
