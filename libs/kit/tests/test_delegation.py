@@ -163,6 +163,25 @@ def test_gateway_only_methods_refuse_delegated_principals() -> None:
     assert verifier.requires_gateway(SUBMIT_ONLY.lstrip("/"))
 
 
+def test_a_delegated_principal_acts_only_for_its_own_run() -> None:
+    delegated = _verifier().verify(_delegate().mint_for_run(CLAIMS, "run-1"))
+    delegated.require_run("run-1")
+    delegated.require_run("")
+    delegated.require_run("run-1", required=True)
+    for run_id, required in (("run-2", False), ("", True)):
+        with pytest.raises(ServiceError) as caught:
+            delegated.require_run(run_id, required=required)
+        assert (caught.value.code, caught.value.reason) == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            Reason.DELEGATION_NOT_ALLOWED,
+        )
+    gateway = _verifier().verify(
+        PrincipalSigner(GATEWAY_KEYS, "gw1").mint(tenant_id="t", user_id="u")
+    )
+    gateway.require_run("run-2", required=True)
+    gateway.require_run("")
+
+
 def test_delegated_principals_are_short_lived() -> None:
     with pytest.raises(ValueError, match="maximum lifetime"):
         _delegate().mint_for_run(CLAIMS, "run-1", ttl=timedelta(hours=1))

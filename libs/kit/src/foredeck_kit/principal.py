@@ -119,6 +119,19 @@ class Principal:
         if not self.has(permission):
             raise ServiceError.permission_missing(permission)
 
+    def require_run(self, run_id: str, *, required: bool = False) -> None:
+        """Raise PERMISSION_DENIED (``DELEGATION_NOT_ALLOWED``) if a delegated principal
+        names a run other than its own.
+
+        A run acts only for itself: where a request names a run (``run_id``,
+        ``parent_run_id``…), it must be empty or the principal's run, and with ``required``
+        it must be the principal's run. A gateway principal may name any run.
+        """
+        if self.run_id is None:
+            return
+        if run_id != self.run_id and (run_id or required):
+            raise ServiceError.delegation_not_allowed()
+
 
 def generate_key() -> bytes:
     """Return a fresh random signing secret of the minimum accepted length."""
