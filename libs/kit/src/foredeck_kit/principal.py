@@ -384,7 +384,9 @@ class PrincipalVerifier:
         gateway-only method fails PERMISSION_DENIED ``DELEGATION_NOT_ALLOWED``.
         """
         now = self._clock()
-        cached = self._cache.get(token)
+        # Oversized input never reaches the cache: hashing it would be work for nothing.
+        usable = isinstance(token, str) and len(token) <= MAX_TOKEN_CHARS
+        cached = self._cache.get(token) if usable else None
         if cached is not None:
             principal, expires = cached
             if _jws.is_expired(expires, now=now, leeway=self._leeway):
