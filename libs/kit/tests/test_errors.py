@@ -269,6 +269,22 @@ def test_status_stays_small_whatever_the_error_holds() -> None:
     assert OMITTED_VIOLATIONS_KEY not in info.metadata
 
 
+def test_lone_surrogates_do_not_break_the_status() -> None:
+    raw = b"report-\xff.csv".decode("utf-8", "surrogateescape")
+    error = ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "FILE_NOT_FOUND",
+        f"no file {raw}",
+        metadata={"file": raw, raw: "x"},
+        field_violations=[(raw, raw)],
+    )
+    status = to_status(error, DOMAIN)
+    assert status.details == "no file report-?.csv"
+    info, bad = _unpack_all(status_pb2.Status.FromString(status.trailing_metadata[0][1]))
+    assert dict(info.metadata) == {"file": "report-?.csv", "report-?.csv": "x"}
+    assert bad.field_violations[0].field == "report-?.csv"
+
+
 def test_status_size_bound_holds_for_random_errors() -> None:
     rng = random.Random(3)
 

@@ -63,12 +63,14 @@ MAX_VIOLATIONS = 20
 """Most field violations (and, separately, quota violations) sent with one error."""
 
 MAX_MESSAGE_BYTES = 256
+"""Longest status message on the wire, in UTF-8 bytes."""
 MAX_TEXT_BYTES = 256
 """Longest violation description or metadata value on the wire, in UTF-8 bytes."""
 MAX_FIELD_BYTES = 128
 """Longest field path, quota subject or domain on the wire, in UTF-8 bytes."""
 MAX_METADATA_KEY_BYTES = 64
 MAX_METADATA_ENTRIES = 16
+"""Most ErrorInfo metadata entries sent (within a 1 KiB budget), the omitted counts aside."""
 
 OMITTED_VIOLATIONS_KEY = "omittedViolations"
 OMITTED_QUOTA_VIOLATIONS_KEY = "omittedQuotaViolations"
@@ -219,11 +221,11 @@ class ServiceError(Exception):
 
     @classmethod
     def delegation_not_allowed(cls) -> ServiceError:
-        """The method accepts only a principal minted by the gateway, not a delegated one."""
+        """A delegated principal called a gateway-only method or named another run."""
         return cls(
             grpc.StatusCode.PERMISSION_DENIED,
             Reason.DELEGATION_NOT_ALLOWED,
-            "this method needs the caller's own principal, not a delegated one",
+            "not allowed with a principal delegated to a run",
         )
 
     @classmethod
@@ -345,10 +347,16 @@ def _pack(message: Any) -> any_pb2.Any:
 
 
 def _clip(text: str, limit: int) -> str:
-    """Cut ``text`` to at most ``limit`` UTF-8 bytes, marking a cut with an ellipsis."""
-    if len(text) <= limit // 4:
-        return text  # Short enough whatever its characters: skip encoding on the common path.
-    encoded = text.encode("utf-8")
+    """Cut ``text`` to at most ``limit`` UTF-8 bytes, marking a cut with an ellipsis.
+
+    A lone surrogate (text decoded with ``surrogateescape``) becomes ``?``: protobuf refuses
+    to serialize it, which would turn the error into a failure to report it.
+    """
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded = text.encode("utf-8", "replace")
+        text = encoded.decode("utf-8")
     if len(encoded) <= limit:
         return text
     return encoded[: limit - len(_ELLIPSIS)].decode("utf-8", "ignore") + "\u2026"
