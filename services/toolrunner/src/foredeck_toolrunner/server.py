@@ -41,7 +41,20 @@ from foredeck_toolrunner.errors import DOMAIN
 from foredeck_toolrunner.observability import ToolMetrics
 from foredeck_toolrunner.servicer import RegistryServicer, RunnerServicer
 
-__all__ = ["SERVICE_NAMES", "Deps", "ToolRunnerService", "build_deps", "build_server"]
+__all__ = [
+    "GATEWAY_ONLY_METHODS",
+    "SERVICE_NAMES",
+    "Deps",
+    "ToolRunnerService",
+    "build_deps",
+    "build_server",
+]
+
+GATEWAY_ONLY_METHODS = tuple(
+    f"/foredeck.toolrunner.v1.ToolRegistryService/{method}"
+    for method in ("RegisterTool", "UpdateTool", "DeregisterTool", "ImportMcpServer")
+)
+"""Registry writes: a principal the orchestrator minted for a run may not call them."""
 
 SERVICE_NAMES = (
     "foredeck.toolrunner.v1.ToolRegistryService",
@@ -69,11 +82,17 @@ async def build_deps(settings: ToolRunnerSettings, telemetry: Telemetry | None =
         uid_base=settings.sandbox_uid_base,
         max_concurrent=settings.sandbox_max_concurrent,
     )
+    verifier = (
+        settings.approval_verifier(reason="APPROVAL_INVALID")
+        if settings.delegation_keys.get_secret_value()
+        else None
+    )
     return Deps(
         redis=Redis.from_url(settings.redis_url),
         sandbox=sandbox,
         telemetry=telemetry,
         metrics=telemetry.metrics if telemetry is not None else Metrics(),
+        approval_verifier=verifier,
     )
 
 
@@ -182,7 +201,7 @@ def build_server(settings: ToolRunnerSettings, deps: Deps) -> ServiceHost:
         domain=DOMAIN,
         register=service.register,
         service_names=SERVICE_NAMES,
-        verifier=settings.principal_verifier(),
+        verifier=settings.principal_verifier(gateway_only_methods=GATEWAY_ONLY_METHODS),
         readiness=service.readiness,
         telemetry=deps.telemetry,
     )

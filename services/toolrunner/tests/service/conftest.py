@@ -11,6 +11,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from foredeck.toolrunner.v1 import toolrunner_service_pb2_grpc as svc_grpc
+from foredeck_kit.approval import ApprovalTokenSigner, ApprovalTokenVerifier
 from foredeck_kit.metrics import Metrics
 from foredeck_testing.server import RunningServer, running_server
 from foredeck_toolrunner.adapters.sandbox import Sandbox, SandboxCapabilities, probe
@@ -23,6 +24,15 @@ if TYPE_CHECKING:
         ToolRegistryServiceAsyncStub,
         ToolRunnerServiceAsyncStub,
     )
+
+
+DELEGATION_KEYS = {"orchestrator-test": b"d" * 48}
+"""The orchestrator's delegation keys as the tests' runner knows them."""
+
+
+def approval_signer() -> ApprovalTokenSigner:
+    """Mints approval tokens the test runner accepts."""
+    return ApprovalTokenSigner(DELEGATION_KEYS, "orchestrator-test")
 
 
 @dataclass
@@ -59,6 +69,7 @@ async def toolrunner(
         redis=Redis.from_url(redis_url),
         sandbox=Sandbox(sandbox_capabilities, uid_base=420_000, max_concurrent=16),
         metrics=Metrics(),
+        approval_verifier=ApprovalTokenVerifier(DELEGATION_KEYS, reason="APPROVAL_INVALID"),
     )
     service = ToolRunnerService(settings, deps)
     try:

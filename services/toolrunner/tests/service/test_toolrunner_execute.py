@@ -12,9 +12,11 @@ import pytest
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
+from foredeck_kit.approval import arguments_json_digest
 from foredeck_kit.errors import error_details
+from foredeck_kit.idempotency import tool_effect_key
 
-from .conftest import Runner
+from .conftest import Runner, approval_signer
 
 
 def execute(
@@ -269,3 +271,59 @@ async def test_output_over_the_cap_is_truncated(toolrunner: Runner) -> None:
     assert len(output.output_json.encode()) <= 2048
     assert isinstance(json.loads(output.output_json), str)
     assert output.output_bytes > 2048
+
+
+async def test_inside_a_run_the_key_must_be_the_tool_effect_key(toolrunner: Runner) -> None:
+    request = execute("calculator", {"expression": "1"}, key="not-the-step-key")
+    request.run_id, request.step_id = "run-9", "step-2"
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await toolrunner.runner.ExecuteTool(request, metadata=toolrunner.md())
+    details = error_details(caught.value)
+    assert details.reason == "INVALID_REQUEST"
+    assert [v.field for v in details.field_violations] == ["idempotency_key"]
+    request.idempotency_key = tool_effect_key("run-9", "step-2")
+    reply = await toolrunner.runner.ExecuteTool(request, metadata=toolrunner.md())
+    assert reply.outcome.WhichOneof("outcome") == "output"
+
+
+async def test_approval_is_required_and_bound_to_the_call(toolrunner: Runner) -> None:
+    await register_builtin(
+        toolrunner,
+        "approved_calc",
+        "calculator",
+        {"type": "object", "properties": {"expression": {"type": "string"}}},
+        requires_approval=True,
+    )
+    arguments = json.dumps({"expression": "6*7"})
+
+    def request(token: str, step: str) -> svc.ExecuteToolRequest:
+        return svc.ExecuteToolRequest(
+            tool_name="approved_calc",
+            arguments_json=arguments,
+            run_id="run-1",
+            step_id=step,
+            idempotency_key=tool_effect_key("run-1", step),
+            approval_token=token,
+        )
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await toolrunner.runner.ExecuteTool(request("", "s1"), metadata=toolrunner.md())
+    assert error_details(caught.value).reason == "APPROVAL_REQUIRED"
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+
+    token = approval_signer().mint(
+        tenant_id="tenant-a",
+        run_id="run-1",
+        step_id="s2",
+        tool_name="approved_calc",
+        arguments_digest=arguments_json_digest(arguments),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await toolrunner.runner.ExecuteTool(request(token, "s3"), metadata=toolrunner.md())
+    details = error_details(caught.value)
+    assert details.code is grpc.StatusCode.PERMISSION_DENIED
+    assert details.reason == "APPROVAL_INVALID"
+    assert details.metadata["check"] == "step"
+
+    reply = await toolrunner.runner.ExecuteTool(request(token, "s2"), metadata=toolrunner.md())
+    assert json.loads(reply.outcome.output.output_json) == {"result": 42}

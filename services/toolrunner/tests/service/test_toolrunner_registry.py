@@ -146,16 +146,17 @@ async def test_get_unknown_tool_with_permission_is_not_found(toolrunner: Runner)
     assert details.reason == "TOOL_NOT_FOUND"
 
 
-async def test_update_is_versioned_with_compare_and_set(toolrunner: Runner) -> None:
+async def test_update_is_versioned_with_an_etag_compare_and_set(toolrunner: Runner) -> None:
     stored = await register(toolrunner, calculator_tool())
+    assert stored.etag
     changed = tool_pb2.Tool()
-    changed.CopyFrom(stored)
+    changed.definition.name = "calc"
     changed.definition.description = "adds numbers, carefully"
 
     async def update(request_id: str) -> tool_pb2.Tool | grpc.aio.AioRpcError:
         try:
             reply = await toolrunner.registry.UpdateTool(
-                svc.UpdateToolRequest(request_id=request_id, tool=changed, expected_version=1),
+                svc.UpdateToolRequest(request_id=request_id, tool=changed, etag=stored.etag),
                 metadata=toolrunner.md(),
             )
         except grpc.aio.AioRpcError as error:
@@ -166,17 +167,44 @@ async def test_update_is_versioned_with_compare_and_set(toolrunner: Runner) -> N
     winners = [r for r in results if isinstance(r, tool_pb2.Tool)]
     losers = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(winners) == 1
-    assert winners[0].version == 2
-    assert winners[0].create_time == stored.create_time
+    winner = winners[0]
+    assert winner.version == 2
+    assert winner.etag != stored.etag
+    assert winner.create_time == stored.create_time
+    # Only the masked (populated) field changed; the rest is the current version's.
+    assert winner.definition.description == "adds numbers, carefully"
+    assert winner.definition.parameters_json_schema == SCHEMA
+    assert winner.builtin.builtin_name == "calculator"
     for loser in losers:
         details = error_details(loser)
         assert details.code is grpc.StatusCode.ABORTED
-        assert details.reason == "TOOL_VERSION_CONFLICT"
+        assert details.reason == "ETAG_MISMATCH"
         assert details.metadata["currentVersion"] == "2"
     old = await toolrunner.registry.GetTool(
         svc.GetToolRequest(tool_name="calc", version=1), metadata=toolrunner.md()
     )
     assert old.tool.definition.description == "adds numbers"
+
+
+async def test_update_mask_sets_a_field_to_its_zero_value(toolrunner: Runner) -> None:
+    tool = calculator_tool()
+    tool.policy.safe_to_log = True
+    tool.policy.timeout.FromSeconds(5)
+    await register(toolrunner, tool)
+    change = tool_pb2.Tool()
+    change.definition.name = "calc"
+    request = svc.UpdateToolRequest(request_id="u1", tool=change)
+    request.update_mask.paths.append("policy.safe_to_log")
+    reply = await toolrunner.registry.UpdateTool(request, metadata=toolrunner.md())
+    assert not reply.tool.policy.safe_to_log
+    assert reply.tool.policy.timeout.seconds == 5
+    bad = svc.UpdateToolRequest(request_id="u2", tool=change)
+    bad.update_mask.paths.append("definition.name")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await toolrunner.registry.UpdateTool(bad, metadata=toolrunner.md())
+    details = error_details(caught.value)
+    assert details.reason == "INVALID_REQUEST"
+    assert [v.field for v in details.field_violations] == ["update_mask"]
 
 
 async def test_deregister_then_register_continues_the_versions(toolrunner: Runner) -> None:

@@ -195,7 +195,5 @@ class RedisRegistryStore:
         if status == "NOTFOUND":
             raise ToolRunnerError.tool_not_found(_text(result[1]))
         if status == "CONFLICT":
-            raise ToolRunnerError.tool_version_conflict(
-                _text(result[1]), int(result[2]), int(result[3])
-            )
+            raise ToolRunnerError.etag_mismatch(_text(result[1]), "", int(result[3]))
         raise RegistryRace()

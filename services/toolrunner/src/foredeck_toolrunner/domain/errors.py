@@ -106,17 +106,23 @@ class ToolRunnerError(Exception):
         )
 
     @classmethod
-    def tool_version_conflict(cls, tool_name: str, expected: int, current: int) -> ToolRunnerError:
-        """The expected version is not the current one."""
+    def etag_mismatch(cls, tool_name: str, etag: str, current: int) -> ToolRunnerError:
+        """The etag sent is no longer the tool's: someone else changed it first."""
         return cls(
             "ABORTED",
-            "TOOL_VERSION_CONFLICT",
+            "ETAG_MISMATCH",
             "the tool was changed by someone else; read it again",
-            metadata={
-                "toolName": tool_name,
-                "expectedVersion": str(expected),
-                "currentVersion": str(current),
-            },
+            metadata={"toolName": tool_name, "etag": etag[:128], "currentVersion": str(current)},
+        )
+
+    @classmethod
+    def delegation_not_allowed(cls, method: str, run_id: str) -> ToolRunnerError:
+        """A run's principal named another run."""
+        return cls(
+            "PERMISSION_DENIED",
+            "DELEGATION_NOT_ALLOWED",
+            "a run's principal may act only for its own run",
+            metadata={"method": method, "runId": run_id},
         )
 
     @classmethod
@@ -253,8 +259,8 @@ class ToolRunnerError(Exception):
         return cls(
             "PERMISSION_DENIED",
             "APPROVAL_INVALID",
-            "the approval token is not valid for this call",
-            metadata={"toolName": tool_name},
+            "approval token not valid for this call",
+            metadata={"toolName": tool_name, "check": "signature"},
         )
 
     @classmethod

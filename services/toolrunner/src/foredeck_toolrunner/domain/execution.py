@@ -17,6 +17,8 @@ from opentelemetry import trace
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
+from foredeck_kit.approval import arguments_json_digest
+from foredeck_kit.idempotency import tool_effect_key
 from foredeck_kit.principal import Principal
 from foredeck_toolrunner.domain import permissions
 from foredeck_toolrunner.domain.errors import ToolRunnerError
@@ -43,7 +45,8 @@ __all__ = [
     "tool_error",
 ]
 
-IDEMPOTENCY_KEY = re.compile(r"^[a-zA-Z0-9_.:-]{1,256}$")
+IDEMPOTENCY_KEY = re.compile(r"^[a-zA-Z0-9_.:-]{1,512}$")
+RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_MAX_OUTPUT = 1024 * 1024
 MINIMUM_DEADLINE = timedelta(milliseconds=10)
@@ -51,12 +54,19 @@ _LEASE_MARGIN = timedelta(seconds=30)
 
 
 class ApprovalVerifier(Protocol):
-    """Checks that an approval token was issued for exactly this call."""
+    """Checks that an approval token was issued for exactly this call (the kit's verifier)."""
 
-    def __call__(
-        self, token: str, *, tool_name: str, arguments_sha256: str, idempotency_key: str
-    ) -> bool:
-        """Whether the token is genuine, unexpired and bound to this call."""
+    def verify(
+        self,
+        token: str,
+        *,
+        tool_name: str,
+        arguments_digest: str,
+        run_id: str,
+        step_id: str,
+        principal: Principal | None = None,
+    ) -> object:
+        """Return if the token allows this call; raise APPROVAL_INVALID otherwise."""
         ...
 
 
@@ -166,10 +176,17 @@ class Executor:
             raise ToolRunnerError.request_too_large("arguments_json", MAX_ARGUMENTS_BYTES, size)
         bad = check_name(request.tool_name, "tool_name")
         if not IDEMPOTENCY_KEY.fullmatch(request.idempotency_key):
-            bad.append(("idempotency_key", "required: 1-256 characters of [a-zA-Z0-9_.:-]"))
-        for field, limit in (("run_id", 128), ("step_id", 128), ("tool_call_id", 256)):
-            if len(getattr(request, field)) > limit:
-                bad.append((field, f"at most {limit} characters"))
+            bad.append(("idempotency_key", "required: 1-512 characters of [a-zA-Z0-9_.:-]"))
+        if request.run_id or request.step_id:
+            for field in ("run_id", "step_id"):
+                if not RUN_ID.fullmatch(getattr(request, field)):
+                    bad.append((field, "1-128 characters of [A-Za-z0-9_.-], both or neither"))
+            if not bad and request.idempotency_key != tool_effect_key(
+                request.run_id, request.step_id
+            ):
+                bad.append(("idempotency_key", "inside a run it must be <run_id>:<step_id>"))
+        if len(request.tool_call_id) > 256:
+            bad.append(("tool_call_id", "at most 256 characters"))
         if request.tool_version < 0:
             bad.append(("tool_version", "must be 0 or a version"))
         if len(request.approval_token) > 8192:
@@ -240,6 +257,8 @@ class Executor:
         principal_token: str | None,
     ) -> tuple[svc.ExecuteToolResponse, tool_pb2.Tool, str | None]:
         self._check_request(request)
+        if principal.delegated:
+            principal.require_run(request.run_id, required=True)
         left = time_remaining()
         if left is not None and left < MINIMUM_DEADLINE.total_seconds():
             raise ToolRunnerError.deadline_too_short(MINIMUM_DEADLINE)
@@ -293,7 +312,7 @@ class Executor:
         arguments = load_arguments(name, request.arguments_json)
         validate_arguments(name, tool.definition.parameters_json_schema, arguments)
         if tool.policy.requires_approval:
-            self._check_approval(tool, request)
+            self._check_approval(tool, request, principal)
         if tool.policy.HasField("rate_limit"):
             rate = tool.policy.rate_limit
             window = timedelta(seconds=_duration_seconds(rate.window, 1.0))
@@ -363,19 +382,23 @@ class Executor:
             response.sandbox.CopyFrom(result.sandbox)
         return response, result.kill_cause
 
-    def _check_approval(self, tool: tool_pb2.Tool, request: svc.ExecuteToolRequest) -> None:
+    def _check_approval(
+        self, tool: tool_pb2.Tool, request: svc.ExecuteToolRequest, principal: Principal
+    ) -> None:
         name = tool.definition.name
         if not request.approval_token:
             raise ToolRunnerError.approval_required(name)
-        digest = hashlib.sha256(request.arguments_json.encode()).hexdigest()
-        verifier = self._approvals
-        if verifier is None or not verifier(
+        if self._approvals is None:
+            # Without the orchestrator's keys no token can be checked: refuse them all.
+            raise ToolRunnerError.approval_invalid(name)
+        self._approvals.verify(
             request.approval_token,
             tool_name=name,
-            arguments_sha256=digest,
-            idempotency_key=request.idempotency_key,
-        ):
-            raise ToolRunnerError.approval_invalid(name)
+            arguments_digest=arguments_json_digest(request.arguments_json or "{}"),
+            run_id=request.run_id,
+            step_id=request.step_id,
+            principal=principal,
+        )
 
     @staticmethod
     def _check_output_schema(tool: tool_pb2.Tool, outcome: execution_pb2.ToolOutcome) -> None:

@@ -14,7 +14,7 @@ from foredeck_kit.principal import Principal
 from foredeck_toolrunner.domain import permissions
 from foredeck_toolrunner.domain.errors import ToolRunnerError
 from foredeck_toolrunner.domain.ports import RegistryOp, RegistryRace
-from foredeck_toolrunner.domain.registry import ToolRegistry, request_fingerprint
+from foredeck_toolrunner.domain.registry import ToolRegistry, request_fingerprint, stamp
 from foredeck_toolrunner.domain.validation import (
     TOOL_NAME,
     check_request_id,
@@ -147,6 +147,7 @@ class McpImporter:
                     item.create_time.FromDatetime(now)
                     item.created_by = principal.user_id
                     ops.append(RegistryOp("create", name, expected_last=last, tool=item))
+                stamp(item)
                 stored.append(item)
             stored.sort(key=lambda t: t.definition.name)
             if request.validate_only:
@@ -159,7 +160,7 @@ class McpImporter:
             except RegistryRace:
                 continue
             return list(svc.ImportMcpServerResponse.FromString(raw).tools)
-        raise ToolRunnerError.tool_version_conflict(tools[0].definition.name if tools else "", 0, 0)
+        raise ToolRunnerError.etag_mismatch(tools[0].definition.name if tools else "", "", 0)
 
 
 def _server_label(server: tool_pb2.McpServer) -> str:

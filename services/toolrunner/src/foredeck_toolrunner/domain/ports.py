@@ -70,7 +70,7 @@ class RegistryStore(Protocol):
 
         A request key already recorded with the same fingerprint returns the recorded response
         without applying anything; with another fingerprint it raises REQUEST_ID_REUSED.
-        Raises TOOL_ALREADY_EXISTS, TOOL_NOT_FOUND or TOOL_VERSION_CONFLICT for a failed
+        Raises TOOL_ALREADY_EXISTS, TOOL_NOT_FOUND or ETAG_MISMATCH for a failed
         precondition, and :class:`RegistryRace` when ``expected_last`` moved.
         """
         ...

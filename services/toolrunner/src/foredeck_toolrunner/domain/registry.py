@@ -45,7 +45,79 @@ def _clean(tool: tool_pb2.Tool) -> tool_pb2.Tool:
     copy.ClearField("update_time")
     copy.ClearField("created_by")
     copy.ClearField("updated_by")
+    copy.ClearField("etag")
     return copy
+
+
+_RUNTIMES = ("builtin", "grpc_host", "mcp_server")
+_DEFINITION_PATHS = ("definition.description", "definition.parameters_json_schema")
+
+
+def stamp(tool: tool_pb2.Tool) -> None:
+    """Set the tool's etag: opaque, different for every version ever written."""
+    seed = f"{tool.definition.name}\0{tool.version}\0{tool.update_time.ToJsonString()}"
+    tool.etag = hashlib.sha256(seed.encode()).hexdigest()[:24]
+
+
+def _policy_fields() -> frozenset[str]:
+    return frozenset(f.name for f in tool_pb2.ToolPolicy.DESCRIPTOR.fields)
+
+
+def _known_path(path: str) -> bool:
+    if path in ("*", "policy", "output_json_schema", *_RUNTIMES, *_DEFINITION_PATHS):
+        return True
+    head, _, rest = path.partition(".")
+    return head == "policy" and rest in _policy_fields()
+
+
+def _mask_paths(request: svc.UpdateToolRequest) -> list[str]:
+    """The mask's paths, or (empty mask) every field the request populates (AIP-134)."""
+    if request.update_mask.paths:
+        return list(request.update_mask.paths)
+    tool = request.tool
+    paths = [path for path in _DEFINITION_PATHS if getattr(tool.definition, path.split(".")[1])]
+    paths += [f"policy.{field.name}" for field, _ in tool.policy.ListFields()]
+    if tool.output_json_schema:
+        paths.append("output_json_schema")
+    runtime = tool.WhichOneof("runtime")
+    if runtime is not None:
+        paths.append(runtime)
+    return paths
+
+
+def apply_mask(current: tool_pb2.Tool, given: tool_pb2.Tool, paths: Sequence[str]) -> tool_pb2.Tool:
+    """The current tool with the masked fields taken from ``given`` (``*``: all of them)."""
+    result = tool_pb2.Tool()
+    result.CopyFrom(current)
+    if "*" in paths:
+        result.CopyFrom(given)
+        result.definition.name = current.definition.name
+        return result
+    for path in paths:
+        if path in _DEFINITION_PATHS:
+            field = path.split(".")[1]
+            setattr(result.definition, field, getattr(given.definition, field))
+        elif path == "output_json_schema":
+            result.output_json_schema = given.output_json_schema
+        elif path == "policy":
+            result.policy.CopyFrom(given.policy)
+        elif path in _RUNTIMES:
+            getattr(result, path).CopyFrom(getattr(given, path))
+        else:
+            field = path.partition(".")[2]
+            value = getattr(given.policy, field)
+            if hasattr(value, "CopyFrom"):
+                # A message field: copied whole, or cleared when the request leaves it unset.
+                result.policy.ClearField(field)  # type: ignore[arg-type]
+                if given.policy.HasField(field):  # type: ignore[arg-type]
+                    getattr(result.policy, field).CopyFrom(value)
+            elif hasattr(value, "extend"):
+                target = getattr(result.policy, field)
+                del target[:]
+                target.extend(value)
+            else:
+                setattr(result.policy, field, value)
+    return result
 
 
 def _now() -> datetime:
@@ -149,6 +221,7 @@ class ToolRegistry:
             tool.create_time.FromDatetime(now)
             tool.update_time.FromDatetime(now)
             tool.created_by = tool.updated_by = principal.user_id
+            stamp(tool)
             if request.validate_only:
                 return tool
             op = RegistryOp("create", name, expected_last=last, tool=tool)
@@ -163,14 +236,16 @@ class ToolRegistry:
             except RegistryRace:
                 continue
             return tool_pb2.Tool.FromString(stored)
-        raise ToolRunnerError.tool_version_conflict(name, 0, 0)
+        raise ToolRunnerError.etag_mismatch(name, "", 0)
 
     async def update(self, principal: Principal, request: svc.UpdateToolRequest) -> tool_pb2.Tool:
-        """Replace a tool's settable fields as its next version, if the version is current."""
+        """Change the fields the mask names as the tool's next version (AIP-134 semantics)."""
         permissions.require_registry_write(principal)
         bad = check_request_id(request.request_id)
-        if request.expected_version < 1:
-            bad.append(("expected_version", "required: the version the change is based on"))
+        name = request.tool.definition.name
+        bad += check_name(name, "tool.definition.name")
+        paths = _mask_paths(request)
+        bad += [("update_mask", f"unknown path {p[:80]!r}") for p in paths if not _known_path(p)]
         if bad:
             raise ToolRunnerError.invalid_request(bad)
         fingerprint = request_fingerprint(request)
@@ -178,35 +253,41 @@ class ToolRegistry:
         recorded = await self._store.recorded(key, fingerprint)
         if recorded is not None:
             return tool_pb2.Tool.FromString(recorded)
-        tool = _clean(request.tool)
-        name = tool.definition.name
-        name_bad = check_name(name, "tool.definition.name")
-        if name_bad:
-            raise ToolRunnerError.invalid_request(name_bad)
-        current, current_version = await self._store.get(name)
-        if current is None:
-            raise ToolRunnerError.tool_not_found(name)
-        if current_version != request.expected_version:
-            raise ToolRunnerError.tool_version_conflict(
-                name, request.expected_version, current_version
-            )
-        await self.validate(tool)
-        tool.version = current_version + 1
-        tool.create_time.CopyFrom(current.create_time)
-        tool.created_by = current.created_by
-        tool.update_time.FromDatetime(_now())
-        tool.updated_by = principal.user_id
-        if request.validate_only:
-            return tool
-        op = RegistryOp("update", name, expected_current=current_version, tool=tool)
-        stored = await self._store.apply(
-            [op],
-            request_key=key,
-            fingerprint=fingerprint,
-            response=tool.SerializeToString(),
-            ttl=self._request_ttl,
-        )
-        return tool_pb2.Tool.FromString(stored)
+        for _ in range(_RACE_RETRIES):
+            current, current_version = await self._store.get(name)
+            if current is None:
+                raise ToolRunnerError.tool_not_found(name)
+            if request.etag and request.etag != current.etag:
+                raise ToolRunnerError.etag_mismatch(name, request.etag, current_version)
+            tool = apply_mask(current, _clean(request.tool), paths)
+            await self.validate(tool)
+            tool.version = current_version + 1
+            tool.create_time.CopyFrom(current.create_time)
+            tool.created_by = current.created_by
+            tool.update_time.FromDatetime(_now())
+            tool.updated_by = principal.user_id
+            stamp(tool)
+            if request.validate_only:
+                return tool
+            op = RegistryOp("update", name, expected_current=current_version, tool=tool)
+            try:
+                stored = await self._store.apply(
+                    [op],
+                    request_key=key,
+                    fingerprint=fingerprint,
+                    response=tool.SerializeToString(),
+                    ttl=self._request_ttl,
+                )
+            except ToolRunnerError as error:
+                if error.reason != "ETAG_MISMATCH":
+                    raise
+                if request.etag:
+                    raise ToolRunnerError.etag_mismatch(
+                        name, request.etag, int(error.metadata.get("currentVersion", "0"))
+                    ) from None
+                continue  # unconditional: apply the mask to the newer version
+            return tool_pb2.Tool.FromString(stored)
+        raise ToolRunnerError.etag_mismatch(name, request.etag, 0)
 
     async def deregister(
         self, principal: Principal, request: svc.DeregisterToolRequest
@@ -215,8 +296,6 @@ class ToolRegistry:
         permissions.require_registry_write(principal)
         bad = check_request_id(request.request_id)
         bad += check_name(request.tool_name, "tool_name")
-        if request.expected_version < 0:
-            bad.append(("expected_version", "must be 0 or a version"))
         if bad:
             raise ToolRunnerError.invalid_request(bad)
         fingerprint = request_fingerprint(request)
@@ -224,22 +303,29 @@ class ToolRegistry:
         recorded = await self._store.recorded(key, fingerprint)
         if recorded is not None:
             return tool_pb2.Tool.FromString(recorded)
-        current, current_version = await self._store.get(request.tool_name)
-        if current is None:
-            raise ToolRunnerError.tool_not_found(request.tool_name)
-        if request.expected_version and request.expected_version != current_version:
-            raise ToolRunnerError.tool_version_conflict(
-                request.tool_name, request.expected_version, current_version
-            )
-        op = RegistryOp("delete", request.tool_name, expected_current=current_version)
-        stored = await self._store.apply(
-            [op],
-            request_key=key,
-            fingerprint=fingerprint,
-            response=current.SerializeToString(),
-            ttl=self._request_ttl,
-        )
-        return tool_pb2.Tool.FromString(stored)
+        for _ in range(_RACE_RETRIES):
+            current, current_version = await self._store.get(request.tool_name)
+            if current is None:
+                raise ToolRunnerError.tool_not_found(request.tool_name)
+            if request.etag and request.etag != current.etag:
+                raise ToolRunnerError.etag_mismatch(
+                    request.tool_name, request.etag, current_version
+                )
+            op = RegistryOp("delete", request.tool_name, expected_current=current_version)
+            try:
+                stored = await self._store.apply(
+                    [op],
+                    request_key=key,
+                    fingerprint=fingerprint,
+                    response=current.SerializeToString(),
+                    ttl=self._request_ttl,
+                )
+            except ToolRunnerError as error:
+                if error.reason != "ETAG_MISMATCH" or request.etag:
+                    raise
+                continue
+            return tool_pb2.Tool.FromString(stored)
+        raise ToolRunnerError.etag_mismatch(request.tool_name, request.etag, 0)
 
     async def lookup(self, principal: Principal, name: str, version: int) -> tool_pb2.Tool:
         """The tool a caller may run, checked in the contract's order.
@@ -366,6 +452,7 @@ class ToolRegistry:
             stored.create_time.FromDatetime(now)
             stored.update_time.FromDatetime(now)
             stored.created_by = stored.updated_by = user
+            stamp(stored)
             op = RegistryOp("create", stored.definition.name, expected_last=last, tool=stored)
             try:
                 await self._store.apply(
