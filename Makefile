@@ -17,6 +17,7 @@ help: ## List the targets.
 setup: ## Install uv if missing and sync every package of the workspace (one lock file).
 	@command -v uv >/dev/null 2>&1 || python3 -m uv --version >/dev/null 2>&1 || python3 -m pip install --quiet uv
 	$(UV) sync --frozen --all-packages
+	@bash services/toolrunner/scripts/install-bubblewrap.sh
 
 .PHONY: proto
 proto: setup ## Regenerate libs/contracts from proto/.

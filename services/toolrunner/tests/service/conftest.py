@@ -62,9 +62,7 @@ async def toolrunner(
     redis_url: str, sandbox_capabilities: SandboxCapabilities
 ) -> AsyncIterator[Runner]:
     """The tool runner serving on a free port, its Redis database empty."""
-    settings = ToolRunnerSettings(
-        redis_url=redis_url, grace_period_seconds=1.0, metrics_port=-1, sandbox_pool_size=0
-    )
+    settings = ToolRunnerSettings(redis_url=redis_url, grace_period_seconds=1.0, metrics_port=-1)
     deps = Deps(
         redis=Redis.from_url(redis_url),
         sandbox=Sandbox(sandbox_capabilities, uid_base=420_000, max_concurrent=16),
