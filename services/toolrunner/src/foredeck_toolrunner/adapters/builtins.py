@@ -310,6 +310,15 @@ def _host_allowed(host: str, port: int, allowed: list[str]) -> bool:
     return False
 
 
+def _entry_host(entry: str) -> str:
+    entry = entry.lower()
+    if entry.startswith("["):
+        return entry[1:].split("]", 1)[0]
+    if entry.count(":") == 1:
+        return entry.split(":", 1)[0]
+    return entry
+
+
 def _private(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast
@@ -344,12 +353,18 @@ class HttpFetchRuntime:
             addresses = await self._resolve(parts.hostname, port)
         except OSError:
             return RunResult(_failed(f"cannot resolve {parts.hostname}", retryable=True))
-        literal = {a.lower() for a in allowed} | {e.rpartition(":")[0] for e in allowed}
+        literal = {_entry_host(entry) for entry in allowed}
         for address in addresses:
-            if _private(address) and address not in literal and parts.hostname not in literal:
+            if _private(address) and address not in literal:
                 return RunResult(
                     tool_error(denied, f"{parts.hostname} resolves to a private address")
                 )
+        # Connect to the address just checked, not to a second resolution of the name, so a
+        # name cannot be re-pointed at a private address between the check and the request.
+        address = addresses[0]
+        host_in_url = f"[{address}]" if ":" in address else address
+        target = parts._replace(netloc=f"{host_in_url}:{port}").geturl()
+        host_header = parts.hostname if parts.port is None else f"{parts.hostname}:{parts.port}"
         cap = min(self._max_bytes, call.tool.policy.max_output_bytes or DEFAULT_MAX_OUTPUT)
         body = bytearray()
         try:
@@ -357,16 +372,19 @@ class HttpFetchRuntime:
                 httpx.AsyncClient(
                     timeout=call.timeout, follow_redirects=False, trust_env=False
                 ) as client,
-                client.stream("GET", url) as response,
+                client.stream(
+                    "GET",
+                    target,
+                    headers={"Host": host_header},
+                    extensions={"sni_hostname": parts.hostname},
+                ) as response,
             ):
                 async for chunk in response.aiter_bytes():
                     body.extend(chunk)
                     if len(body) > cap:
                         break
-                status, content_type = (
-                    response.status_code,
-                    response.headers.get("content-type", ""),
-                )
+                status = response.status_code
+                content_type = response.headers.get("content-type", "")
         except httpx.HTTPError as error:
             return RunResult(_failed(f"the request failed: {type(error).__name__}", retryable=True))
         truncated = len(body) > cap
