@@ -2,11 +2,11 @@
 
 Baseline: spawning the same interpreter bare (``python3 -c pass``) and waiting for it, measured
 in the same run; also ``python3 -I -S -c pass``, the interpreter start the sandbox itself uses
-(no site packages), which is the fairer floor. Measured: ``Sandbox.run`` of an empty snippet —
-a fresh bubblewrap (or process) sandbox with namespaces, rlimits, the seccomp filter, the uid
-switch, the launcher and its report — and a full ``ExecuteTool`` of the ``python`` built-in
-through the real server (gRPC, principal check, Redis ledger) on a real Redis. Throughput: sandboxed calls completed per second
-with 4 in flight, on however many cores this machine has.
+(no site packages), which is the fairer floor. Measured: ``Sandbox.run`` of an empty snippet (a
+fresh bubblewrap or process sandbox with namespaces, rlimits, the seccomp filter, the uid
+switch, the launcher and its report) and a full ``ExecuteTool`` of the ``python`` built-in
+through the real server (gRPC, principal check, Redis ledger) on a real Redis. Throughput:
+sandboxed calls completed per second with 4 in flight, on however many cores this machine has.
 """
 
 from __future__ import annotations
