@@ -8,11 +8,15 @@ from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from redis.asyncio import Redis
 
 from foredeck.toolrunner.v1 import toolrunner_service_pb2_grpc as svc_grpc
 from foredeck_kit.approval import ApprovalTokenSigner, ApprovalTokenVerifier
 from foredeck_kit.metrics import Metrics
+from foredeck_kit.telemetry import Telemetry
 from foredeck_testing.server import RunningServer, running_server
 from foredeck_toolrunner.adapters.sandbox import Sandbox, SandboxCapabilities, probe
 from foredeck_toolrunner.config import ToolRunnerSettings
@@ -43,6 +47,7 @@ class Runner:
     service: ToolRunnerService
     registry: ToolRegistryServiceAsyncStub
     runner: ToolRunnerServiceAsyncStub
+    spans: InMemorySpanExporter
 
     def md(
         self, *permissions: str, tenant: str = "tenant-a", user: str = "user-a"
@@ -63,10 +68,15 @@ async def toolrunner(
 ) -> AsyncIterator[Runner]:
     """The tool runner serving on a free port, its Redis database empty."""
     settings = ToolRunnerSettings(redis_url=redis_url, grace_period_seconds=1.0, metrics_port=-1)
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    metrics = Metrics()
     deps = Deps(
         redis=Redis.from_url(redis_url),
         sandbox=Sandbox(sandbox_capabilities, uid_base=420_000, max_concurrent=16),
-        metrics=Metrics(),
+        telemetry=Telemetry(service_name="toolrunner", metrics=metrics, tracer_provider=provider),
+        metrics=metrics,
         approval_verifier=ApprovalTokenVerifier(DELEGATION_KEYS, reason="APPROVAL_INVALID"),
     )
     service = ToolRunnerService(settings, deps)
@@ -83,9 +93,11 @@ async def toolrunner(
                 service,
                 svc_grpc.ToolRegistryServiceStub(server.channel),
                 svc_grpc.ToolRunnerServiceStub(server.channel),
+                spans,
             )
     finally:
         await service.close()
+        provider.shutdown()
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
+from foredeck_kit.logs import get_logger
 from foredeck_toolrunner.adapters.builtins import SandboxDefaults, sandbox_spec
 from foredeck_toolrunner.adapters.sandbox import Sandbox, SandboxUnavailable
 from foredeck_toolrunner.domain.errors import ToolRunnerError
@@ -41,6 +42,7 @@ class McpClient:
         self._sandbox = sandbox
         self._defaults = defaults
         self._secrets = dict(secrets)
+        self._log = get_logger("foredeck.toolrunner.mcp")
 
     def _secret(self, name: str) -> str:
         return self._secrets.get(name, "")
@@ -112,7 +114,8 @@ class McpClient:
             raise ToolRunnerError.sandbox_unavailable("") from None
         except MCPError:
             raise ToolRunnerError.mcp_protocol_error(label) from None
-        except (OSError, TimeoutError, ExceptionGroup, ConnectionError, RuntimeError):
+        except (OSError, TimeoutError, ExceptionGroup, ConnectionError, RuntimeError) as error:
+            self._log.warning("mcp server unavailable", server=label, error=repr(error)[:500])
             raise ToolRunnerError.mcp_unavailable("", label) from None
         return tools
 
@@ -135,7 +138,8 @@ class McpClient:
                     retryable=False,
                 )
             )
-        except (OSError, ExceptionGroup, ConnectionError, RuntimeError):
+        except (OSError, ExceptionGroup, ConnectionError, RuntimeError) as error:
+            self._log.warning("mcp server unavailable", server=label, error=repr(error)[:500])
             raise ToolRunnerError.mcp_unavailable(name, label) from None
         content = [
             block.model_dump(mode="json", by_alias=True, exclude_none=True)
