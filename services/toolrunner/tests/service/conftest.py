@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -67,6 +68,30 @@ async def toolrunner(
     redis_url: str, sandbox_capabilities: SandboxCapabilities
 ) -> AsyncIterator[Runner]:
     """The tool runner serving on a free port, its Redis database empty."""
+    async with _serve(redis_url, sandbox_capabilities) as runner:
+        yield runner
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session")
+async def process_capabilities() -> SandboxCapabilities:
+    """The process sandbox (no bubblewrap), as a host without bubblewrap would have it."""
+    return await probe("process")
+
+
+@pytest_asyncio.fixture
+async def process_toolrunner(
+    redis_url: str, process_capabilities: SandboxCapabilities
+) -> AsyncIterator[Runner]:
+    """The tool runner forced onto its process sandbox."""
+    async with _serve(redis_url, process_capabilities) as runner:
+        yield runner
+
+
+@contextlib.asynccontextmanager
+async def _serve(
+    redis_url: str, sandbox_capabilities: SandboxCapabilities
+) -> AsyncIterator[Runner]:
+    """The runner on a free port with the given sandbox, torn down after the block."""
     settings = ToolRunnerSettings(redis_url=redis_url, grace_period_seconds=1.0, metrics_port=-1)
     spans = InMemorySpanExporter()
     provider = TracerProvider()

@@ -242,10 +242,45 @@ async def probe(mode: str = "auto", python: str = "") -> SandboxCapabilities:
             notes.append("bubblewrap is installed but cannot create a sandbox here")
     elif bwrap is None:
         notes.append("bubblewrap not found")
+    if caps.kind == "process" and root and not python and not _world_readable(interpreter):
+        # The call runs as its own uid with the host's file system: it needs an interpreter
+        # that uid can read, which a root-owned install (pyenv under /root) is not.
+        system = _system_python()
+        if system is not None:
+            caps.python, caps.python_prefix = _interpreter(system)
+            notes.append(f"process sandbox runs snippets with {caps.python}")
+        else:
+            notes.append("no interpreter readable by the sandbox uid: python snippets will fail")
     if mode == "bubblewrap" and caps.kind != "bubblewrap":
         notes.append("bubblewrap was required and does not work: sandboxed tools are refused")
         caps.kind = "none"
     return caps
+
+
+def _system_python() -> str | None:
+    """A ``python3`` on the system path that every uid can read, if there is one."""
+    system = shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")
+    if system is not None and _world_readable(os.path.realpath(system)):
+        return system
+    return None
+
+
+def _world_readable(path: str) -> bool:
+    """Whether any uid can traverse to ``path`` and read it."""
+    current = os.path.realpath(path)
+    while True:
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:
+            return False
+        if current == os.path.realpath(path):
+            if not mode & 0o004:
+                return False
+        elif not mode & 0o001:
+            return False
+        if current == "/":
+            return True
+        current = os.path.dirname(current)
 
 
 def _allowed_read_path(path: str) -> bool:
@@ -507,7 +542,9 @@ class Sandbox:
                     stdin=asyncio.subprocess.PIPE,
                     stdout=asyncio.subprocess.PIPE,
                     stderr=asyncio.subprocess.PIPE,
-                    env=self._env(spec, None),
+                    env=self._env(
+                        spec, WORK_DIR if caps.kind == "bubblewrap" and spec.work_dir else host_work
+                    ),
                     pass_fds=fds,
                     start_new_session=True,
                     cwd="/",

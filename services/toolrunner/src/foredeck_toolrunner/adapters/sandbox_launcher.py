@@ -18,7 +18,7 @@ import sys
 
 
 def _seccomp(program: bytes) -> None:
-    import ctypes
+    import ctypes  # imported (and cached) before the uid switch, see main()
 
     libc = ctypes.CDLL(None, use_errno=True)
 
@@ -63,6 +63,10 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     report = os.fdopen(config["report_fd"], "w") if config.get("report_fd") is not None else None
     uid = config.get("uid")
+    if config.get("seccomp"):
+        # Load ctypes while still able to read the interpreter's library, which the call's
+        # uid may not be (a root-owned prefix in the process sandbox).
+        import ctypes  # noqa: F401
     if config.get("work_dir") and uid is not None:
         os.chown(config["work_dir"], uid, uid)
     if uid is not None:
