@@ -66,7 +66,7 @@ class McpImporter:
         seconds: float = 30.0,
     ) -> list[tool_pb2.Tool]:
         """Connect, list, validate and register (or update) the selected tools atomically."""
-        permissions.require_registry_write(principal)
+        permissions.require_registry_write(principal, "ImportMcpServer")
         bad = check_request_id(request.request_id)
         bad += mcp_server_violations(request.server, "server")
         if not _PREFIX.fullmatch(request.name_prefix):

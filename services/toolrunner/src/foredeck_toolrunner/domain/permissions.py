@@ -56,7 +56,19 @@ def is_registry_reader(principal: Principal) -> bool:
     return has(principal, REGISTRY_READ) or has(principal, REGISTRY_WRITE)
 
 
-def require_registry_write(principal: Principal) -> None:
-    """Raise PERMISSION_MISSING unless the caller may change the registry."""
+_REGISTRY_SERVICE = "/foredeck.toolrunner.v1.ToolRegistryService/"
+
+
+def require_registry_write(principal: Principal, method: str) -> None:
+    """Raise unless the caller may change the registry: a gateway principal with the permission.
+
+    A run's delegated principal is refused even when it holds ``toolregistry:write``, so no run
+    can change the registry (checked here as well as by the principal verifier, so the rule
+    holds whatever the interceptor chain does).
+    """
+    if principal.delegated:
+        raise ToolRunnerError.delegation_not_allowed(
+            _REGISTRY_SERVICE + method, principal.run_id or ""
+        )
     if not has(principal, REGISTRY_WRITE):
         raise ToolRunnerError.permission_missing(REGISTRY_WRITE)

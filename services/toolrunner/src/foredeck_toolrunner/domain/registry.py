@@ -199,7 +199,7 @@ class ToolRegistry:
         self, principal: Principal, request: svc.RegisterToolRequest
     ) -> tool_pb2.Tool:
         """Add a new tool at the version after the name's last one."""
-        permissions.require_registry_write(principal)
+        permissions.require_registry_write(principal, "RegisterTool")
         bad = check_request_id(request.request_id)
         if bad:
             raise ToolRunnerError.invalid_request(bad)
@@ -240,7 +240,7 @@ class ToolRegistry:
 
     async def update(self, principal: Principal, request: svc.UpdateToolRequest) -> tool_pb2.Tool:
         """Change the fields the mask names as the tool's next version (AIP-134 semantics)."""
-        permissions.require_registry_write(principal)
+        permissions.require_registry_write(principal, "UpdateTool")
         bad = check_request_id(request.request_id)
         name = request.tool.definition.name
         bad += check_name(name, "tool.definition.name")
@@ -293,7 +293,7 @@ class ToolRegistry:
         self, principal: Principal, request: svc.DeregisterToolRequest
     ) -> tool_pb2.Tool:
         """Remove a tool and all its versions."""
-        permissions.require_registry_write(principal)
+        permissions.require_registry_write(principal, "DeregisterTool")
         bad = check_request_id(request.request_id)
         bad += check_name(request.tool_name, "tool_name")
         if bad:
