@@ -14,13 +14,15 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import pytest
+import pytest_asyncio
 
 from foredeck.toolrunner.v1 import execution_pb2, tool_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
@@ -208,10 +210,13 @@ async def counting_server(host: str) -> AsyncIterator[tuple[int, list[int]]]:
         await server.wait_closed()
 
 
-async def reach(host: str, port: int) -> None:
+async def reach(host: str, port: int) -> int:
+    """Connect from the test itself (proving the server is reachable); return the local port."""
     _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    local_port = int(writer.get_extra_info("sockname")[1])
     writer.close()
     await writer.wait_closed()
+    return local_port
 
 
 CONNECT = (
@@ -236,18 +241,40 @@ async def test_cannot_connect_to_a_loopback_server(toolrunner: Runner) -> None:
         assert len(connections) == 2
 
 
-@pytest.fixture
-def namespace_address() -> Iterator[str]:
-    """An address on a veth pair into a network namespace the test creates (root only)."""
+NAMESPACE_SERVER = """
+import socket, sys
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((sys.argv[1], 0))
+server.listen(16)
+print("PORT", server.getsockname()[1], flush=True)
+while True:
+    connection, peer = server.accept()
+    print("CONNECTION", peer[1], flush=True)
+    connection.close()
+"""
+
+
+@pytest_asyncio.fixture
+async def namespace_server() -> AsyncIterator[tuple[str, int, asyncio.Queue[int]]]:
+    """A TCP server inside a network namespace the test creates, reachable over a veth pair.
+
+    Yields the server's address, its port and a queue of the peer ports it accepted, in order.
+    """
     ip = shutil.which("ip")
     if os.geteuid() != 0 or ip is None:
         pytest.skip("needs root and iproute2 to create a network namespace")
     tag = uuid.uuid4().hex[:6]
     namespace, host_end, peer_end = f"trt{tag}", f"trh{tag}", f"trp{tag}"
     octet = int(tag[:2], 16) % 200 + 20
+    address = f"10.231.{octet}.2"
 
     def sh(*args: str) -> None:
         subprocess.run([ip, *args], check=True, capture_output=True, timeout=10)
+
+    def cleanup() -> None:
+        subprocess.run([ip, "link", "del", host_end], capture_output=True, timeout=10)
+        subprocess.run([ip, "netns", "del", namespace], capture_output=True, timeout=10)
 
     try:
         sh("netns", "add", namespace)
@@ -255,28 +282,55 @@ def namespace_address() -> Iterator[str]:
         sh("link", "set", peer_end, "netns", namespace)
         sh("addr", "add", f"10.231.{octet}.1/30", "dev", host_end)
         sh("link", "set", host_end, "up")
-        sh("-n", namespace, "addr", "add", f"10.231.{octet}.2/30", "dev", peer_end)
+        sh("-n", namespace, "addr", "add", f"{address}/30", "dev", peer_end)
         sh("-n", namespace, "link", "set", peer_end, "up")
+        sh("-n", namespace, "link", "set", "lo", "up")
     except subprocess.CalledProcessError:
-        subprocess.run([ip, "netns", "del", namespace], capture_output=True, timeout=10)
-        subprocess.run([ip, "link", "del", host_end], capture_output=True, timeout=10)
+        cleanup()
         pytest.skip("network namespaces cannot be created here")
+    process = await asyncio.create_subprocess_exec(
+        ip,
+        "netns",
+        "exec",
+        namespace,
+        sys.executable,
+        "-c",
+        NAMESPACE_SERVER,
+        address,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    accepted: asyncio.Queue[int] = asyncio.Queue()
     try:
-        yield f"10.231.{octet}.1"
+        assert process.stdout is not None
+        async with asyncio.timeout(15):
+            first = (await process.stdout.readline()).decode().split()
+        assert first[0] == "PORT", first
+        stdout = process.stdout
+
+        async def collect() -> None:
+            while line := await stdout.readline():
+                accepted.put_nowait(int(line.split()[1]))
+
+        collector = asyncio.create_task(collect())
+        yield address, int(first[1]), accepted
     finally:
-        subprocess.run([ip, "link", "del", host_end], capture_output=True, timeout=10)
-        subprocess.run([ip, "netns", "del", namespace], capture_output=True, timeout=10)
+        process.kill()
+        await process.wait()
+        cleanup()
+    await collector
 
 
-async def test_cannot_connect_to_an_address_in_a_test_network_namespace(
-    toolrunner: Runner, namespace_address: str
+async def test_cannot_connect_to_a_server_in_a_test_network_namespace(
+    toolrunner: Runner, namespace_server: tuple[str, int, asyncio.Queue[int]]
 ) -> None:
-    async with counting_server(namespace_address) as (port, connections):
-        await reach(namespace_address, port)
-        assert len(connections) == 1
-        output = stdout_of(await run_python(toolrunner, CONNECT, host=namespace_address, port=port))
-        assert_all_blocked(output, ["connect"])
-        assert len(connections) == 1
+    address, port, accepted = namespace_server
+    first = await reach(address, port)
+    assert await asyncio.wait_for(accepted.get(), 5) == first
+    output = stdout_of(await run_python(toolrunner, CONNECT, host=address, port=port))
+    assert_all_blocked(output, ["connect"])
+    # Connections are accepted in order, so one by the tool would come before this one.
+    second = await reach(address, port)
+    assert await asyncio.wait_for(accepted.get(), 5) == second
 
 
 async def test_cannot_resolve_names(toolrunner: Runner) -> None:
