@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from foredeck.toolrunner.v1 import tool_pb2
 from foredeck_kit.metrics import Metrics
@@ -46,6 +46,16 @@ class ToolMetrics:
             ["cause"],
             registry=metrics.registry,
         )
+        self.sandbox_info = Gauge(
+            "toolrunner_sandbox_info",
+            "The sandbox this replica runs code in (1 for the kind in use).",
+            ["kind", "seccomp"],
+            registry=metrics.registry,
+        )
+
+    def sandbox(self, kind: str, seccomp: bool) -> None:
+        """Publish which sandbox this replica runs tools in (probed at start)."""
+        self.sandbox_info.labels(kind, "true" if seccomp else "false").set(1)
 
     def finished(
         self,

@@ -129,6 +129,8 @@ class ToolRunnerService:
             "http_fetch": HttpFetchRuntime(settings.http_fetch_max_bytes),
         }
         self.metrics = ToolMetrics(deps.metrics)
+        capabilities = deps.sandbox.capabilities
+        self.metrics.sandbox(capabilities.kind, capabilities.seccomp is not None)
         tracer = (
             deps.telemetry.tracer_provider.get_tracer("foredeck.toolrunner")
             if deps.telemetry is not None

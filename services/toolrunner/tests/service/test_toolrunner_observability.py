@@ -83,3 +83,12 @@ async def test_sandbox_kills_are_counted_by_cause(toolrunner: Runner) -> None:
         )
         == 1.0
     )
+
+
+async def test_the_sandbox_in_use_is_published(toolrunner: Runner) -> None:
+    capabilities = toolrunner.service.deps.sandbox.capabilities
+    value = toolrunner.service.deps.metrics.registry.get_sample_value(
+        "toolrunner_sandbox_info",
+        {"kind": capabilities.kind, "seccomp": "true" if capabilities.seccomp else "false"},
+    )
+    assert value == 1.0

@@ -262,3 +262,13 @@ async def test_export_renders_openai_tools(toolrunner: Runner) -> None:
     assert [d.name for d in reply.tool_definitions] == ["calc"]
     document = json.loads(reply.document_json)
     assert document[0]["function"]["parameters"] == json.loads(SCHEMA)
+
+
+async def test_a_registration_over_one_mebibyte_is_too_large(toolrunner: Runner) -> None:
+    tool = calculator_tool()
+    tool.output_json_schema = json.dumps({"description": "x" * (1024 * 1024)})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await register(toolrunner, tool)
+    details = error_details(caught.value)
+    assert details.reason == "REQUEST_TOO_LARGE"
+    assert details.metadata["limit"] == str(1024 * 1024)

@@ -18,6 +18,7 @@ from foredeck_toolrunner.domain.registry import ToolRegistry, request_fingerprin
 from foredeck_toolrunner.domain.validation import (
     TOOL_NAME,
     check_request_id,
+    check_request_size,
     mcp_server_violations,
     schema_violations,
 )
@@ -67,6 +68,7 @@ class McpImporter:
     ) -> list[tool_pb2.Tool]:
         """Connect, list, validate and register (or update) the selected tools atomically."""
         permissions.require_registry_write(principal, "ImportMcpServer")
+        check_request_size(request.ByteSize())
         bad = check_request_id(request.request_id)
         bad += mcp_server_violations(request.server, "server")
         if not _PREFIX.fullmatch(request.name_prefix):

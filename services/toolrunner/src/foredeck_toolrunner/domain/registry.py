@@ -21,6 +21,7 @@ from foredeck_toolrunner.domain.validation import (
     Limits,
     check_name,
     check_request_id,
+    check_request_size,
     validate_tool,
 )
 
@@ -200,6 +201,7 @@ class ToolRegistry:
     ) -> tool_pb2.Tool:
         """Add a new tool at the version after the name's last one."""
         permissions.require_registry_write(principal, "RegisterTool")
+        check_request_size(request.ByteSize())
         bad = check_request_id(request.request_id)
         if bad:
             raise ToolRunnerError.invalid_request(bad)
@@ -241,6 +243,7 @@ class ToolRegistry:
     async def update(self, principal: Principal, request: svc.UpdateToolRequest) -> tool_pb2.Tool:
         """Change the fields the mask names as the tool's next version (AIP-134 semantics)."""
         permissions.require_registry_write(principal, "UpdateTool")
+        check_request_size(request.ByteSize())
         bad = check_request_id(request.request_id)
         name = request.tool.definition.name
         bad += check_name(name, "tool.definition.name")

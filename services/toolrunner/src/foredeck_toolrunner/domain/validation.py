@@ -56,6 +56,15 @@ def check_name(name: str, field: str) -> list[tuple[str, str]]:
     return []
 
 
+MAX_REGISTRY_REQUEST_BYTES = MIB
+
+
+def check_request_size(size: int) -> None:
+    """Raise REQUEST_TOO_LARGE for a registry write over 1 MiB."""
+    if size > MAX_REGISTRY_REQUEST_BYTES:
+        raise ToolRunnerError.request_too_large("request", MAX_REGISTRY_REQUEST_BYTES, size)
+
+
 def check_request_id(request_id: str) -> list[tuple[str, str]]:
     """Violations of the request-id rule (1-128 characters of ``[a-zA-Z0-9_.:-]``)."""
     if not REQUEST_ID.fullmatch(request_id):
