@@ -56,6 +56,13 @@ class ToolRunnerSettings(ServiceSettings):
     sandbox_max_concurrent: int = Field(
         default=32, ge=1, le=4096, description="Most sandboxed processes running at once."
     )
+    sandbox_pool_size: int = Field(
+        default=2,
+        ge=0,
+        le=64,
+        description="Sandboxes started ahead of need per policy in use, each used for one call "
+        "only; 0 starts every sandbox on demand.",
+    )
     default_memory_bytes: int = Field(default=512 * MIB, ge=16 * MIB)
     default_cpu_seconds: float = Field(default=10.0, gt=0)
     default_max_processes: int = Field(default=16, ge=1, le=1024)

@@ -25,6 +25,7 @@ from foredeck_toolrunner.adapters.builtins import (
     PythonRuntime,
     SandboxDefaults,
     builtin_tools,
+    sandbox_spec,
 )
 from foredeck_toolrunner.adapters.mcp_client import McpClient
 from foredeck_toolrunner.adapters.redis_ledger import RedisEffectLedger, RedisRateLimiter
@@ -81,6 +82,7 @@ async def build_deps(settings: ToolRunnerSettings, telemetry: Telemetry | None =
         capabilities,
         uid_base=settings.sandbox_uid_base,
         max_concurrent=settings.sandbox_max_concurrent,
+        pool_size=settings.sandbox_pool_size,
     )
     verifier = (
         settings.approval_verifier(reason="APPROVAL_INVALID")
@@ -184,14 +186,18 @@ class ToolRunnerService:
             await self.deps.redis.ping()
         except RedisError:
             return False
-        if not self._started and self.settings.builtin_tools:
-            await self.registry.ensure(builtin_tools(), user="toolrunner")
+        if not self._started:
+            if self.settings.builtin_tools:
+                await self.registry.ensure(builtin_tools(), user="toolrunner")
+            python = next(t for t in builtin_tools() if t.definition.name == "python")
+            await self.deps.sandbox.warm(sandbox_spec(python.policy, self.defaults))
         self._started = True
         return True
 
     async def close(self) -> None:
         """Close outbound channels and the Redis pool."""
         await self.hosts.close()
+        await self.deps.sandbox.close()
         await self.deps.redis.aclose()
 
 

@@ -99,7 +99,7 @@ async def _serve(
     metrics = Metrics()
     deps = Deps(
         redis=Redis.from_url(redis_url),
-        sandbox=Sandbox(sandbox_capabilities, uid_base=420_000, max_concurrent=16),
+        sandbox=Sandbox(sandbox_capabilities, uid_base=420_000, max_concurrent=16, pool_size=2),
         telemetry=Telemetry(service_name="toolrunner", metrics=metrics, tracer_provider=provider),
         metrics=metrics,
         approval_verifier=ApprovalTokenVerifier(DELEGATION_KEYS, reason="APPROVAL_INVALID"),

@@ -69,6 +69,16 @@ _STDERR_TAIL = 8192
 _MINIMAL_ETC = ("/etc/ld.so.cache", "/etc/localtime", "/etc/alternatives")
 
 
+@dataclass(slots=True)
+class _Started:
+    """A sandbox whose launcher is running and waits for its payload."""
+
+    process: asyncio.subprocess.Process
+    report_r: int
+    host_work: str | None
+    slot: int
+
+
 class SandboxUnavailable(Exception):
     """No sandbox could be started (limit of concurrent sandboxes, or spawning failed)."""
 
@@ -298,14 +308,22 @@ class Sandbox:
     """Starts sandboxed processes according to the probed capabilities."""
 
     def __init__(
-        self, capabilities: SandboxCapabilities, *, uid_base: int, max_concurrent: int
+        self,
+        capabilities: SandboxCapabilities,
+        *,
+        uid_base: int,
+        max_concurrent: int,
+        pool_size: int = 0,
     ) -> None:
         self.capabilities = capabilities
         self._uid_base = uid_base
         self._free_slots = list(range(max_concurrent))
-        self._slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
         self._launcher = _LAUNCHER()
         self._log = get_logger("foredeck.toolrunner.sandbox")
+        self._pool_size = pool_size
+        self._pool: dict[tuple[object, ...], list[_Started]] = {}
+        self._refills: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     @property
     def kind(self) -> str:
@@ -398,20 +416,21 @@ class Sandbox:
             argv += ["--user", "--map-root-user"]
         return [*argv, *command], own_pid
 
+    def _take_slot(self) -> int:
+        if not self._free_slots:
+            raise SandboxUnavailable("too many sandboxes running")
+        return self._free_slots.pop()
+
+    def _give_slot(self, slot: int) -> None:
+        self._free_slots.append(slot)
+
     @contextlib.asynccontextmanager
     async def _slot(self) -> Any:
-        if self._slots is None:
-            yield 0
-            return
-        if self._slots.locked():
-            raise SandboxUnavailable("too many sandboxes running")
-        await self._slots.acquire()
-        slot = self._free_slots.pop()
+        slot = self._take_slot()
         try:
             yield slot
         finally:
-            self._free_slots.append(slot)
-            self._slots.release()
+            self._give_slot(slot)
 
     def _env(self, spec: SandboxSpec, work: str | None) -> dict[str, str]:
         env = {
@@ -467,8 +486,17 @@ class Sandbox:
         if self.kind == "none":
             raise SandboxUnavailable("no sandbox works on this host")
         self.check(spec)
-        async with self._slot() as slot:
-            return await self._run(spec, payload, time_limit, max_output, slot)
+        started = self._from_pool(spec) if spec.mode == "snippet" else None
+        if started is None:
+            started = await self._start(spec)
+        if self._pool_size and spec.mode == "snippet":
+            self._refill(spec)
+        try:
+            return await self._supervise(
+                started.process, payload, started.report_r, time_limit, max_output, time.monotonic()
+            )
+        finally:
+            self._dispose(started)
 
     def _command(
         self,
@@ -510,11 +538,10 @@ class Sandbox:
             json.dumps(config, separators=(",", ":")),
         ]
 
-    async def _run(
-        self, spec: SandboxSpec, payload: bytes, time_limit: float, max_output: int, slot: int
-    ) -> SandboxRun:
+    async def _start(self, spec: SandboxSpec) -> _Started:
+        """Start a sandbox whose launcher waits for its payload on standard input."""
         caps = self.capabilities
-        started = time.monotonic()
+        slot = self._take_slot()
         report_r, report_w = os.pipe()
         seccomp_fd: int | None = None
         host_work: str | None = None
@@ -533,36 +560,110 @@ class Sandbox:
                 if spec.work_dir:
                     host_work = tempfile.mkdtemp(prefix="foredeck-tool-")
                     os.chmod(host_work, 0o700)
+                work = host_work
                 _, own_pid = self._process_argv(spec, [])
                 command = self._command(spec, slot, report_w, host_work, own_pid)
                 argv, _ = self._process_argv(spec, command)
-            try:
-                process = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.PIPE,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.PIPE,
-                    env=self._env(
-                        spec, WORK_DIR if caps.kind == "bubblewrap" and spec.work_dir else host_work
-                    ),
-                    pass_fds=fds,
-                    start_new_session=True,
-                    cwd="/",
-                )
-            except OSError as error:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=self._env(spec, work),
+                pass_fds=fds,
+                start_new_session=True,
+                cwd="/",
+            )
+        except BaseException as error:
+            os.close(report_r)
+            if host_work is not None:
+                shutil.rmtree(host_work, ignore_errors=True)
+            self._give_slot(slot)
+            if isinstance(error, OSError):
                 raise SandboxUnavailable(f"cannot start the sandbox: {error.strerror}") from None
+            raise
         finally:
             os.close(report_w)
             if seccomp_fd is not None:
                 os.close(seccomp_fd)
+        return _Started(process, report_r, host_work, slot)
+
+    def _dispose(self, started: _Started) -> None:
+        os.close(started.report_r)
+        if started.host_work is not None:
+            shutil.rmtree(started.host_work, ignore_errors=True)
+        self._give_slot(started.slot)
+
+    @staticmethod
+    def _pool_key(spec: SandboxSpec) -> tuple[object, ...]:
+        return (spec.limits, spec.work_dir, spec.work_dir_bytes, spec.read_only_paths, spec.network)
+
+    def _from_pool(self, spec: SandboxSpec) -> _Started | None:
+        """A sandbox started ahead of need for this spec, still waiting for its payload."""
+        waiting = self._pool.get(self._pool_key(spec), [])
+        while waiting:
+            started = waiting.pop()
+            if started.process.returncode is None:
+                return started
+            # Died while waiting (killed from outside): never used, cleaned up in the background.
+            task = asyncio.create_task(self._discard(started))
+            self._refills.add(task)
+            task.add_done_callback(self._refills.discard)
+        return None
+
+    def _refill(self, spec: SandboxSpec) -> None:
+        """Start sandboxes in the background until the spec's pool is full again."""
+        if self._closed:
+            return
+        key = self._pool_key(spec)
+        missing = (
+            self._pool_size
+            - len(self._pool.get(key, []))
+            - sum(1 for task in self._refills if task.get_name() == repr(key))
+        )
+        for _ in range(max(missing, 0)):
+            if len(self._free_slots) <= 1:
+                return  # never let the pool take the last slots from calls
+            task = asyncio.create_task(self._prestart(key, spec), name=repr(key))
+            self._refills.add(task)
+            task.add_done_callback(self._refills.discard)
+
+    async def _prestart(self, key: tuple[object, ...], spec: SandboxSpec) -> None:
         try:
-            return await self._supervise(
-                process, payload, report_r, time_limit, max_output, started
-            )
-        finally:
-            os.close(report_r)
-            if host_work is not None:
-                shutil.rmtree(host_work, ignore_errors=True)
+            started = await self._start(spec)
+        except SandboxUnavailable:
+            return
+        if self._closed:
+            await self._discard(started)
+            return
+        self._pool.setdefault(key, []).append(started)
+
+    async def warm(self, spec: SandboxSpec) -> None:
+        """Fill the pool for ``spec`` (the default `python` policy, at start)."""
+        if self._pool_size and self.kind != "none":
+            self._refill(spec)
+            await asyncio.gather(*self._refills, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Kill every sandbox started ahead of need."""
+        self._closed = True
+        # Let starts in flight finish (each kills its sandbox once it sees the pool closed):
+        # cancelling one mid-spawn could orphan the process it was creating.
+        await asyncio.gather(*self._refills, return_exceptions=True)
+        for waiting in self._pool.values():
+            for started in waiting:
+                await self._discard(started)
+        self._pool.clear()
+
+    async def _discard(self, started: _Started) -> None:
+        """Kill an unused sandbox and release its pipes, uid slot and work directory."""
+        self._kill(started.process)
+        if started.process.stdin is not None:
+            started.process.stdin.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(5):
+                await started.process.communicate()
+        self._dispose(started)
 
     @staticmethod
     def _kill(process: asyncio.subprocess.Process) -> None:
