@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -127,7 +128,13 @@ async def _serve(
 
 @pytest.fixture
 def bubblewrap(sandbox_capabilities: SandboxCapabilities) -> SandboxCapabilities:
-    """Skip unless bubblewrap works here (``make setup`` installs it when run as root)."""
+    """Skip without bubblewrap; fail when it is installed but the sandbox cannot use it.
+
+    ``make setup`` installs it when run as root, so on CI a broken bubblewrap sandbox fails
+    the escape suite instead of quietly skipping it.
+    """
     if sandbox_capabilities.kind != "bubblewrap":
-        pytest.skip("bubblewrap does not work on this host")
+        if shutil.which("bwrap") is not None:
+            pytest.fail(f"bubblewrap is installed but unusable: {sandbox_capabilities.notes}")
+        pytest.skip("bubblewrap is not installed")
     return sandbox_capabilities
