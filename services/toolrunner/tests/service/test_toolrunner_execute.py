@@ -327,3 +327,26 @@ async def test_approval_is_required_and_bound_to_the_call(toolrunner: Runner) ->
 
     reply = await toolrunner.runner.ExecuteTool(request(token, "s2"), metadata=toolrunner.md())
     assert json.loads(reply.outcome.output.output_json) == {"result": 42}
+
+
+async def test_a_duplicate_waits_no_longer_than_its_deadline(toolrunner: Runner) -> None:
+    request = execute("python", {"code": "import time\ntime.sleep(1.5)\nprint('done')"})
+    first = asyncio.ensure_future(
+        toolrunner.runner.ExecuteTool(request, metadata=toolrunner.md(), timeout=30)
+    )
+    # The duplicate arrives once the first holds the key (a condition, bounded in time), and
+    # its deadline ends first.
+    entry = f"toolrunner:{{ledger:tenant-a}}:{request.idempotency_key}"
+    redis = toolrunner.service.deps.redis
+    async with asyncio.timeout(10):
+        while await redis.hget(entry, "state") != b"running":  # noqa: ASYNC110 - bounded poll
+            await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await toolrunner.runner.ExecuteTool(request, metadata=toolrunner.md(), timeout=0.4)
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    reply = await first
+    assert not reply.replayed
+    assert json.loads(reply.outcome.output.output_json)["stdout"] == "done\n"
+    again = await toolrunner.runner.ExecuteTool(request, metadata=toolrunner.md())
+    assert again.replayed
+    assert again.execution_id == reply.execution_id

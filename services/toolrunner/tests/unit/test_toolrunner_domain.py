@@ -195,3 +195,20 @@ def test_page_tokens_are_bound_to_their_query() -> None:
         with pytest.raises(ToolRunnerError) as caught:
             decode_page_token(bad, query)
         assert caught.value.reason == "PAGE_TOKEN_INVALID"
+
+
+def test_render_speaks_each_providers_tool_format() -> None:
+    from foredeck.toolrunner.v1 import toolrunner_service_pb2 as svc
+    from foredeck_toolrunner.domain.registry import render
+
+    tools = [tool({"type": "object", "properties": {"x": {"type": "string"}}})]
+    schema = {"type": "object", "properties": {"x": {"type": "string"}}}
+    assert render(tools, svc.TOOL_SCHEMA_FORMAT_UNSPECIFIED) == ""
+    assert json.loads(render(tools, svc.TOOL_SCHEMA_FORMAT_ANTHROPIC)) == [
+        {"name": "calc", "description": "d", "input_schema": schema}
+    ]
+    assert json.loads(render(tools, svc.TOOL_SCHEMA_FORMAT_MCP)) == [
+        {"name": "calc", "description": "d", "inputSchema": schema}
+    ]
+    document = json.loads(render(tools, svc.TOOL_SCHEMA_FORMAT_JSON_SCHEMA))
+    assert document["$defs"]["calc"] == {**schema, "description": "d"}

@@ -284,7 +284,8 @@ class Executor:
                 replay.tool_call_id = request.tool_call_id
                 return replay, tool, None
             left = time_remaining()
-            wait = 5.0 if left is None else min(5.0, left)
+            # Give up slightly before the caller's deadline so the typed answer still reaches it.
+            wait = 5.0 if left is None else min(5.0, left - min(0.05, max(left * 0.02, 0.005)))
             if wait <= 0:
                 raise ToolRunnerError.tool_timeout(name, waiting=True)
             await self._ledger.wait_change(tenant, key, wait)
