@@ -45,7 +45,7 @@ def builtin_models(settings: LlmRouterSettings) -> list[ModelConfig]:
     """The models the router knows without configuration (prices in micro-USD per million)."""
     models = [
         ModelConfig(
-            name="claude-sonnet-4-5",
+            name="claude-sonnet-4-6",
             provider="anthropic",
             aliases=["sonnet"],
             context_window_tokens=200_000,
@@ -175,8 +175,8 @@ def build_catalog(settings: LlmRouterSettings) -> Catalog:
     models = {name: _spec(config) for name, config in configs.items()}
     default = settings.default_model
     if not default:
-        if providers["anthropic"].credentials_configured and "claude-sonnet-4-5" in models:
-            default = "claude-sonnet-4-5"
+        if providers["anthropic"].credentials_configured and "claude-sonnet-4-6" in models:
+            default = "claude-sonnet-4-6"
         elif providers["openai"].credentials_configured and "gpt-4o-mini" in models:
             default = "gpt-4o-mini"
         elif LOCAL_CHAT_MODEL in models:

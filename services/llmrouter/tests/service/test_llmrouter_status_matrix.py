@@ -70,8 +70,8 @@ ROWS = [
 ]
 
 CHAINS = {
-    "anthropic-first": ("claude-sonnet-4-5", Endpoint.ANTHROPIC_MESSAGES, "gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS),
-    "openai-first": ("gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS, "claude-sonnet-4-5", Endpoint.ANTHROPIC_MESSAGES),
+    "anthropic-first": ("claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES, "gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS),
+    "openai-first": ("gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS, "claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES),
 }
 
 
@@ -100,7 +100,7 @@ async def test_success_makes_one_call(
 ) -> None:
     async with router_factory() as (server, stub):
         reply = await stub.Generate(
-            _request("claude-sonnet-4-5", "gpt-4o"), metadata=server.mint(), timeout=10
+            _request("claude-sonnet-4-6", "gpt-4o"), metadata=server.mint(), timeout=10
         )
     assert len(scripted_provider.requests) == 1
     assert reply.provider == "anthropic"
@@ -156,12 +156,12 @@ async def test_status_when_chain_ends(
     ):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(
-                _request("claude-sonnet-4-5", None), metadata=server.mint(), timeout=10
+                _request("claude-sonnet-4-6", None), metadata=server.mint(), timeout=10
             )
     details = error_details(caught.value)
     assert (caught.value.code(), details.reason) == (row.code, row.reason)
     assert details.metadata["provider"] == "anthropic"
-    assert details.metadata["model"] == "claude-sonnet-4-5"
+    assert details.metadata["model"] == "claude-sonnet-4-6"
     assert len(scripted_provider.requests_to(Endpoint.ANTHROPIC_MESSAGES)) == row.calls
     if row.reason == "PROVIDER_RATE_LIMITED":
         assert details.metadata["attempts"] == str(RETRIES)
@@ -182,7 +182,7 @@ async def test_retry_after_is_honoured(
     scripted_provider.enqueue(HttpError.rate_limited(retry_after_ms=150), endpoint=Endpoint.ANTHROPIC_MESSAGES)
     async with router_factory() as (server, stub):
         reply = await stub.Generate(
-            _request("claude-sonnet-4-5", None), metadata=server.mint(), timeout=10
+            _request("claude-sonnet-4-6", None), metadata=server.mint(), timeout=10
         )
     first, second = scripted_provider.requests_to(Endpoint.ANTHROPIC_MESSAGES)
     assert reply.attempts[0].retry_after.ToMilliseconds() == 150
@@ -201,13 +201,13 @@ async def test_different_failures_end_as_all_providers_failed(
     async with router_factory(retry_max_attempts=1) as (server, stub):
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Generate(
-                _request("claude-sonnet-4-5", "gpt-4o"), metadata=server.mint(), timeout=10
+                _request("claude-sonnet-4-6", "gpt-4o"), metadata=server.mint(), timeout=10
             )
     details = error_details(caught.value)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert details.reason == "ALL_PROVIDERS_FAILED"
     assert details.metadata == {
         "attempts": "2",
-        "models": "claude-sonnet-4-5,gpt-4o",
+        "models": "claude-sonnet-4-6,gpt-4o",
         "lastReason": "PROVIDER_RATE_LIMITED",
     }
