@@ -11,8 +11,10 @@ is logged, because refusing every LLM call while a cache is down would be the la
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from foredeck_kit.logs import get_logger
@@ -126,6 +128,14 @@ class RedisCircuitStore:
         self._snapshot = client.register_script(_SNAPSHOT)
         self._log = get_logger("foredeck.llmrouter.circuits")
 
+    async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await script(keys=keys, args=args)
+        except RedisConnectionError:
+            # A connection dropped while another call was cancelled mid-command surfaces here
+            # once; the pool then hands out a fresh connection.
+            return await script(keys=keys, args=args)
+
     def _keys(self, provider: str, model: str) -> list[str]:
         base = f"{self._prefix}:{{{provider}/{model}}}"
         return [base, base + ":failures", base + ":seq"]
@@ -133,11 +143,11 @@ class RedisCircuitStore:
     async def admit(self, provider: str, model: str) -> Admission:
         """Ask to call; may turn an open circuit half-open and grant its probe."""
         try:
-            allowed, probe, wait = await self._admit(
-                keys=self._keys(provider, model)[:1], args=[self.config.probe_timeout]
+            allowed, probe, wait = await self._run(
+                self._admit, self._keys(provider, model)[:1], [self.config.probe_timeout]
             )
         except RedisError as error:
-            self._log.warning("circuit store unavailable", error=type(error).__name__)
+            self._log.warning("circuit store unavailable", error=repr(error))
             return Admission(allowed=True)
         return Admission(
             allowed=_text(allowed) == "1", probe=_text(probe) == "1", retry_after=float(_text(wait))
@@ -147,9 +157,10 @@ class RedisCircuitStore:
         """Count a failure; may open the circuit (or reopen it after a failed probe)."""
         c = self.config
         try:
-            await self._failure(
-                keys=self._keys(provider, model),
-                args=[
+            await self._run(
+                self._failure,
+                self._keys(provider, model),
+                [
                     reason,
                     "1" if probe else "0",
                     c.failure_threshold,
@@ -158,27 +169,29 @@ class RedisCircuitStore:
                 ],
             )
         except RedisError as error:
-            self._log.warning("circuit store unavailable", error=type(error).__name__)
+            self._log.warning("circuit store unavailable", error=repr(error))
 
     async def record_success(self, provider: str, model: str, probe: bool) -> None:
         """Note a success; a successful probe closes the circuit."""
         try:
-            await self._success(keys=self._keys(provider, model)[:2], args=["1" if probe else "0"])
+            await self._run(
+                self._success, self._keys(provider, model)[:2], ["1" if probe else "0"]
+            )
         except RedisError as error:
-            self._log.warning("circuit store unavailable", error=type(error).__name__)
+            self._log.warning("circuit store unavailable", error=repr(error))
 
     async def release_probe(self, provider: str, model: str) -> None:
         """Give the probe back without a verdict, so the next call may probe."""
         try:
-            await self._release(keys=self._keys(provider, model)[:1])
+            await self._run(self._release, self._keys(provider, model)[:1], [])
         except RedisError as error:
-            self._log.warning("circuit store unavailable", error=type(error).__name__)
+            self._log.warning("circuit store unavailable", error=repr(error))
 
     async def snapshot(self, provider: str, model: str) -> CircuitSnapshot:
         """The circuit as stored (CLOSED with no history when Redis cannot be reached)."""
         try:
-            flat, count, _now = await self._snapshot(
-                keys=self._keys(provider, model)[:2], args=[self.config.failure_window]
+            flat, count, _now = await self._run(
+                self._snapshot, self._keys(provider, model)[:2], [self.config.failure_window]
             )
         except RedisError:
             return CircuitSnapshot(
