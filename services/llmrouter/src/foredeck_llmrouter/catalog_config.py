@@ -28,7 +28,13 @@ LOCAL_CHAT_MODEL = "smollm2-135m-instruct"
 LOCAL_EMBEDDING_MODEL = "all-minilm-l6-v2"
 
 _CLAUDE = CapabilitiesConfig(
-    tools=True, streaming=True, vision=True, prompt_caching=True, parallel_tool_calls=True
+    tools=True,
+    streaming=True,
+    vision=True,
+    json_schema=True,
+    json_object=True,
+    prompt_caching=True,
+    parallel_tool_calls=True,
 )
 _GPT = CapabilitiesConfig(
     tools=True,

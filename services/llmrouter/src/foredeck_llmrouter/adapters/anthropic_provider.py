@@ -20,6 +20,7 @@ from foredeck_llmrouter.domain.model import (
     FinishReason,
     Image,
     Message,
+    OutputFormat,
     ProviderCall,
     ProviderEvent,
     Role,
@@ -132,13 +133,14 @@ def build_params(call: ProviderCall) -> dict[str, Any]:
         if not request.parallel_tool_calls and choice.mode is not ToolChoiceMode.NONE:
             tool_choice["disable_parallel_tool_use"] = True
         params["tool_choice"] = tool_choice
+    # The Messages API of this SDK generation takes no temperature, top_p or top_k; the
+    # contract says a provider without a parameter ignores it.
     sampling = request.sampling
-    if sampling.temperature is not None:
-        params["temperature"] = min(sampling.temperature, 1.0)
-    if sampling.top_p is not None:
-        params["top_p"] = sampling.top_p
-    if sampling.top_k is not None:
-        params["top_k"] = sampling.top_k
+    fmt = request.response_format
+    if fmt.kind is OutputFormat.JSON_SCHEMA and fmt.schema is not None:
+        params["output_config"] = {"format": {"type": "json_schema", "schema": fmt.schema}}
+    elif fmt.kind is OutputFormat.JSON_OBJECT:
+        params["output_config"] = {"format": {"type": "json_schema", "schema": {"type": "object"}}}
     if sampling.stop_sequences:
         params["stop_sequences"] = list(sampling.stop_sequences)
     return params

@@ -110,7 +110,8 @@ def failure_from_exception(error: BaseException) -> ProviderFailure:
         return ProviderFailure(Failure.RESPONSE_INVALID)
     if isinstance(error, _TRANSPORT_ERRORS):
         return ProviderFailure(Failure.UNAVAILABLE)
-    if isinstance(error, ValueError | KeyError | TypeError):
+    if isinstance(error, ValueError):
+        # A body the SDK could not parse into its types.
         return ProviderFailure(Failure.RESPONSE_INVALID)
     raise error
 
@@ -121,7 +122,5 @@ CLASSIFIED = (
     httpx2.TransportError,
     httpx2.StreamError,
     ValueError,
-    KeyError,
-    TypeError,
 )
 """Exceptions `failure_from_exception` turns into failures; anything else is a defect."""
