@@ -7,7 +7,11 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 import pytest
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
+
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import (
+    LlmRouterServiceAsyncStub,
+    LlmRouterServiceStub,
+)
 from foredeck_kit.errors import domain_for
 from foredeck_kit.telemetry import Telemetry
 from foredeck_llmrouter.config import LlmRouterSettings
@@ -16,10 +20,14 @@ from foredeck_llmrouter.servicer import SERVICE_NAME
 from foredeck_testing.provider import ScriptedProvider
 from foredeck_testing.server import RunningServer, running_server
 
-RouterFactory = Callable[..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceStub]]]
+RouterFactory = Callable[
+    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+]
 
 
-def scripted_settings(provider: ScriptedProvider, redis_url: str, **overrides: Any) -> LlmRouterSettings:
+def scripted_settings(
+    provider: ScriptedProvider, redis_url: str, **overrides: Any
+) -> LlmRouterSettings:
     """Settings pointing both API providers at the scripted provider, local models off."""
     values: dict[str, Any] = {
         "anthropic_api_key": "test-key",
@@ -43,7 +51,7 @@ async def start_router(
     deps: RouterDeps | None = None,
     keys: dict[str, bytes] | None = None,
     telemetry: Telemetry | None = None,
-) -> AsyncIterator[tuple[RunningServer, LlmRouterServiceStub]]:
+) -> AsyncIterator[tuple[RunningServer, LlmRouterServiceAsyncStub]]:
     """A real router server on a free port, with the same wiring `build_server` uses."""
     runtime = RouterRuntime(settings, deps or RouterDeps(telemetry=telemetry))
     await runtime.open()
@@ -67,8 +75,11 @@ def router_factory(scripted_provider: ScriptedProvider, redis_url: str) -> Route
     """Start routers against this test's scripted provider and Redis database."""
 
     def factory(
-        *, keys: dict[str, bytes] | None = None, telemetry: Telemetry | None = None, **overrides: Any
-    ) -> AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceStub]]:
+        *,
+        keys: dict[str, bytes] | None = None,
+        telemetry: Telemetry | None = None,
+        **overrides: Any,
+    ) -> AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]:
         settings = scripted_settings(scripted_provider, redis_url, **overrides)
         return start_router(settings, keys=keys, telemetry=telemetry)
 

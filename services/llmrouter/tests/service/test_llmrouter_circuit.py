@@ -8,15 +8,18 @@ from contextlib import AbstractAsyncContextManager
 
 import grpc
 import pytest
+
 from foredeck.common.v1 import chat_pb2
 from foredeck.llmrouter.v1 import generation_pb2, provider_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_kit.errors import error_details
 from foredeck_testing.provider import Delay, Endpoint, HttpError, ScriptedProvider, TextReply
 from foredeck_testing.server import RunningServer, fresh_keys
 
-RouterFactory = Callable[..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceStub]]]
+RouterFactory = Callable[
+    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+]
 MODEL = "gpt-4o"
 COOLDOWN = 0.4
 
@@ -35,7 +38,7 @@ def _request(fallback: str = "") -> pb.GenerateRequest:
     )
 
 
-async def _circuit(stub: LlmRouterServiceStub, server: RunningServer) -> provider_pb2.Circuit:
+async def _circuit(stub: LlmRouterServiceAsyncStub, server: RunningServer) -> provider_pb2.Circuit:
     health = await stub.GetProviderHealth(
         pb.GetProviderHealthRequest(provider="openai"), metadata=server.mint(), timeout=5
     )
@@ -80,7 +83,10 @@ async def test_circuit_opens_half_opens_and_closes_across_two_routers(
         # After the cool-down one probe goes through; while it runs the circuit is half-open and
         # the other router is still refused.
         open_circuit = await _circuit(stub_a, a)
-        wait = open_circuit.next_probe_time.ToMilliseconds() / 1000 - open_circuit.open_time.ToMilliseconds() / 1000
+        wait = (
+            open_circuit.next_probe_time.ToMilliseconds() / 1000
+            - open_circuit.open_time.ToMilliseconds() / 1000
+        )
         assert wait == pytest.approx(COOLDOWN, abs=0.01)
         scripted_provider.enqueue(Delay(30, then=TextReply("probe ok")), endpoint=endpoint)
         probe = asyncio.create_task(_probe_when_allowed(stub_a, a))
@@ -103,7 +109,9 @@ async def test_circuit_opens_half_opens_and_closes_across_two_routers(
         assert closed.last_failure_reason != 0
 
 
-async def _probe_when_allowed(stub: LlmRouterServiceStub, server: RunningServer) -> pb.GenerateResponse:
+async def _probe_when_allowed(
+    stub: LlmRouterServiceAsyncStub, server: RunningServer
+) -> pb.GenerateResponse:
     """Call until the open circuit lets a probe through (bounded by the cool-down)."""
     async with asyncio.timeout(10):
         while True:

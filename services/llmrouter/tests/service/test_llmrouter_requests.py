@@ -8,18 +8,21 @@ from contextlib import AbstractAsyncContextManager
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from foredeck.common.v1 import chat_pb2, tool_pb2
 from foredeck.llmrouter.v1 import generation_pb2, model_pb2, provider_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_kit.errors import error_details
 from foredeck_kit.settings import ServiceSettings
 from foredeck_kit.telemetry import setup_telemetry
 from foredeck_testing.provider import Endpoint, ScriptedProvider, TextReply, Usage
 from foredeck_testing.server import RunningServer
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-RouterFactory = Callable[..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceStub]]]
+RouterFactory = Callable[
+    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+]
 
 
 def _user(text: str) -> chat_pb2.ChatMessage:
@@ -56,7 +59,9 @@ async def test_malformed_messages_name_every_bad_field(router_factory: RouterFac
                 parts=[
                     chat_pb2.ContentPart(),
                     chat_pb2.ContentPart(
-                        tool_call=tool_pb2.ToolCall(tool_call_id="c1", tool_name="f", arguments_json="[")
+                        tool_call=tool_pb2.ToolCall(
+                            tool_call_id="c1", tool_name="f", arguments_json="["
+                        )
                     ),
                 ],
             ),
@@ -106,7 +111,10 @@ async def test_bad_tool_schema(router_factory: RouterFactory, schema: str, probl
                 timeout=5,
             )
     details = error_details(caught.value)
-    assert (caught.value.code(), details.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TOOL_SCHEMA")
+    assert (caught.value.code(), details.reason) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_TOOL_SCHEMA",
+    )
     assert details.metadata == {"toolName": "broken"}
     assert [v.field for v in details.field_violations] == ["tools[1].parameters_json_schema"]
     assert problem in details.field_violations[0].description
@@ -128,7 +136,9 @@ async def test_permission_is_required(router_factory: RouterFactory) -> None:
 async def test_models_and_providers_are_listed_with_health(router_factory: RouterFactory) -> None:
     async with router_factory() as (server, stub):
         metadata = server.mint(permissions=["llm:read"])
-        first = await stub.ListModels(pb.ListModelsRequest(page_size=2), metadata=metadata, timeout=5)
+        first = await stub.ListModels(
+            pb.ListModelsRequest(page_size=2), metadata=metadata, timeout=5
+        )
         rest = await stub.ListModels(
             pb.ListModelsRequest(page_size=100, page_token=first.next_page_token),
             metadata=metadata,
@@ -137,7 +147,9 @@ async def test_models_and_providers_are_listed_with_health(router_factory: Route
         names = [m.name for m in [*first.models, *rest.models]]
         assert names == sorted(names)
         assert rest.next_page_token == ""
-        model = (await stub.GetModel(pb.GetModelRequest(model="sonnet"), metadata=metadata, timeout=5)).model
+        model = (
+            await stub.GetModel(pb.GetModelRequest(model="sonnet"), metadata=metadata, timeout=5)
+        ).model
         assert (model.name, model.provider, model.provider_kind) == (
             "claude-sonnet-4-6",
             "anthropic",
@@ -146,19 +158,24 @@ async def test_models_and_providers_are_listed_with_health(router_factory: Route
         assert model.is_default
         assert model.pricing.input_usd_micros_per_million_tokens == 3_000_000
         assert model.circuit_state == provider_pb2.CIRCUIT_STATE_CLOSED
-        assert model.capabilities.tools and model.capabilities.streaming
+        assert model.capabilities.tools
+        assert model.capabilities.streaming
         embedding = await stub.ListModels(
             pb.ListModelsRequest(kind=model_pb2.MODEL_KIND_EMBEDDING), metadata=metadata, timeout=5
         )
         assert [m.name for m in embedding.models] == ["text-embedding-3-small"]
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.ListModels(
-                pb.ListModelsRequest(kind=model_pb2.MODEL_KIND_EMBEDDING, page_token=first.next_page_token),
+                pb.ListModelsRequest(
+                    kind=model_pb2.MODEL_KIND_EMBEDDING, page_token=first.next_page_token
+                ),
                 metadata=metadata,
                 timeout=5,
             )
         assert error_details(caught.value).reason == "PAGE_TOKEN_INVALID"
-        providers = await stub.ListProviders(pb.ListProvidersRequest(), metadata=metadata, timeout=5)
+        providers = await stub.ListProviders(
+            pb.ListProvidersRequest(), metadata=metadata, timeout=5
+        )
         assert [(p.name, p.credentials_configured) for p in providers.providers] == [
             ("anthropic", True),
             ("openai", True),
@@ -192,7 +209,12 @@ async def test_routing_by_pattern_alias_and_tenant_default(
         models=[model],
         tenant_default_models={"tenant-b": "big"},
     ) as (server, stub):
-        for requested, tenant in (("claude-opus-4-8", "tenant-a"), ("o4-mini", "tenant-a"), ("", "tenant-b"), ("", "tenant-a")):
+        for requested, tenant in (
+            ("claude-opus-4-8", "tenant-a"),
+            ("o4-mini", "tenant-a"),
+            ("", "tenant-b"),
+            ("", "tenant-a"),
+        ):
             await stub.Generate(
                 pb.GenerateRequest(model=requested, messages=[_user("hi")]),
                 metadata=server.mint(tenant_id=tenant),
@@ -257,15 +279,28 @@ async def test_usage_cost_metrics_and_span(
         {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}
     ]
     registry = telemetry.metrics.registry
-    for direction, value in (("input", 100), ("output", 20), ("cache_read", 1000), ("cache_write", 200)):
+    for direction, value in (
+        ("input", 100),
+        ("output", 20),
+        ("cache_read", 1000),
+        ("cache_write", 200),
+    ):
         sample = registry.get_sample_value(
             "agent_llm_tokens_total", {"model": "claude-sonnet-4-6", "direction": direction}
         )
         assert sample == value
-    assert registry.get_sample_value(
-        "llmrouter_provider_call_seconds_count",
-        {"provider": "anthropic", "model": "claude-sonnet-4-6", "operation": "chat", "outcome": "ok"},
-    ) == 1
+    assert (
+        registry.get_sample_value(
+            "llmrouter_provider_call_seconds_count",
+            {
+                "provider": "anthropic",
+                "model": "claude-sonnet-4-6",
+                "operation": "chat",
+                "outcome": "ok",
+            },
+        )
+        == 1
+    )
     spans = [s for s in exporter.get_finished_spans() if s.name == "chat claude-sonnet-4-6"]
     assert len(spans) == 1
     attributes = dict(spans[0].attributes or {})
@@ -317,7 +352,15 @@ async def test_embed_through_openai(
             metadata=server.mint(permissions=["llm:embed"]),
             timeout=5,
         )
-    assert (reply.model, reply.provider, reply.dimensions) == ("text-embedding-3-small", "openai", 8)
+    assert (reply.model, reply.provider, reply.dimensions) == (
+        "text-embedding-3-small",
+        "openai",
+        8,
+    )
     assert [e.index for e in reply.embeddings] == [0, 1, 2]
     assert all(len(e.values) == 8 for e in reply.embeddings)
-    assert scripted_provider.requests_to(Endpoint.OPENAI_EMBEDDINGS)[0].body["input"] == ["a", "b", "c"]
+    assert scripted_provider.requests_to(Endpoint.OPENAI_EMBEDDINGS)[0].body["input"] == [
+        "a",
+        "b",
+        "c",
+    ]

@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
+
 from foredeck.common.v1 import chat_pb2
 from foredeck.llmrouter.v1 import generation_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_kit.errors import error_details
 from foredeck_testing.provider import (
     ConnectionReset,
@@ -28,7 +29,9 @@ from foredeck_testing.provider import (
 )
 from foredeck_testing.server import RunningServer
 
-RouterFactory = Callable[..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceStub]]]
+RouterFactory = Callable[
+    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+]
 
 RETRIES = 3
 SECRET = "internal upstream detail 7f3a"
@@ -49,29 +52,123 @@ class Row:
 
 
 ROWS = [
-    Row("400", HttpError(400, message=SECRET), 1, False, grpc.StatusCode.INVALID_ARGUMENT, "PROVIDER_REJECTED_REQUEST"),
-    Row("401", HttpError(401, message=SECRET), 1, False, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_AUTH_FAILED"),
-    Row("403", HttpError(403, message=SECRET), 1, False, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_AUTH_FAILED"),
-    Row("404", HttpError(404, message=SECRET), 1, False, grpc.StatusCode.FAILED_PRECONDITION, "PROVIDER_MODEL_NOT_FOUND"),
+    Row(
+        "400",
+        HttpError(400, message=SECRET),
+        1,
+        False,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PROVIDER_REJECTED_REQUEST",
+    ),
+    Row(
+        "401",
+        HttpError(401, message=SECRET),
+        1,
+        False,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROVIDER_AUTH_FAILED",
+    ),
+    Row(
+        "403",
+        HttpError(403, message=SECRET),
+        1,
+        False,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROVIDER_AUTH_FAILED",
+    ),
+    Row(
+        "404",
+        HttpError(404, message=SECRET),
+        1,
+        False,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "PROVIDER_MODEL_NOT_FOUND",
+    ),
     Row("408", HttpError(408), RETRIES, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
     Row("409", HttpError(409), RETRIES, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
-    Row("413", HttpError(413, message=SECRET), 1, False, grpc.StatusCode.INVALID_ARGUMENT, "PROVIDER_REJECTED_REQUEST"),
-    Row("429-retry-after", HttpError.rate_limited(retry_after_ms=20), RETRIES, True, grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED"),
-    Row("429", HttpError(429), RETRIES, True, grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_RATE_LIMITED"),
-    Row("429-quota", HttpError.insufficient_quota(), 1, True, grpc.StatusCode.RESOURCE_EXHAUSTED, "PROVIDER_QUOTA_EXHAUSTED"),
+    Row(
+        "413",
+        HttpError(413, message=SECRET),
+        1,
+        False,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PROVIDER_REJECTED_REQUEST",
+    ),
+    Row(
+        "429-retry-after",
+        HttpError.rate_limited(retry_after_ms=20),
+        RETRIES,
+        True,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PROVIDER_RATE_LIMITED",
+    ),
+    Row(
+        "429",
+        HttpError(429),
+        RETRIES,
+        True,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PROVIDER_RATE_LIMITED",
+    ),
+    Row(
+        "429-quota",
+        HttpError.insufficient_quota(),
+        1,
+        True,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "PROVIDER_QUOTA_EXHAUSTED",
+    ),
     Row("500", HttpError(500), RETRIES, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
     Row("502", HttpError(502), RETRIES, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
     Row("503", HttpError(503), RETRIES, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
-    Row("529", HttpError.overloaded(), RETRIES, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
-    Row("500-should-retry-false", HttpError(500, should_retry=False), 1, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
-    Row("400-should-retry-true", HttpError(400, should_retry=True), 1, False, grpc.StatusCode.INVALID_ARGUMENT, "PROVIDER_REJECTED_REQUEST"),
-    Row("connection-reset", ConnectionReset(), RETRIES, True, grpc.StatusCode.UNAVAILABLE, "PROVIDER_UNAVAILABLE"),
+    Row(
+        "529",
+        HttpError.overloaded(),
+        RETRIES,
+        True,
+        grpc.StatusCode.UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+    ),
+    Row(
+        "500-should-retry-false",
+        HttpError(500, should_retry=False),
+        1,
+        True,
+        grpc.StatusCode.UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+    ),
+    Row(
+        "400-should-retry-true",
+        HttpError(400, should_retry=True),
+        1,
+        False,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "PROVIDER_REJECTED_REQUEST",
+    ),
+    Row(
+        "connection-reset",
+        ConnectionReset(),
+        RETRIES,
+        True,
+        grpc.StatusCode.UNAVAILABLE,
+        "PROVIDER_UNAVAILABLE",
+    ),
     Row("timeout", Hang(), RETRIES, True, grpc.StatusCode.DEADLINE_EXCEEDED, "PROVIDER_TIMEOUT"),
 ]
 
 CHAINS = {
-    "anthropic-first": ("claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES, "gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS),
-    "openai-first": ("gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS, "claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES),
+    "anthropic-first": (
+        "claude-sonnet-4-6",
+        Endpoint.ANTHROPIC_MESSAGES,
+        "gpt-4o",
+        Endpoint.OPENAI_CHAT_COMPLETIONS,
+    ),
+    "openai-first": (
+        "gpt-4o",
+        Endpoint.OPENAI_CHAT_COMPLETIONS,
+        "claude-sonnet-4-6",
+        Endpoint.ANTHROPIC_MESSAGES,
+    ),
 }
 
 
@@ -145,7 +242,9 @@ async def test_status_with_fallback(
     assert all(r.retry_count == 0 for r in scripted_provider.requests)
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.falls_back], ids=[r.name for r in ROWS if r.falls_back])
+@pytest.mark.parametrize(
+    "row", [r for r in ROWS if r.falls_back], ids=[r.name for r in ROWS if r.falls_back]
+)
 async def test_status_when_chain_ends(
     router_factory: RouterFactory, scripted_provider: ScriptedProvider, row: Row
 ) -> None:
@@ -179,12 +278,14 @@ async def test_status_when_chain_ends(
 async def test_retry_after_is_honoured(
     router_factory: RouterFactory, scripted_provider: ScriptedProvider
 ) -> None:
-    scripted_provider.enqueue(HttpError.rate_limited(retry_after_ms=150), endpoint=Endpoint.ANTHROPIC_MESSAGES)
+    scripted_provider.enqueue(
+        HttpError.rate_limited(retry_after_ms=150), endpoint=Endpoint.ANTHROPIC_MESSAGES
+    )
     async with router_factory() as (server, stub):
         reply = await stub.Generate(
             _request("claude-sonnet-4-6", None), metadata=server.mint(), timeout=10
         )
-    first, second = scripted_provider.requests_to(Endpoint.ANTHROPIC_MESSAGES)
+    assert len(scripted_provider.requests_to(Endpoint.ANTHROPIC_MESSAGES)) == 2
     assert reply.attempts[0].retry_after.ToMilliseconds() == 150
     assert [a.outcome for a in reply.attempts] == [
         generation_pb2.ATTEMPT_OUTCOME_RETRIED,

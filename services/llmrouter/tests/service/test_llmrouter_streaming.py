@@ -8,10 +8,11 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 
 import pytest
+
 from foredeck.common.v1 import chat_pb2, tool_pb2
 from foredeck.llmrouter.v1 import generation_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_testing.provider import (
     Endpoint,
     HttpError,
@@ -22,9 +23,11 @@ from foredeck_testing.provider import (
     ToolCallsReply,
     Usage,
 )
-from foredeck_testing.server import RunningServer
+from foredeck_testing.server import Metadata, RunningServer
 
-RouterFactory = Callable[..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceStub]]]
+RouterFactory = Callable[
+    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+]
 
 MODELS = {
     "anthropic": ("claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES, "gpt-4o"),
@@ -53,7 +56,9 @@ def _request(model: str, *, fallback: str = "", tools: bool = False) -> pb.Strea
     )
 
 
-async def _collect(stub: LlmRouterServiceStub, request: pb.StreamGenerateRequest, metadata: object) -> list[pb.StreamGenerateResponse]:
+async def _collect(
+    stub: LlmRouterServiceAsyncStub, request: pb.StreamGenerateRequest, metadata: Metadata
+) -> list[pb.StreamGenerateResponse]:
     return [event async for event in stub.StreamGenerate(request, metadata=metadata, timeout=10)]
 
 
@@ -63,10 +68,14 @@ def _rebuild(events: list[pb.StreamGenerateResponse]) -> dict[int, str]:
     for event in events:
         kind = event.WhichOneof("event")
         if kind == "text_delta":
-            parts[event.text_delta.part_index] = parts.get(event.text_delta.part_index, "") + event.text_delta.text
+            parts[event.text_delta.part_index] = (
+                parts.get(event.text_delta.part_index, "") + event.text_delta.text
+            )
         elif kind == "tool_call_arguments_delta":
             delta = event.tool_call_arguments_delta
-            parts[delta.part_index] = parts.get(delta.part_index, "") + delta.arguments_json_fragment
+            parts[delta.part_index] = (
+                parts.get(delta.part_index, "") + delta.arguments_json_fragment
+            )
     return parts
 
 
@@ -82,8 +91,8 @@ async def test_text_stream(
     async with router_factory() as (server, stub):
         events = await _collect(stub, _request(model), server.mint())
     kinds = [e.WhichOneof("event") for e in events]
-    assert kinds[0] == "started" and kinds[-1] == "finished"
-    assert events[0].started.model == model and events[0].started.provider == provider
+    assert (kinds[0], kinds[-1]) == ("started", "finished")
+    assert (events[0].started.model, events[0].started.provider) == (model, provider)
     assert _rebuild(events) == {0: "one two three four"}
     finished = events[-1].finished
     assert finished.finish_reason == generation_pb2.FINISH_REASON_STOP
@@ -161,7 +170,9 @@ async def test_tool_call_cut_mid_arguments_is_reported_incomplete(
     reply = ToolCallsReply(
         (ToolCall("get_weather", {"city": "Paris, France"}, id="call_cut"),), argument_fragment=4
     )
-    scripted_provider.enqueue(MidStreamFailure(reply, after_deltas=2, mode="close"), endpoint=endpoint)
+    scripted_provider.enqueue(
+        MidStreamFailure(reply, after_deltas=2, mode="close"), endpoint=endpoint
+    )
     async with router_factory() as (server, stub):
         events = await _collect(stub, _request(model, tools=True), server.mint())
     failed = events[-1].failed
@@ -178,7 +189,9 @@ async def test_failure_before_first_token_fails_over(
 ) -> None:
     model, endpoint, fallback = MODELS[provider]
     scripted_provider.enqueue(
-        MidStreamFailure(TextReply("never seen"), after_deltas=0, mode="error", error=HttpError(529)),
+        MidStreamFailure(
+            TextReply("never seen"), after_deltas=0, mode="error", error=HttpError(529)
+        ),
         endpoint=endpoint,
     )
     async with router_factory(retry_max_attempts=1) as (server, stub):

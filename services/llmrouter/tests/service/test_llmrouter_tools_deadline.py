@@ -9,10 +9,11 @@ from contextlib import AbstractAsyncContextManager
 
 import grpc
 import pytest
+
 from foredeck.common.v1 import chat_pb2, tool_pb2
 from foredeck.llmrouter.v1 import generation_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_testing.provider import (
     Endpoint,
     Hang,
@@ -24,7 +25,9 @@ from foredeck_testing.provider import (
 )
 from foredeck_testing.server import RunningServer
 
-RouterFactory = Callable[..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceStub]]]
+RouterFactory = Callable[
+    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+]
 
 WEATHER = tool_pb2.ToolDefinition(
     name="get_weather",
@@ -45,8 +48,18 @@ def _text(role: int, text: str) -> chat_pb2.ChatMessage:
 @pytest.mark.parametrize(
     ("first", "first_endpoint", "second", "second_endpoint"),
     [
-        ("claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES, "gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS),
-        ("gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS, "claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES),
+        (
+            "claude-sonnet-4-6",
+            Endpoint.ANTHROPIC_MESSAGES,
+            "gpt-4o",
+            Endpoint.OPENAI_CHAT_COMPLETIONS,
+        ),
+        (
+            "gpt-4o",
+            Endpoint.OPENAI_CHAT_COMPLETIONS,
+            "claude-sonnet-4-6",
+            Endpoint.ANTHROPIC_MESSAGES,
+        ),
     ],
     ids=["anthropic-then-openai", "openai-then-anthropic"],
 )
@@ -83,7 +96,9 @@ async def test_tool_call_round_trips_between_providers(
             role=chat_pb2.ROLE_TOOL,
             parts=[
                 chat_pb2.ContentPart(
-                    tool_result=tool_pb2.ToolResult(tool_call_id=call.tool_call_id, content="sunny, 21C")
+                    tool_result=tool_pb2.ToolResult(
+                        tool_call_id=call.tool_call_id, content="sunny, 21C"
+                    )
                 )
             ],
         )
@@ -105,7 +120,9 @@ async def test_tool_call_round_trips_between_providers(
         assert assistant["tool_calls"][0]["id"] == "toolu_01AbC"
         assert json.loads(assistant["tool_calls"][0]["function"]["arguments"]) == arguments
         assert tool == {"role": "tool", "tool_call_id": "toolu_01AbC", "content": "sunny, 21C"}
-        assert sent["tools"][0]["function"]["parameters"] == json.loads(WEATHER.parameters_json_schema)
+        assert sent["tools"][0]["function"]["parameters"] == json.loads(
+            WEATHER.parameters_json_schema
+        )
     else:
         assistant, tool = sent["messages"][1], sent["messages"][2]
         assert assistant["content"][0] == {"type": "text", "text": "Checking."}
@@ -114,17 +131,25 @@ async def test_tool_call_round_trips_between_providers(
         assert assistant["content"][1]["input"] == arguments
         assert tool == {
             "role": "user",
-            "content": [{"type": "tool_result", "tool_use_id": "toolu_01AbC", "content": "sunny, 21C"}],
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_01AbC", "content": "sunny, 21C"}
+            ],
         }
         assert sent["tools"][0]["input_schema"] == json.loads(WEATHER.parameters_json_schema)
 
 
 @pytest.mark.parametrize(
     ("model", "endpoint"),
-    [("claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES), ("gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS)],
+    [
+        ("claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES),
+        ("gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS),
+    ],
 )
 async def test_caller_deadline_cancels_upstream_request(
-    router_factory: RouterFactory, scripted_provider: ScriptedProvider, model: str, endpoint: Endpoint
+    router_factory: RouterFactory,
+    scripted_provider: ScriptedProvider,
+    model: str,
+    endpoint: Endpoint,
 ) -> None:
     scripted_provider.enqueue(Hang(), endpoint=endpoint)
     async with router_factory(attempt_timeout_seconds=120) as (server, stub):

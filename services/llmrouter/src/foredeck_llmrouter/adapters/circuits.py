@@ -174,9 +174,7 @@ class RedisCircuitStore:
     async def record_success(self, provider: str, model: str, probe: bool) -> None:
         """Note a success; a successful probe closes the circuit."""
         try:
-            await self._run(
-                self._success, self._keys(provider, model)[:2], ["1" if probe else "0"]
-            )
+            await self._run(self._success, self._keys(provider, model)[:2], ["1" if probe else "0"])
         except RedisError as error:
             self._log.warning("circuit store unavailable", error=repr(error))
 
