@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import (
-    LlmRouterServiceAsyncStub,
-    LlmRouterServiceStub,
-)
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
 from foredeck_kit.errors import domain_for
 from foredeck_kit.telemetry import Telemetry
 from foredeck_llmrouter.config import LlmRouterSettings
@@ -20,9 +17,12 @@ from foredeck_llmrouter.servicer import SERVICE_NAME
 from foredeck_testing.provider import ScriptedProvider
 from foredeck_testing.server import RunningServer, running_server
 
-RouterFactory = Callable[
-    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
-]
+if TYPE_CHECKING:
+    from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
+
+    RouterFactory = Callable[
+        ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+    ]
 
 
 def scripted_settings(

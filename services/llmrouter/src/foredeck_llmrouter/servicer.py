@@ -56,6 +56,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "PROVIDER_MODEL_NOT_FOUND": grpc.StatusCode.FAILED_PRECONDITION,
     "PROVIDER_NOT_FOUND": grpc.StatusCode.NOT_FOUND,
     "PROVIDER_RESPONSE_INVALID": grpc.StatusCode.UNAVAILABLE,
+    "DELEGATION_NOT_ALLOWED": grpc.StatusCode.PERMISSION_DENIED,
 }
 
 _MAX_TEXTS = 2048
@@ -135,6 +136,7 @@ class LlmRouterServicer(llmrouter_service_pb2_grpc.LlmRouterServiceServicer):
         """Generate: the next assistant message, whole."""
         principal = current_principal()
         principal.require("llm:generate")
+        principal.require_run(request.metadata.run_id)
         try:
             chat = wire.chat_request(request)
             generation = await self._router.generate(chat, principal.tenant_id, _deadline(context))
@@ -148,6 +150,7 @@ class LlmRouterServicer(llmrouter_service_pb2_grpc.LlmRouterServiceServicer):
         """StreamGenerate: the next assistant message as typed deltas."""
         principal = current_principal()
         principal.require("llm:generate")
+        principal.require_run(request.metadata.run_id)
         try:
             chat = wire.chat_request(request)
             events = self._router.stream(chat, principal.tenant_id, _deadline(context))
@@ -169,7 +172,9 @@ class LlmRouterServicer(llmrouter_service_pb2_grpc.LlmRouterServiceServicer):
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.EmbedResponse:
         """Embed: vectors for a batch of texts."""
-        current_principal().require("llm:embed")
+        principal = current_principal()
+        principal.require("llm:embed")
+        principal.require_run(request.metadata.run_id)
         bad: list[tuple[str, str]] = []
         if not request.texts:
             bad.append(("texts", "at least one text is required"))

@@ -58,6 +58,7 @@ from foredeck_llmrouter.domain.router import (
 DOMAIN = "llmrouter.foredeck.dev"
 _TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
 _SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
+_REQUEST_ID = re.compile(r"[a-zA-Z0-9_.:-]{1,512}")
 _SCHEMA_LIMIT = 64 * 1024
 _LABEL_LIMIT = 128
 _MEDIA_TYPES = {"image/png", "image/jpeg", "image/gif", "image/webp"}
@@ -230,8 +231,8 @@ def chat_request(request: GenerateLike) -> ChatRequest:
     for name in ("run_id", "step_id", "agent_name"):
         if len(getattr(metadata, name)) > _LABEL_LIMIT:
             bad.append((f"metadata.{name}", f"at most {_LABEL_LIMIT} characters"))
-    if len(request.request_id) > 256:
-        bad.append(("request_id", "at most 256 characters"))
+    if request.request_id and not _REQUEST_ID.fullmatch(request.request_id):
+        bad.append(("request_id", "1-512 characters of [a-zA-Z0-9_.:-]"))
     for k, name in enumerate(request.fallback_models):
         if not name:
             bad.append((f"fallback_models[{k}]", "empty model name"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -12,16 +13,19 @@ import pytest
 from foredeck.common.v1 import chat_pb2
 from foredeck.llmrouter.v1 import generation_pb2, provider_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_kit.errors import error_details
 from foredeck_testing.provider import Delay, Endpoint, HttpError, ScriptedProvider, TextReply
 from foredeck_testing.server import RunningServer, fresh_keys
 
-RouterFactory = Callable[
-    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
-]
 MODEL = "gpt-4o"
 COOLDOWN = 0.4
+
+if TYPE_CHECKING:
+    from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
+
+    RouterFactory = Callable[
+        ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+    ]
 
 
 def _request(fallback: str = "") -> pb.GenerateRequest:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import jsonschema
 import pytest
@@ -17,10 +18,7 @@ from pydantic import SecretStr
 from foredeck.common.v1 import chat_pb2
 from foredeck.llmrouter.v1 import generation_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import (
-    LlmRouterServiceAsyncStub,
-    LlmRouterServiceStub,
-)
+from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
 from foredeck_kit.errors import domain_for
 from foredeck_llmrouter.adapters.local_embeddings import LocalEmbeddings
 from foredeck_llmrouter.adapters.local_provider import (
@@ -44,6 +42,9 @@ SCHEMA = {
     "required": ["city", "population"],
     "additionalProperties": False,
 }
+
+if TYPE_CHECKING:
+    from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="session")

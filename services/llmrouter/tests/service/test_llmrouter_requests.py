@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -13,16 +14,18 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from foredeck.common.v1 import chat_pb2, tool_pb2
 from foredeck.llmrouter.v1 import generation_pb2, model_pb2, provider_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_kit.errors import error_details
 from foredeck_kit.settings import ServiceSettings
 from foredeck_kit.telemetry import setup_telemetry
 from foredeck_testing.provider import Endpoint, ScriptedProvider, TextReply, Usage
 from foredeck_testing.server import RunningServer
 
-RouterFactory = Callable[
-    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
-]
+if TYPE_CHECKING:
+    from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
+
+    RouterFactory = Callable[
+        ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+    ]
 
 
 def _user(text: str) -> chat_pb2.ChatMessage:
@@ -238,7 +241,7 @@ async def test_usage_cost_metrics_and_span(
     telemetry = setup_telemetry(
         "llmrouter",
         ServiceSettings(metrics_port=-1),
-        environ={},
+        environ={"OTEL_TRACES_SAMPLER": "always_on"},
         span_exporter=exporter,
         set_global=False,
         configure_logs=False,

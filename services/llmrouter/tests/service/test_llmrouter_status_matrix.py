@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -17,7 +18,6 @@ import pytest
 from foredeck.common.v1 import chat_pb2
 from foredeck.llmrouter.v1 import generation_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_kit.errors import error_details
 from foredeck_testing.provider import (
     ConnectionReset,
@@ -29,12 +29,15 @@ from foredeck_testing.provider import (
 )
 from foredeck_testing.server import RunningServer
 
-RouterFactory = Callable[
-    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
-]
-
 RETRIES = 3
 SECRET = "internal upstream detail 7f3a"
+
+if TYPE_CHECKING:
+    from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
+
+    RouterFactory = Callable[
+        ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+    ]
 
 
 @dataclass(frozen=True)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 import pytest
 
 from foredeck.common.v1 import chat_pb2, tool_pb2
 from foredeck.llmrouter.v1 import generation_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_testing.provider import (
     Endpoint,
     HttpError,
@@ -25,10 +25,6 @@ from foredeck_testing.provider import (
 )
 from foredeck_testing.server import Metadata, RunningServer
 
-RouterFactory = Callable[
-    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
-]
-
 MODELS = {
     "anthropic": ("claude-sonnet-4-6", Endpoint.ANTHROPIC_MESSAGES, "gpt-4o"),
     "openai": ("gpt-4o", Endpoint.OPENAI_CHAT_COMPLETIONS, "claude-sonnet-4-6"),
@@ -40,6 +36,13 @@ WEATHER = tool_pb2.ToolDefinition(
         {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     ),
 )
+
+if TYPE_CHECKING:
+    from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
+
+    RouterFactory = Callable[
+        ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+    ]
 
 
 def _request(model: str, *, fallback: str = "", tools: bool = False) -> pb.StreamGenerateRequest:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -13,7 +14,6 @@ import pytest
 from foredeck.common.v1 import chat_pb2, tool_pb2
 from foredeck.llmrouter.v1 import generation_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
-from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
 from foredeck_testing.provider import (
     Endpoint,
     Hang,
@@ -25,10 +25,6 @@ from foredeck_testing.provider import (
 )
 from foredeck_testing.server import RunningServer
 
-RouterFactory = Callable[
-    ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
-]
-
 WEATHER = tool_pb2.ToolDefinition(
     name="get_weather",
     description="Weather in a city.",
@@ -36,6 +32,13 @@ WEATHER = tool_pb2.ToolDefinition(
         {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     ),
 )
+
+if TYPE_CHECKING:
+    from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceAsyncStub
+
+    RouterFactory = Callable[
+        ..., AbstractAsyncContextManager[tuple[RunningServer, LlmRouterServiceAsyncStub]]
+    ]
 
 
 def _text(role: int, text: str) -> chat_pb2.ChatMessage:
