@@ -10,6 +10,7 @@ is logged, because refusing every LLM call while a cache is down would be the la
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,6 +102,9 @@ return {h, count, tostring(now)}
 """
 
 
+_SUCCESS_WRITE_INTERVAL = 1.0
+
+
 @dataclass(frozen=True)
 class CircuitConfig:
     """When a circuit opens and for how long."""
@@ -127,6 +131,7 @@ class RedisCircuitStore:
         self._release = client.register_script(_RELEASE)
         self._snapshot = client.register_script(_SNAPSHOT)
         self._log = get_logger("foredeck.llmrouter.circuits")
+        self._success_written: dict[tuple[str, str], float] = {}
 
     async def _run(self, script: Any, keys: list[str], args: list[Any]) -> Any:
         try:
@@ -172,7 +177,17 @@ class RedisCircuitStore:
             self._log.warning("circuit store unavailable", error=repr(error))
 
     async def record_success(self, provider: str, model: str, probe: bool) -> None:
-        """Note a success; a successful probe closes the circuit."""
+        """Note a success; a successful probe closes the circuit.
+
+        Outside a probe a success changes nothing but the last-success time, so it is written at
+        most once a second per circuit and replica: a busy router saves a Redis round trip on
+        almost every call.
+        """
+        now = time.monotonic()
+        key = (provider, model)
+        if not probe and now - self._success_written.get(key, -1e9) < _SUCCESS_WRITE_INTERVAL:
+            return
+        self._success_written[key] = now
         try:
             await self._run(self._success, self._keys(provider, model)[:2], ["1" if probe else "0"])
         except RedisError as error:
