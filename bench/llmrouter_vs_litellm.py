@@ -35,6 +35,8 @@ from typing import Any
 import grpc
 import grpc.aio
 import httpx
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from foredeck.common.v1 import chat_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as pb
 from foredeck.llmrouter.v1.llmrouter_service_pb2_grpc import LlmRouterServiceStub
@@ -46,7 +48,6 @@ from foredeck_kit.principal import (
 )
 from foredeck_stack.stores import RedisProcess, free_port
 from foredeck_testing import echo
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def _litellm_path() -> Path:
