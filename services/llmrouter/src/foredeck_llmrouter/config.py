@@ -122,6 +122,10 @@ class LlmRouterSettings(ServiceSettings):
     retry_max_retry_after_seconds: float = Field(default=30.0, ge=0)
     attempt_timeout_seconds: float = Field(default=60.0, gt=0)
 
+    response_retention_seconds: float = Field(
+        default=24 * 3600, gt=0, description="How long a Generate answer is kept by request id."
+    )
+
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_failure_window_seconds: float = Field(default=30.0, gt=0)
     circuit_cooldown_seconds: float = Field(default=15.0, gt=0)

@@ -34,6 +34,7 @@ from foredeck_llmrouter.adapters.local_provider import (
     bundled_model_path,
 )
 from foredeck_llmrouter.adapters.openai_provider import OpenAiProvider
+from foredeck_llmrouter.adapters.recorder import RedisResponseRecorder
 from foredeck_llmrouter.adapters.telemetry import TelemetryObserver
 from foredeck_llmrouter.catalog_config import LOCAL_PROVIDER, build_catalog
 from foredeck_llmrouter.config import LlmRouterSettings
@@ -176,9 +177,13 @@ class RouterRuntime:
         """The servicer over the opened router."""
         if self.router is None:
             raise RuntimeError("runtime not opened")
+        assert self._redis is not None
         return LlmRouterServicer(
             self.router,
             (self.settings.circuit_failure_threshold, self.settings.circuit_failure_window_seconds),
+            RedisResponseRecorder(
+                self._redis, retention_seconds=self.settings.response_retention_seconds
+            ),
         )
 
     def register(self, server: grpc.aio.Server) -> None:

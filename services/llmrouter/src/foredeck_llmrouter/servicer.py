@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import time
@@ -11,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
+from redis.exceptions import RedisError
 
 from foredeck.llmrouter.v1 import (
     llmrouter_service_pb2 as pb,
@@ -21,10 +24,12 @@ from foredeck.llmrouter.v1 import (
     provider_pb2,
 )
 from foredeck_kit.errors import ServiceError
-from foredeck_kit.principal import current_principal
+from foredeck_kit.principal import Principal, current_principal
 from foredeck_llmrouter import wire
+from foredeck_llmrouter.adapters.recorder import ClaimState, RedisResponseRecorder
 from foredeck_llmrouter.domain.catalog import ModelKind
 from foredeck_llmrouter.domain.errors import RouterError, invalid_request
+from foredeck_llmrouter.domain.model import ChatRequest
 from foredeck_llmrouter.domain.ports import CircuitState
 from foredeck_llmrouter.domain.router import Router
 
@@ -59,6 +64,7 @@ _CODES: dict[str, grpc.StatusCode] = {
     "DELEGATION_NOT_ALLOWED": grpc.StatusCode.PERMISSION_DENIED,
 }
 
+_PENDING_POLL_SECONDS = 0.05
 _MAX_TEXTS = 2048
 _MAX_TEXT_BYTES = 256 * 1024
 _CHARS_PER_TOKEN = 3
@@ -126,9 +132,15 @@ def _next_token(offset: int, total: int, query: str) -> str:
 class LlmRouterServicer(llmrouter_service_pb2_grpc.LlmRouterServiceServicer):
     """Thin translation between the contract and the `Router` use cases."""
 
-    def __init__(self, router: Router, circuit_config: tuple[int, float]) -> None:
+    def __init__(
+        self,
+        router: Router,
+        circuit_config: tuple[int, float],
+        recorder: RedisResponseRecorder | None = None,
+    ) -> None:
         self._router = router
         self._threshold, self._window = circuit_config
+        self._recorder = recorder
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -139,10 +151,59 @@ class LlmRouterServicer(llmrouter_service_pb2_grpc.LlmRouterServiceServicer):
         principal.require_run(request.metadata.run_id)
         try:
             chat = wire.chat_request(request)
+            if request.request_id and self._recorder is not None:
+                return await self._recorded(request, chat, principal, _deadline(context))
             generation = await self._router.generate(chat, principal.tenant_id, _deadline(context))
         except RouterError as error:
             raise to_service_error(error) from None
         return wire.generate_response(generation)
+
+    async def _recorded(
+        self,
+        request: pb.GenerateRequest,
+        chat: ChatRequest,
+        principal: Principal,
+        deadline: float | None,
+    ) -> pb.GenerateResponse:
+        """Generate once per request id: replay a recorded answer, or wait for a running one."""
+        assert self._recorder is not None
+        recorder = self._recorder
+        unkeyed = pb.GenerateRequest()
+        unkeyed.CopyFrom(request)
+        unkeyed.ClearField("metadata")
+        digest = hashlib.sha256(unkeyed.SerializeToString(deterministic=True)).hexdigest()
+        ids = (principal.tenant_id, principal.user_id, request.request_id)
+        while True:
+            try:
+                claim = await recorder.claim(*ids, digest)
+            except RedisError:
+                raise ServiceError.store_unavailable("redis", timedelta(seconds=1)) from None
+            if claim.digest != digest:
+                raise ServiceError.request_id_reused(request.request_id)
+            if claim.state is ClaimState.DONE:
+                replay = pb.GenerateResponse.FromString(claim.payload)
+                replay.replayed = True
+                return replay
+            if claim.state is ClaimState.CLAIMED:
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise RouterError(
+                    "PROVIDER_TIMEOUT", "the first call with this id is still running"
+                )
+            # The first call with this id is still generating; its answer is polled for.
+            await asyncio.sleep(_PENDING_POLL_SECONDS)
+        try:
+            generation = await self._router.generate(chat, principal.tenant_id, deadline)
+        except BaseException:
+            with contextlib.suppress(RedisError):
+                await asyncio.shield(recorder.release(*ids, digest))
+            raise
+        response = wire.generate_response(generation)
+        try:
+            await recorder.finish(*ids, digest, response.SerializeToString())
+        except RedisError:
+            raise ServiceError.store_unavailable("redis", timedelta(seconds=1)) from None
+        return response
 
     async def StreamGenerate(
         self, request: pb.StreamGenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
