@@ -319,25 +319,35 @@ async def _level(
     return len(latencies) / elapsed, latencies, errors, cpu
 
 
-async def _capacity(target: Target, direct_p50: float) -> tuple[float, float, int]:
-    """(best requests per CPU-second, its requests/s, its concurrency) within the latency bound."""
-    best = (0.0, 0.0, 0)
+async def _capacity(target: Target, direct_p50: float) -> tuple[float, float, int, bool]:
+    """(requests per CPU-second, requests/s, concurrency, whether p99 added <= 50 ms held).
+
+    The best level is the one with the most requests per CPU-second among those whose p99 added
+    latency is within the bound; when none is (a machine busy with other work), the best
+    error-free level is reported and flagged.
+    """
+    within: tuple[float, float, int] | None = None
+    any_level: tuple[float, float, int] | None = None
     for concurrency in LEVELS:
         rate, latencies, errors, cpu = await _level(target.call, concurrency, target.pid)
         if errors or len(latencies) < 2:
             print(f"  {target.name} x{concurrency}: {errors} errors")
             break
         added_p99 = _pct(latencies, 99) - direct_p50
+        per_core = len(latencies) / cpu if cpu > 0 else 0.0
         print(
             f"  {target.name} x{concurrency}: {rate:8.1f} req/s, p99 added {_ms(added_p99)} ms, "
-            f"proxy CPU {cpu / LEVEL_SECONDS:5.2f} cores"
+            f"proxy CPU {cpu / LEVEL_SECONDS:5.2f} cores, {per_core:8.1f} req/CPU-s"
         )
-        if added_p99 > ADDED_P99_LIMIT:
-            break
-        per_core = len(latencies) / cpu if cpu > 0 else 0.0
-        if per_core > best[0]:
-            best = (per_core, rate, concurrency)
-    return best
+        if any_level is None or per_core > any_level[0]:
+            any_level = (per_core, rate, concurrency)
+        if added_p99 <= ADDED_P99_LIMIT and (within is None or per_core > within[0]):
+            within = (per_core, rate, concurrency)
+    if within is not None:
+        return (*within, True)
+    if any_level is not None:
+        return (*any_level, False)
+    return (0.0, 0.0, 0, False)
 
 
 async def _floor_echo() -> list[float]:
@@ -402,7 +412,9 @@ async def run() -> None:
             for target in targets:
                 samples = await _sequential(target.call)
                 ttft = await _first_tokens(target.stream_first_token)
-                per_core, rate, concurrency = await _capacity(target, _pct(direct_samples, 50))
+                per_core, rate, concurrency, bound = await _capacity(
+                    target, _pct(direct_samples, 50)
+                )
                 results[target.name] = {
                     "added_p50": _pct(samples, 50) - _pct(direct_samples, 50),
                     "added_p99": _pct(samples, 99) - _pct(direct_samples, 99),
@@ -410,6 +422,7 @@ async def run() -> None:
                     "per_core": per_core,
                     "rate": rate,
                     "concurrency": concurrency,
+                    "bound_met": 1.0 if bound else 0.0,
                 }
 
     floor_p50 = _pct(echo_samples, 50)
@@ -428,6 +441,7 @@ async def run() -> None:
         ("requests per CPU-second (p99 add <= 50 ms)", "per_core", 1.0, ">= 4"),
         ("requests/s at that point", "rate", 1.0, ""),
         ("concurrency at that point", "concurrency", 1.0, ""),
+        ("p99 added <= 50 ms held there (1 = yes)", "bound_met", 1.0, ""),
     ]
     for label, key, scale, goal in rows:
         mine = router[key] * scale
