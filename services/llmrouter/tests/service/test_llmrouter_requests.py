@@ -367,3 +367,32 @@ async def test_embed_through_openai(
         "b",
         "c",
     ]
+
+
+async def test_count_tokens_estimates_high_and_prices_the_worst_case(
+    router_factory: RouterFactory,
+) -> None:
+    text = "x" * 3000
+    async with router_factory() as (server, stub):
+        reply = await stub.CountTokens(
+            pb.CountTokensRequest(model="sonnet", messages=[_user(text)], max_output_tokens=1000),
+            metadata=server.mint(permissions=["llm:read"]),
+            timeout=5,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Embed(
+                pb.EmbedRequest(texts=["a"], dimensions=5000),
+                metadata=server.mint(),
+                timeout=5,
+            )
+    # Real text averages about four characters a token; the estimate counts three.
+    assert reply.input_tokens >= len(text) // 3
+    assert not reply.exact
+    assert (reply.model, reply.provider) == ("claude-sonnet-4-6", "anthropic")
+    assert reply.fits_context_window
+    assert reply.max_output_tokens == 1000
+    expected = -(-(reply.input_tokens * 3_000_000 + 1000 * 15_000_000) // 1_000_000)
+    assert reply.max_cost_usd_micros == expected
+    details = error_details(caught.value)
+    assert details.reason == "INVALID_REQUEST"
+    assert [v.field for v in details.field_violations] == ["dimensions"]

@@ -394,6 +394,14 @@ class Router:
         model = self.catalog.resolve(requested, ModelKind.EMBEDDING)
         if dimensions and not model.capabilities.embedding_dimensions:
             raise _capability_error(model, "dimensions", "dimensions")
+        if model.embedding_dimensions and dimensions > model.embedding_dimensions:
+            raise RouterError(
+                "INVALID_REQUEST",
+                "invalid request",
+                field_violations=[
+                    ("dimensions", f"at most the model's {model.embedding_dimensions}")
+                ],
+            )
         self._check_deadline(deadline)
         provider = self._embed.get(model.provider)
         if provider is None:
