@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import kit_overhead, principal_verify, toolrunner_sandbox
+from bench import kit_overhead, llmrouter_vs_litellm, principal_verify, toolrunner_sandbox
 
 
 def main() -> None:
     """Run the benchmarks one after another; each prints its own table."""
     asyncio.run(kit_overhead.run())
     principal_verify.run()
+    asyncio.run(llmrouter_vs_litellm.run())
     asyncio.run(toolrunner_sandbox.run())
 
 
