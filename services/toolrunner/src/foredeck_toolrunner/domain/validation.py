@@ -289,8 +289,13 @@ def validate_arguments(tool_name: str, schema_text: str, arguments: dict[str, An
     violations: dict[str, str] = {}
 
     def add(error: ValidationError) -> None:
-        if error.validator == "required" and isinstance(error.instance, dict):
-            for name in error.validator_value:
+        required = error.validator_value
+        if (
+            error.validator == "required"
+            and isinstance(error.instance, dict)
+            and isinstance(required, list)
+        ):
+            for name in required:
                 if name not in error.instance:
                     field = "arguments_json" + _pointer([*error.absolute_path, name])
                     violations.setdefault(field, "required property is missing")
