@@ -14,12 +14,12 @@ from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import grpc
 import grpc.aio
 
 from foredeck_kit.context import REQUEST_ID_METADATA_KEY
+from foredeck_kit.handlers import Middleware
 from foredeck_kit.principal import (
     PRINCIPAL_METADATA_KEY,
     PrincipalKind,
@@ -27,7 +27,14 @@ from foredeck_kit.principal import (
     PrincipalVerifier,
     generate_key,
 )
-from foredeck_kit.server import Readiness, Register, ServiceHost, build_grpc_server
+from foredeck_kit.server import (
+    DEFAULT_READINESS_INTERVAL,
+    DEFAULT_READINESS_TIMEOUT,
+    Readiness,
+    Register,
+    ServiceHost,
+    build_grpc_server,
+)
 from foredeck_kit.settings import ServiceSettings
 from foredeck_kit.telemetry import Telemetry
 
@@ -115,7 +122,9 @@ async def running_server(
     readiness: Readiness | None = None,
     keys: Mapping[str, bytes] | None = None,
     telemetry: Telemetry | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    middleware: Sequence[Middleware] = (),
+    readiness_interval: float = DEFAULT_READINESS_INTERVAL,
+    readiness_timeout: float = DEFAULT_READINESS_TIMEOUT,
     wait_ready: bool = True,
     ready_timeout: float = 30.0,
 ) -> AsyncIterator[RunningServer]:
@@ -141,7 +150,9 @@ async def running_server(
         public_methods=public_methods,
         readiness=readiness,
         telemetry=telemetry,
-        interceptors=interceptors,
+        middleware=middleware,
+        readiness_interval=readiness_interval,
+        readiness_timeout=readiness_timeout,
     )
     await host.start()
     try:
