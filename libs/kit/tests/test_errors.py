@@ -634,3 +634,38 @@ async def test_generated_servicer_and_stub_through_the_kit() -> None:
     # The documented mapping of a method the service does not implement.
     assert _wire(caught.value) == (grpc.StatusCode.UNIMPLEMENTED, Reason.INVALID_REQUEST)
     assert error_details(caught.value).metadata == {"method": f"/{service}/ListMessages"}
+
+
+class _MethodAwareVerifier(PrincipalVerifier):
+    """A verifier that, like a future one, wants to know which method is being called."""
+
+    def __init__(self, keys: dict[str, bytes]) -> None:
+        super().__init__(keys)
+        self.methods: list[str] = []
+
+    def verify(self, token: str, *, method: str = "") -> Principal:
+        self.methods.append(method)
+        return super().verify(token)
+
+
+async def test_a_verifier_that_takes_the_method_is_given_it() -> None:
+    keys = {"k": b"k" * 32}
+    verifier = _MethodAwareVerifier(keys)
+    host = build_grpc_server(
+        ServiceSettings(metrics_port=-1),
+        domain=DOMAIN,
+        register=register({"Echo": unary(_echo)}),
+        service_names=["foredeck.kittest.v1.EchoService"],
+        verifier=verifier,
+    )
+    await host.start()
+    try:
+        token = PrincipalSigner(keys, "k").mint(tenant_id="t", user_id="u")
+        async with grpc.aio.insecure_channel(host.address) as channel:
+            reply = await unary_call(channel, "Echo")(
+                Message(value="hi"), metadata=((PRINCIPAL_METADATA_KEY, token),), timeout=10
+            )
+    finally:
+        await host.stop(grace=0)
+    assert reply.value == "hi"
+    assert verifier.methods == ["/foredeck.kittest.v1.EchoService/Echo"]

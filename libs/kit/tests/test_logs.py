@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from foredeck_kit.logs import (
@@ -31,6 +32,8 @@ from foredeck_kit.logs import (
 from foredeck_kit.metrics import Metrics
 from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, PrincipalSigner, generate_key
 from foredeck_kit.principal import format_keys as format_principal_keys
+from foredeck_kit.settings import ServiceSettings
+from foredeck_kit.telemetry import setup_telemetry
 from foredeck_testing.echo import Message, unary_call
 
 
@@ -218,3 +221,43 @@ async def test_a_service_keeps_answering_while_nobody_reads_its_logs() -> None:
 def _drain(fd: int) -> None:
     while os.read(fd, 65536):
         pass
+
+
+def test_rpc_lines_carry_bound_context_variables() -> None:
+    stream = io.StringIO()
+    configure_logging("kittest", stream=stream)
+    try:
+        emit(logging.INFO, "foredeck.rpc", "rpc", {"method": "/a.v1.A/B"})
+        structlog.contextvars.bind_contextvars(run_id="run-7")
+        try:
+            emit(logging.INFO, "foredeck.rpc", "rpc", {"method": "/a.v1.A/B"})
+        finally:
+            structlog.contextvars.unbind_contextvars("run_id")
+        flush_logging()
+    finally:
+        reset_logging()
+    first, second = (json.loads(line) for line in stream.getvalue().splitlines())
+    assert "run_id" not in first
+    assert second["run_id"] == "run-7"
+
+
+def test_telemetry_shutdown_writes_what_is_buffered(stalled: _StalledStream) -> None:
+    telemetry = setup_telemetry(
+        "kittest",
+        ServiceSettings(metrics_port=-1),
+        environ={},
+        set_global=False,
+        log_stream=stalled,
+    )
+    try:
+        for number in range(20):
+            get_logger("foredeck.test").info("line", number=number)
+        assert stalled.blocked.wait(5)
+        # The stream moves again a moment later; shutdown must wait for it, not drop lines.
+        threading.Timer(0.2, stalled.release.set).start()
+        telemetry.shutdown()
+        written = stalled.getvalue().splitlines()
+    finally:
+        stalled.release.set()
+        reset_logging()
+    assert [json.loads(line)["number"] for line in written] == list(range(20))

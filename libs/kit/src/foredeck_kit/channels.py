@@ -103,13 +103,11 @@ class _Outbound:
     def __init__(
         self,
         *,
-        target: str,
         default_timeout: float | None,
         principal: PrincipalSource | None,
         tracer_provider: TracerProvider | None,
         name: str | None,
     ) -> None:
-        self._target = target
         self._default_timeout = default_timeout
         self._principal = principal
         self._name = name
@@ -125,12 +123,7 @@ class _Outbound:
         return _Method(
             full=full_method,
             span_name=f"{service}/{method}",
-            attributes={
-                "rpc.system": "grpc",
-                "rpc.service": service,
-                "rpc.method": method,
-                "server.address": self._target,
-            },
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
             downstream=self._name or service,
         )
 
@@ -169,13 +162,17 @@ class _Outbound:
                 timeout = remaining
                 inbound = True
 
-        pairs: list[tuple[str, Any]] = list(metadata) if metadata else []
+        pairs: list[tuple[str, Any]]
         has_principal = has_request_id = False
-        for key, _ in pairs:
-            if key == PRINCIPAL_METADATA_KEY:
-                has_principal = True
-            elif key == REQUEST_ID_METADATA_KEY:
-                has_request_id = True
+        if metadata:
+            pairs = list(metadata)
+            for key, _ in pairs:
+                if key == PRINCIPAL_METADATA_KEY:
+                    has_principal = True
+                elif key == REQUEST_ID_METADATA_KEY:
+                    has_request_id = True
+        else:
+            pairs = []
         if not has_principal:
             token = outbound_principal_token()
             if token is None and state is not None:
@@ -683,7 +680,6 @@ def open_channel(
     else:
         inner = grpc.aio.insecure_channel(target, options=list(channel_options.items()))
     outbound = _Outbound(
-        target=target,
         default_timeout=timeout,
         principal=principal,
         tracer_provider=tracer_provider,

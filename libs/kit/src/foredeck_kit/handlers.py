@@ -316,12 +316,14 @@ class _Method:
     def _unary(self, behavior: Any, request_streaming: bool) -> Callable[..., Any]:
         async def unary_response(request: Any, context: Context) -> Any:
             started = time.perf_counter()
-            state, span, token, tokens = self._begin(context)
+            state, token, tokens, carrier = self._begin(context)
+            rejection = self._admit(state, token, tokens) if self._verify is not None else None
+            span = self._start_span(state, carrier) if self._tracer is not None else None
             code = _OK
             mapped: _Mapped | None = None
             try:
-                if self._verify is not None:
-                    self._admit(state, span, token, tokens)
+                if rejection is not None:
+                    raise rejection
                 if self._middleware:
                     async with contextlib.AsyncExitStack() as stack:
                         for middleware in self._middleware:
@@ -329,8 +331,13 @@ class _Method:
                         response = await self._respond(
                             behavior, request, context, request_streaming
                         )
+                elif request_streaming:
+                    response = await self._respond(behavior, request, context, True)
                 else:
-                    response = await self._respond(behavior, request, context, request_streaming)
+                    # The common case, inline: one coroutine less per call.
+                    response = behavior(self._decode_request(request), context)
+                    if inspect.isawaitable(response):
+                        response = await response
                 code = _code_of(context)
                 if response is None and code is not _OK:
                     # The handler ended the call with set_code(): grpc sends no message.
@@ -359,12 +366,14 @@ class _Method:
     def _streaming(self, behavior: Any, request_streaming: bool) -> Callable[..., Any]:
         async def stream_response(request: Any, context: Context) -> AsyncIterator[Any]:
             started = time.perf_counter()
-            state, span, token, tokens = self._begin(context)
+            state, token, tokens, carrier = self._begin(context)
+            rejection = self._admit(state, token, tokens) if self._verify is not None else None
+            span = self._start_span(state, carrier) if self._tracer is not None else None
             code = _OK
             mapped: _Mapped | None = None
             try:
-                if self._verify is not None:
-                    self._admit(state, span, token, tokens)
+                if rejection is not None:
+                    raise rejection
                 async with contextlib.AsyncExitStack() as stack:
                     for middleware in self._middleware:
                         await stack.enter_async_context(middleware(state, context))
@@ -393,7 +402,8 @@ class _Method:
 
     # -- steps --
 
-    def _begin(self, context: Context) -> tuple[RpcState, trace.Span | None, str | None, int]:
+    def _begin(self, context: Context) -> tuple[RpcState, str | None, int, dict[str, str] | None]:
+        """Scan the metadata once and make the RPC's state current."""
         token: str | None = None
         tokens = 0
         request_id: str | None = None
@@ -421,41 +431,49 @@ class _Method:
         # ends, so values set here need no reset (a reset would fail when a stream is closed
         # from another context).
         _rpc_var.set(state)
-        span: trace.Span | None = None
-        if self._tracer is not None:
-            parent = propagate.extract(carrier) if carrier is not None else _EMPTY_CONTEXT
-            span = self._tracer.start_span(
-                self._span_name,
-                context=parent,
-                kind=SpanKind.SERVER,
-                attributes=self._span_attributes,
-            )
-            otel_context.attach(trace.set_span_in_context(span, parent))
-        return state, span, token, tokens
+        return state, token, tokens, carrier
 
-    def _admit(
-        self, state: RpcState, span: trace.Span | None, token: str | None, tokens: int
-    ) -> None:
+    def _admit(self, state: RpcState, token: str | None, tokens: int) -> ServiceError | None:
+        """Verify the principal and make it current; return why the call is refused, if it is."""
         if tokens == 0 or token is None:
-            raise ServiceError.principal_missing()
+            return ServiceError.principal_missing()
         if tokens > 1:
             # Two tokens would let a proxy and a caller disagree about who is calling.
-            raise ServiceError.principal_invalid("more than one principal sent")
+            return ServiceError.principal_invalid("more than one principal sent")
         assert self._verify is not None
         try:
             principal = self._verify(token)
-        except ServiceError:
-            raise
+        except ServiceError as error:
+            return error
         except Exception as exc:
             # Whatever breaks inside verification, the token was not accepted.
             state.error = exc
-            raise ServiceError.principal_invalid() from exc
+            refused = ServiceError.principal_invalid()
+            refused.__cause__ = exc
+            return refused
         _principal_var.set(principal)
         state.principal = principal
         state.principal_token = token
-        if span is not None and span.is_recording():
-            span.set_attribute("foredeck.tenant_id", principal.tenant_id)
-            span.set_attribute("enduser.id", principal.user_id)
+        return None
+
+    def _start_span(self, state: RpcState, carrier: dict[str, str] | None) -> trace.Span:
+        """Start the RPC's server span, continuing the caller's trace, and make it current."""
+        assert self._tracer is not None
+        parent = propagate.extract(carrier) if carrier is not None else _EMPTY_CONTEXT
+        attributes = self._span_attributes
+        principal = state.principal
+        if principal is not None:
+            # All attributes at once: setting them one by one takes the span's lock each time.
+            attributes = {
+                **attributes,
+                "foredeck.tenant_id": principal.tenant_id,
+                "enduser.id": principal.user_id,
+            }
+        span = self._tracer.start_span(
+            self._span_name, context=parent, kind=SpanKind.SERVER, attributes=attributes
+        )
+        otel_context.attach(trace.set_span_in_context(span, parent))
+        return span
 
     def _decode_request(self, raw: Any) -> Any:
         try:

@@ -62,6 +62,9 @@ _LEVELS: dict[str, int] = {
 }
 _LEVEL_NAMES = {number: name for name, number in _LEVELS.items()}
 _ORJSON_OPTIONS = orjson.OPT_NON_STR_KEYS | orjson.OPT_UTC_Z
+# structlog's registry of the context variables ``bind_contextvars`` created: while it is
+# empty nothing is bound, and scanning the whole context for bound values can be skipped.
+_structlog_vars: dict[str, Any] | None = getattr(structlog.contextvars, "_CONTEXT_VARS", None)
 _UTC = datetime.UTC
 
 
@@ -126,10 +129,11 @@ class LogSink:
     """A bounded buffer of rendered lines that a daemon thread writes to ``stream``.
 
     :meth:`write` never blocks: when ``max_lines`` lines are waiting, the line is dropped and
-    counted. Lines are written in batches, ``linger`` seconds after the first of a batch. ``summary`` renders the line reporting how many were dropped; it is written as
-    soon as the writer catches up. Streams with a file descriptor are written with
-    ``os.write``, bypassing Python's buffered writer, whose lock a thread stuck on a full pipe
-    would otherwise hold at interpreter exit.
+    counted. Lines are written in batches, ``linger`` seconds after the first of a batch.
+    ``summary`` renders the line reporting how many were dropped; it is written as soon as the
+    writer catches up. Streams with a file descriptor are written with ``os.write``, bypassing
+    Python's buffered writer, whose lock a thread stuck on a full pipe would otherwise hold at
+    interpreter exit.
     """
 
     def __init__(
@@ -413,9 +417,10 @@ def emit(
         return
     if level < config.level:
         return
-    bound: Mapping[str, Any] = structlog.contextvars.get_contextvars()
-    if bound:
-        fields = {**bound, **fields}
+    if _structlog_vars is None or _structlog_vars:
+        bound: Mapping[str, Any] = structlog.contextvars.get_contextvars()
+        if bound:
+            fields = {**bound, **fields}
     fields["event"] = event
     fields["level"] = name
     fields["timestamp"] = datetime.datetime.now(_UTC)
