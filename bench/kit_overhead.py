@@ -48,7 +48,7 @@ WARMUP = 300
 SEQUENTIAL = 3000
 CONCURRENT_CALLS = 4000
 CONCURRENCY = 32
-ROUNDS = 2
+ROUNDS = 3
 SAMPLER = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 
 Call = Callable[[echo.Message], Awaitable[Any]]
