@@ -18,7 +18,7 @@ For each RPC, in this order:
    INVALID_ARGUMENT and a response that cannot be encoded is INTERNAL instead of grpc's own
    UNKNOWN with the exception text on the wire.
 5. Error mapping: one last-resort mapping covers everything above — :class:`ServiceError` ->
-   rich status, a downstream's error -> this service's own (see :func:`map_downstream`),
+   rich status, a downstream's error -> this service's own (see :func:`_map_downstream`),
    anything else -> INTERNAL "internal error".
 6. At the end: one log line (``event="rpc"``), the ``grpc_server_*`` metrics and the span's
    status.
@@ -54,13 +54,11 @@ from foredeck_kit.principal import _current as _principal_var
 
 __all__ = [
     "INFRASTRUCTURE_SERVICES",
-    "PUBLIC_SERVICES",
     "Context",
     "HandlerWrapper",
     "Middleware",
     "RegisteringServer",
     "abort_with_error",
-    "map_downstream",
 ]
 
 INFRASTRUCTURE_SERVICES: frozenset[str] = frozenset(
@@ -72,9 +70,6 @@ INFRASTRUCTURE_SERVICES: frozenset[str] = frozenset(
 )
 """Services every caller may use without a principal (probes and tooling); never traced,
 logged at debug level and outside the service's middleware."""
-
-PUBLIC_SERVICES = INFRASTRUCTURE_SERVICES
-"""The same set, by the name it had when it was only about principals."""
 
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
@@ -173,7 +168,7 @@ class _Mapped:
     status: grpc.Status | None = None
 
 
-def map_downstream(error: grpc.aio.AioRpcError, state: RpcState | None) -> _Mapped:
+def _map_downstream(error: grpc.aio.AioRpcError, state: RpcState | None) -> _Mapped:
     """Map a downstream's error that a handler let through; never forward it as it came.
 
     - UNAVAILABLE -> UNAVAILABLE ``DOWNSTREAM_UNAVAILABLE`` with RetryInfo (the downstream's,
@@ -359,7 +354,7 @@ class _Method:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                self._finish(state, context, span, started, code, mapped)
+                self._finish_safely(state, context, span, started, code, mapped)
 
         return unary_response
 
@@ -396,7 +391,7 @@ class _Method:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                self._finish(state, context, span, started, code, mapped)
+                self._finish_safely(state, context, span, started, code, mapped)
 
         return stream_response
 
@@ -456,8 +451,17 @@ class _Method:
         state.principal_token = token
         return None
 
-    def _start_span(self, state: RpcState, carrier: dict[str, str] | None) -> trace.Span:
-        """Start the RPC's server span, continuing the caller's trace, and make it current."""
+    def _start_span(self, state: RpcState, carrier: dict[str, str] | None) -> trace.Span | None:
+        """Start the RPC's server span, continuing the caller's trace, and make it current.
+
+        A propagator or tracer that fails costs the RPC its span, never its answer.
+        """
+        try:
+            return self._traced(state, carrier)
+        except Exception:
+            return None
+
+    def _traced(self, state: RpcState, carrier: dict[str, str] | None) -> trace.Span:
         assert self._tracer is not None
         parent = propagate.extract(carrier) if carrier is not None else _EMPTY_CONTEXT
         attributes = self._span_attributes
@@ -528,7 +532,7 @@ class _Method:
 
     def _map(self, state: RpcState, context: Context, exc: Exception) -> _Mapped:
         if isinstance(exc, grpc.aio.AioRpcError):
-            mapped = map_downstream(exc, state)
+            mapped = _map_downstream(exc, state)
         elif isinstance(exc, ServiceError):
             # A server fault raised from another exception is logged with its traceback.
             caused = exc.code in _SERVER_FAULTS and exc.__cause__ is not None
@@ -562,6 +566,22 @@ class _Method:
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
+
+    def _finish_safely(
+        self,
+        state: RpcState,
+        context: Context,
+        span: trace.Span | None,
+        started: float,
+        code: grpc.StatusCode,
+        mapped: _Mapped | None,
+    ) -> None:
+        # An exception here would replace the RPC's own outcome on the wire with UNKNOWN; the
+        # bookkeeping is not worth that, so a failure in it is dropped.
+        try:  # noqa: SIM105 - a plain try costs nothing on the hot path; suppress() does
+            self._finish(state, context, span, started, code, mapped)
+        except Exception:
+            pass
 
     def _finish(
         self,
