@@ -15,9 +15,10 @@ Measured, each against the bare baseline of the same run:
   ratio (``ServiceSettings`` has no sampling setting yet, so the standard
   ``OTEL_TRACES_SAMPLER`` variables set it for that run).
 
-Every setup runs ``ROUNDS`` times, interleaved, and keeps its best figures, so a burst of load
-from other processes on the machine skews one round rather than the ratio. Log lines are
-produced and formatted as in production, then written to ``/dev/null``.
+Each round measures bare, kit and kit+otlp back to back and takes each setup's ratio to that
+round's bare run; the median over ``ROUNDS`` rounds is printed, so a burst of load from other
+processes on the machine skews one round rather than the result. Log lines are produced and
+formatted as in production, then written to ``/dev/null``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ WARMUP = 300
 SEQUENTIAL = 3000
 CONCURRENT_CALLS = 4000
 CONCURRENCY = 32
-ROUNDS = 3
+ROUNDS = 5
 SAMPLER = {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
 
 Call = Callable[[echo.Message], Awaitable[Any]]
@@ -56,7 +57,7 @@ Call = Callable[[echo.Message], Awaitable[Any]]
 
 @dataclass
 class Figures:
-    """One setup's best figures over the rounds."""
+    """One setup's figures in one round."""
 
     latencies: list[float]
     throughput: float
@@ -70,15 +71,6 @@ class Figures:
     @property
     def p99(self) -> float:
         return _pct(self.latencies, 99)
-
-    def best(self, other: Figures | None) -> Figures:
-        if other is None:
-            return self
-        return Figures(
-            latencies=min(self.latencies, other.latencies, key=lambda s: _pct(s, 50)),
-            throughput=max(self.throughput, other.throughput),
-            cpu_per_call=min(self.cpu_per_call, other.cpu_per_call),
-        )
 
 
 async def _echo(request: echo.Message, context: Any) -> echo.Message:
@@ -212,40 +204,44 @@ async def _kit(devnull: TextIO, otlp_endpoint: str | None) -> Figures:
         telemetry.shutdown()
 
 
+METRICS: list[tuple[str, Callable[[Figures], float]]] = [
+    ("unary p50 (ms)", lambda f: f.p50),
+    ("unary p99 (ms)", lambda f: f.p99),
+    ("calls/s", lambda f: f.throughput),
+    ("CPU per call (us)", lambda f: f.cpu_per_call * 1e6),
+]
+
+
 async def run() -> None:
     """Measure the three setups and print p50/p99 latency, throughput, CPU and the ratios."""
-    best: dict[str, Figures | None] = {"bare": None, "kit": None, "kit+otlp": None}
-    exports = 0
+    rounds: list[dict[str, Figures]] = []
     # Log lines are produced and formatted as in production, then discarded.
     with (
         open(os.devnull, "w") as devnull,  # noqa: ASYNC230 - opening /dev/null does not block
         _collector() as (endpoint, collector),
     ):
         for _ in range(ROUNDS):
-            best["bare"] = (await _bare()).best(best["bare"])
-            best["kit"] = (await _kit(devnull, None)).best(best["kit"])
-            best["kit+otlp"] = (await _kit(devnull, endpoint)).best(best["kit+otlp"])
+            rounds.append(
+                {
+                    "bare": await _bare(),
+                    "kit": await _kit(devnull, None),
+                    "kit+otlp": await _kit(devnull, endpoint),
+                }
+            )
         exports = collector.exports
 
-    bare = best["bare"]
-    assert bare is not None
     print(
         "\nkit overhead: kit server + channel vs bare grpc.aio with the same principal header"
-        f"\n(same process, same run, best of {ROUNDS} interleaved rounds; "
-        f"{CONCURRENCY} calls in flight for throughput)"
+        f"\n(same process; {ROUNDS} rounds, each measuring bare, kit and kit+otlp back to back;"
+        "\nfigures are medians over the rounds, ratios the median of each round's ratio to"
+        f"\nits own bare run; {CONCURRENCY} calls in flight for calls/s)"
     )
-    print(f"{'metric':<26}{'bare':>10}{'kit':>10}{'ratio':>8}{'kit+otlp':>10}{'ratio':>8}")
-    rows: list[tuple[str, Callable[[Figures], float]]] = [
-        ("unary p50 (ms)", lambda f: f.p50),
-        ("unary p99 (ms)", lambda f: f.p99),
-        ("calls/s", lambda f: f.throughput),
-        ("CPU per call (us)", lambda f: f.cpu_per_call * 1e6),
-    ]
-    for name, value in rows:
-        line = f"{name:<26}{value(bare):>10.3f}"
+    print(f"{'metric':<22}{'bare':>10}{'kit':>10}{'ratio':>8}{'kit+otlp':>10}{'ratio':>8}")
+    for name, value in METRICS:
+        line = f"{name:<22}{statistics.median(value(r['bare']) for r in rounds):>10.3f}"
         for key in ("kit", "kit+otlp"):
-            figures = best[key]
-            assert figures is not None
-            line += f"{value(figures):>10.3f}{value(figures) / value(bare):>7.2f}x"
+            figure = statistics.median(value(r[key]) for r in rounds)
+            ratio = statistics.median(value(r[key]) / value(r["bare"]) for r in rounds)
+            line += f"{figure:>10.3f}{ratio:>7.2f}x"
         print(line)
     print(f"OTLP exports received by the collector: {exports}")

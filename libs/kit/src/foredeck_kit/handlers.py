@@ -41,6 +41,7 @@ import grpc
 import grpc.aio
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
+from opentelemetry.propagators.textmap import Getter
 from opentelemetry.trace import SpanKind, Status, StatusCode, TracerProvider
 
 from foredeck_kit.channels import downstream_call
@@ -98,6 +99,20 @@ _SERVER_SPAN_ERRORS = frozenset(
 _MAX_REQUEST_ID_CHARS = 128
 _DOWNSTREAM_RETRY = timedelta(seconds=1)
 _EMPTY_CONTEXT = otel_context.Context()
+
+
+class _CarrierGetter(Getter[dict[str, str]]):
+    """Reads trace headers from the dict the metadata scan filled: plain strings, no checks."""
+
+    def get(self, carrier: dict[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        return None if value is None else [value]
+
+    def keys(self, carrier: dict[str, str]) -> list[str]:
+        return list(carrier)
+
+
+_GETTER = _CarrierGetter()
 _INSTRUMENTATION = "foredeck_kit.handlers"
 _EOF = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -463,7 +478,9 @@ class _Method:
 
     def _traced(self, state: RpcState, carrier: dict[str, str] | None) -> trace.Span:
         assert self._tracer is not None
-        parent = propagate.extract(carrier) if carrier is not None else _EMPTY_CONTEXT
+        parent = (
+            propagate.extract(carrier, getter=_GETTER) if carrier is not None else _EMPTY_CONTEXT
+        )
         attributes = self._span_attributes
         principal = state.principal
         if principal is not None:
