@@ -21,7 +21,7 @@ For each RPC, in this order:
    rich status, a downstream's error -> this service's own (see :func:`_map_downstream`),
    anything else -> INTERNAL "internal error".
 6. At the end: one log line (``event="rpc"``), the ``grpc_server_*`` metrics and the span's
-   status.
+   status, written as the event loop's next callback so the response goes out first.
 """
 
 from __future__ import annotations
@@ -369,7 +369,7 @@ class _Method:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                self._finish_safely(state, context, span, started, code, mapped)
+                self._done(state, context, span, started, code, mapped)
 
         return unary_response
 
@@ -406,7 +406,7 @@ class _Method:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                self._finish_safely(state, context, span, started, code, mapped)
+                self._done(state, context, span, started, code, mapped)
 
         return stream_response
 
@@ -584,7 +584,7 @@ class _Method:
             return grpc.StatusCode.DEADLINE_EXCEEDED
         return grpc.StatusCode.CANCELLED
 
-    def _finish_safely(
+    def _done(
         self,
         state: RpcState,
         context: Context,
@@ -593,24 +593,54 @@ class _Method:
         code: grpc.StatusCode,
         mapped: _Mapped | None,
     ) -> None:
-        # An exception here would replace the RPC's own outcome on the wire with UNKNOWN; the
-        # bookkeeping is not worth that, so a failure in it is dropped.
+        """Record the RPC's outcome; the log line, metrics and span end follow a moment later.
+
+        They run as the event loop's next callback, once grpc has the response and is sending
+        it, so the caller does not wait for the bookkeeping. Duration and end time are taken
+        now.
+        """
+        elapsed = time.perf_counter() - started
+        end_time = time.time_ns()
+        state.code = code
+        try:
+            peer = context.peer()
+        except Exception:
+            peer = "unknown"
+        arguments = (state, peer, span, elapsed, end_time, code, mapped)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._finish_safely(*arguments)
+        else:
+            loop.call_soon(self._finish_safely, *arguments)
+
+    def _finish_safely(
+        self,
+        state: RpcState,
+        peer: str,
+        span: trace.Span | None,
+        elapsed: float,
+        end_time: int,
+        code: grpc.StatusCode,
+        mapped: _Mapped | None,
+    ) -> None:
+        # An exception here must not reach the event loop's handler or change anything the
+        # caller sees; the bookkeeping is not worth that, so a failure in it is dropped.
         try:  # noqa: SIM105 - a plain try costs nothing on the hot path; suppress() does
-            self._finish(state, context, span, started, code, mapped)
+            self._finish(state, peer, span, elapsed, end_time, code, mapped)
         except Exception:
             pass
 
     def _finish(
         self,
         state: RpcState,
-        context: Context,
+        peer: str,
         span: trace.Span | None,
-        started: float,
+        elapsed: float,
+        end_time: int,
         code: grpc.StatusCode,
         mapped: _Mapped | None,
     ) -> None:
-        elapsed = time.perf_counter() - started
-        state.code = code
         if self._metrics is not None:
             self._metrics.observe(code.name, elapsed)
         error = state.error
@@ -620,7 +650,7 @@ class _Method:
                 span.set_status(Status(StatusCode.ERROR, code.name))
             if error is not None:
                 span.record_exception(error)
-            span.end()
+            span.end(end_time=end_time)
 
         if self._quiet:
             level = logging.DEBUG
@@ -636,7 +666,7 @@ class _Method:
             "method": self.full_method,
             "code": code.name,
             "duration_ms": round(elapsed * 1000, 3),
-            "peer": context.peer(),
+            "peer": peer,
         }
         if state.request_id is not None:
             fields["request_id"] = state.request_id
