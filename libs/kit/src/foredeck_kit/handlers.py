@@ -9,18 +9,19 @@ runs: they rebuild handlers on every call and cost more than the work they wrap.
 For each RPC, in this order:
 
 1. Request context: the metadata is scanned once (principal, ``x-request-id``, trace
-   headers), the :class:`~foredeck_kit.context.RpcState` is made current, and a server span
-   continues the caller's W3C trace (health and reflection are not traced).
+   headers) and the :class:`~foredeck_kit.context.RpcState` is made current.
 2. Principal verification; health, reflection and ``public_methods`` skip it.
-3. The service's middleware (:data:`Middleware`), outermost first.
-4. Request decoding, the handler, response encoding. Handlers are registered with bytes in and
+3. A server span continuing the caller's W3C trace (health and reflection are not traced),
+   started with every attribute known at once.
+4. The service's middleware (:data:`Middleware`), outermost first.
+5. Request decoding, the handler, response encoding. Handlers are registered with bytes in and
    bytes out and the wrapper runs the real (de)serializers, so a malformed request is
    INVALID_ARGUMENT and a response that cannot be encoded is INTERNAL instead of grpc's own
    UNKNOWN with the exception text on the wire.
-5. Error mapping: one last-resort mapping covers everything above — :class:`ServiceError` ->
+6. Error mapping: one last-resort mapping covers everything above — :class:`ServiceError` ->
    rich status, a downstream's error -> this service's own (see :func:`_map_downstream`),
    anything else -> INTERNAL "internal error".
-6. At the end: one log line (``event="rpc"``), the ``grpc_server_*`` metrics and the span's
+7. At the end: one log line (``event="rpc"``), the ``grpc_server_*`` metrics and the span's
    status, written as the event loop's next callback so the response goes out first.
 """
 
