@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from foredeck_kit.errors import Reason, error_details
 from foredeck_kit.logs import configure_logging, flush_logging, reset_logging
 from foredeck_kit.principal import format_keys, generate_key
 from foredeck_kit.server import build_grpc_server
@@ -416,3 +417,32 @@ async def test_watch_streams_end_on_stop_without_waiting_for_the_grace_period() 
                 statuses.append(reply.status)
         assert statuses == [NOT_SERVING]
         assert await watch.code() is grpc.StatusCode.OK
+
+
+if TYPE_CHECKING:
+    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
+else:
+    _GenericHandler = grpc.GenericRpcHandler
+
+
+class _OneMethod(_GenericHandler):
+    """A hand-written generic handler, not one built by grpc's helper."""
+
+    def service(self, handler_call_details: Any) -> Any:
+        if handler_call_details.method == f"/{SERVICE_NAME}/Echo":
+            return unary(_echo)
+        return None
+
+
+async def test_any_generic_handler_gets_the_kits_handling() -> None:
+    def add(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((_OneMethod(),))
+
+    async with running_server(add, service_names=[SERVICE_NAME], domain=DOMAIN) as srv:
+        echo = unary_call(srv.channel, "Echo")
+        assert (await echo(Message(value="hi"), metadata=srv.mint(), timeout=5)).value == "hi"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await echo(Message(value="hi"), timeout=5)
+    # Wrapped like any other handler: no principal, no call.
+    assert error_details(caught.value).reason == Reason.PRINCIPAL_MISSING
+    assert error_details(caught.value).domain == DOMAIN

@@ -196,6 +196,13 @@ class _Outbound:
         return timeout, pairs, span, inbound
 
 
+def _end_span(span: trace.Span, code: grpc.StatusCode, end_time: int) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code.name))
+    span.end(end_time=end_time)
+
+
 class _Tracked:
     """Delegates a call's accessors and ends its span, recording the downstream on errors."""
 
@@ -218,10 +225,14 @@ class _Tracked:
         if span is None:
             return
         self._span = None
-        span.set_attribute("rpc.grpc.status_code", code.value[0])
-        if code is not grpc.StatusCode.OK:
-            span.set_status(Status(StatusCode.ERROR, code.name))
-        span.end()
+        end_time = time.time_ns()
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            _end_span(span, code, end_time)
+        else:
+            # Ending the span is bookkeeping: the caller gets its answer first.
+            loop.call_soon(_end_span, span, code, end_time)
 
     def _failed(self, error: BaseException) -> None:
         if isinstance(error, grpc.aio.AioRpcError):
