@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import io
 import json
 import time
@@ -441,11 +442,19 @@ async def _stream_wrong_type(request: Message, context: Any) -> AsyncIterator[An
     yield 42
 
 
+_gate_note: contextvars.ContextVar[str] = contextvars.ContextVar("gate_note", default="unset")
+
+
 @asynccontextmanager
 async def _gatekeeper(state: RpcState, context: Any) -> AsyncIterator[None]:
     if state.method.endswith("/Gated"):
         raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "slow down")
+    _gate_note.set(f"admitted {state.principal.user_id if state.principal else '?'}")
     yield
+
+
+async def _note(request: Message, context: Any) -> Message:
+    return Message(value=_gate_note.get())
 
 
 class _ExplodingVerifier(PrincipalVerifier):
@@ -466,6 +475,7 @@ async def guarded() -> AsyncIterator[RunningServer]:
     handlers = {
         "Echo": unary(_echo),
         "Gated": unary(_echo),
+        "Note": unary(_note),
         "WrongType": unary(_wrong_type),
         "BadMetadata": unary(_bad_metadata),
         "EchoStream": server_stream(_stream_then_fail),
@@ -484,10 +494,11 @@ async def test_service_error_from_middleware_is_mapped(guarded: RunningServer) -
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await unary_call(guarded.channel, "Gated")(Message(), metadata=guarded.mint(), timeout=10)
     assert _wire(caught.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
-    reply = await unary_call(guarded.channel, "Echo")(
-        Message(value="ok"), metadata=guarded.mint(), timeout=10
+    # Middleware runs after verification, and what it sets in the context the handler sees.
+    reply = await unary_call(guarded.channel, "Note")(
+        Message(), metadata=guarded.mint(user_id="user-m"), timeout=10
     )
-    assert reply.value == "ok"
+    assert reply.value == "admitted user-m"
 
 
 @pytest.mark.parametrize("method", ["Echo", "EchoStream"])
