@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -18,6 +21,7 @@ from foredeck.memory.v1 import memory_service_pb2
 from foredeck_kit.channels import idempotent_methods, open_channel, retry_service_config
 from foredeck_kit.context import REQUEST_ID_METADATA_KEY, RpcState, outbound_principal, rpc_scope
 from foredeck_kit.errors import Reason, ServiceError, error_details
+from foredeck_kit.logs import configure_logging, flush_logging, reset_logging
 from foredeck_kit.principal import Principal, current_principal
 from foredeck_testing.echo import (
     SERVICE_NAME,
@@ -91,9 +95,19 @@ async def downstream() -> AsyncIterator[tuple[RunningServer, Seen]]:
     async def reject(request: Message, context: Any) -> Message:
         raise ServiceError.invalid_request([("value", "rejected")])
 
+    async def hang(request: Message, context: Any) -> Message:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def cancelled(request: Message, context: Any) -> Message:
+        await context.abort(grpc.StatusCode.CANCELLED, "gave up")
+        raise AssertionError("abort returned")
+
     handlers = {
         "Down": unary(down),
         "Reject": unary(reject),
+        "Hang": unary(hang),
+        "Cancelled": unary(cancelled),
         "Record": unary(record),
         "RecordStream": server_stream(record_stream),
         "Flaky": unary(flaky),
@@ -243,6 +257,8 @@ async def test_uncaught_downstream_errors_are_mapped_not_forwarded(
         "upstream.foredeck.dev",
     )
     assert details.metadata["upstreamReason"] == Reason.STORE_UNAVAILABLE
+    # The downstream is named by the service that was called.
+    assert details.metadata["downstream"] == SERVICE_NAME
     assert details.retry_after == timedelta(seconds=2)
 
     # A downstream's INVALID_ARGUMENT is this service's fault: INTERNAL, nothing forwarded.
@@ -281,3 +297,108 @@ def test_retry_service_config_shape() -> None:
     assert json.loads(retry_service_config([])) == {"methodConfig": []}
     with pytest.raises(ValueError, match="attempts"):
         retry_service_config([("a.v1.A", "Get")], max_attempts=9)
+
+
+@pytest.fixture
+def rpc_log() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging("kittest", stream=stream)
+    yield stream
+    reset_logging()
+
+
+def _rpc_lines(stream: io.StringIO, method: str) -> list[dict[str, Any]]:
+    flush_logging()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [r for r in records if r.get("event") == "rpc" and r["method"].endswith(f"/{method}")]
+
+
+@asynccontextmanager
+async def _upstream(
+    target: RunningServer, *, channel_name: str | None = None, call_timeout: float | None = None
+) -> AsyncIterator[RunningServer]:
+    """A service whose ``CallDown`` calls the downstream method named in the request."""
+    channel = open_channel(target.address, name=channel_name)
+
+    async def call_down(request: Message, context: Any) -> Message:
+        call = unary_call(channel, request.value)
+        return await call(request, timeout=call_timeout)  # type: ignore[no-any-return]
+
+    try:
+        async with running_server(
+            register({"CallDown": unary(call_down)}),
+            service_names=[SERVICE_NAME],
+            domain="upstream.foredeck.dev",
+            keys=KEYS,
+        ) as upstream:
+            yield upstream
+    finally:
+        await channel.close(None)
+
+
+async def test_downstream_timeout_within_the_callers_deadline_is_a_timeout(
+    downstream: tuple[RunningServer, Seen], rpc_log: io.StringIO
+) -> None:
+    target, _ = downstream
+    async with _upstream(target) as upstream:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            # The outbound call gets what is left of these 0.5 s and runs out with it.
+            await unary_call(upstream.channel, "CallDown")(
+                Message(value="Hang"), metadata=upstream.mint(), timeout=0.5
+            )
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+
+        async def logged() -> bool:
+            return bool(_rpc_lines(rpc_log, "CallDown"))
+
+        await _eventually(logged)
+    (line,) = _rpc_lines(rpc_log, "CallDown")
+    # The caller gave up: not a server fault, no traceback, the downstream named.
+    assert (line["code"], line["level"]) == ("DEADLINE_EXCEEDED", "info")
+    assert line["downstream"] == SERVICE_NAME
+    assert "exception" not in line
+
+
+async def test_downstream_timeout_of_a_shorter_call_timeout_is_downstream_unavailable(
+    downstream: tuple[RunningServer, Seen], rpc_log: io.StringIO
+) -> None:
+    target, _ = downstream
+    async with _upstream(target, channel_name="memory", call_timeout=0.2) as upstream:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary_call(upstream.channel, "CallDown")(
+                Message(value="Hang"), metadata=upstream.mint(), timeout=10
+            )
+    details = error_details(caught.value)
+    assert details.code is grpc.StatusCode.UNAVAILABLE
+    assert details.reason == Reason.DOWNSTREAM_UNAVAILABLE
+    assert details.metadata == {"downstream": "memory", "upstreamCode": "DEADLINE_EXCEEDED"}
+    assert details.retry_after == timedelta(seconds=1)
+    (line,) = _rpc_lines(rpc_log, "CallDown")
+    assert (line["code"], line["level"], line["downstream"]) == ("UNAVAILABLE", "warning", "memory")
+
+
+async def test_downstream_cancelled_is_cancelled(
+    downstream: tuple[RunningServer, Seen], rpc_log: io.StringIO
+) -> None:
+    target, _ = downstream
+    async with _upstream(target) as upstream:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary_call(upstream.channel, "CallDown")(
+                Message(value="Cancelled"), metadata=upstream.mint(), timeout=10
+            )
+    details = error_details(caught.value)
+    assert details.code is grpc.StatusCode.CANCELLED
+    assert (details.reason, details.domain) == (
+        Reason.DOWNSTREAM_UNAVAILABLE,
+        "upstream.foredeck.dev",
+    )
+    assert details.metadata == {"downstream": SERVICE_NAME, "upstreamCode": "CANCELLED"}
+    (line,) = _rpc_lines(rpc_log, "CallDown")
+    assert (line["code"], line["level"]) == ("CANCELLED", "info")
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)

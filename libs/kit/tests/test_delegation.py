@@ -26,7 +26,8 @@ from foredeck_kit.principal import (
 )
 from foredeck_kit.server import build_grpc_server
 from foredeck_kit.settings import ServiceSettings, SettingsError
-from foredeck_testing.echo import SERVICE_NAME, Message, register, unary, unary_call
+from foredeck_testing.echo import SERVICE_NAME, Message, full_method, register, unary, unary_call
+from foredeck_testing.server import running_server
 
 GATEWAY_KEYS = {"gw1": b"g" * 32, "gw2": b"h" * 32}
 DELEGATION_KEYS = {"orch1": b"o" * 32}
@@ -310,3 +311,29 @@ async def test_delegated_principal_reaches_a_handler_of_a_real_server() -> None:
     )
     assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert error_details(caught.value).reason == Reason.PRINCIPAL_INVALID
+
+
+async def test_the_server_refuses_delegated_principals_on_gateway_only_methods() -> None:
+    async def echo(request: Message, context: Any) -> Message:
+        return Message(value=request.value)
+
+    async with running_server(
+        register({"Echo": unary(echo), "Admin": unary(echo)}),
+        service_names=[SERVICE_NAME],
+        domain="kittest.foredeck.dev",
+        gateway_only_methods=[full_method("Admin")],
+    ) as srv:
+        delegated = (("x-foredeck-principal", srv.delegated_token("run-1")),)
+        direct = (("x-foredeck-principal", srv.token()),)
+        # A run's principal reaches ordinary methods...
+        reply = await unary_call(srv.channel, "Echo")(Message(value="a"), metadata=delegated)
+        assert reply.value == "a"
+        # ...but not gateway-only ones, which the gateway's own principal still reaches.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary_call(srv.channel, "Admin")(Message(value="b"), metadata=delegated)
+        assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
+        parsed = error_details(caught.value)
+        assert parsed.reason == Reason.DELEGATION_NOT_ALLOWED
+        assert parsed.domain == "kittest.foredeck.dev"
+        reply = await unary_call(srv.channel, "Admin")(Message(value="c"), metadata=direct)
+        assert reply.value == "c"

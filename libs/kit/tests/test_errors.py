@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import io
+import json
 import random
+import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import Any
 
 import grpc
 import grpc.aio
+import jwt
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from foredeck.memory.v1 import memory_service_pb2, memory_service_pb2_grpc
+from foredeck_kit.channels import open_channel
+from foredeck_kit.context import RpcState, outbound_principal
 from foredeck_kit.errors import (
     INTERNAL_MESSAGE,
     MAX_STATUS_BYTES,
@@ -31,6 +40,15 @@ from foredeck_kit.errors import (
     reason_to_enum,
     to_status,
 )
+from foredeck_kit.logs import configure_logging, flush_logging, reset_logging
+from foredeck_kit.principal import (
+    PRINCIPAL_METADATA_KEY,
+    Principal,
+    PrincipalSigner,
+    PrincipalVerifier,
+)
+from foredeck_kit.server import build_grpc_server
+from foredeck_kit.settings import ServiceSettings
 from foredeck_testing.echo import (
     Message,
     bidi_stream,
@@ -538,3 +556,268 @@ async def test_hundreds_of_violations_and_huge_texts_reach_the_client(
             assert parsed.metadata[OMITTED_VIOLATIONS_KEY] == str(200 - MAX_VIOLATIONS)
             assert parsed.metadata["count"] == "200"
             assert (caught.value.details() or "").startswith("invalid request mmm")
+
+
+# --- the last-resort mapping: nothing reaches the wire unmapped -----------------------------
+
+
+async def _echo(request: Message, context: Any) -> Message:
+    return Message(value=request.value)
+
+
+async def _wrong_type(request: Message, context: Any) -> Any:
+    return f"not a message {SECRET}"
+
+
+async def _bad_metadata(request: Message, context: Any) -> Message:
+    raise ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "SESSION_NOT_FOUND",
+        "session not found",
+        metadata={"attempts": 3, "session": None},
+    )
+
+
+async def _stream_wrong_type(request: Message, context: Any) -> AsyncIterator[Any]:
+    yield Message(value="first")
+    yield 42
+
+
+_gate_note: contextvars.ContextVar[str] = contextvars.ContextVar("gate_note", default="unset")
+
+
+@asynccontextmanager
+async def _gatekeeper(state: RpcState, context: Any) -> AsyncIterator[None]:
+    if state.method.endswith("/Gated"):
+        raise ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED", "slow down")
+    _gate_note.set(f"admitted {state.principal.user_id if state.principal else '?'}")
+    yield
+
+
+async def _note(request: Message, context: Any) -> Message:
+    return Message(value=_gate_note.get())
+
+
+class _ExplodingVerifier(PrincipalVerifier):
+    def verify(self, token: str, *, method: str | None = None) -> Principal:
+        raise RuntimeError(f"verifier bug {SECRET}")
+
+
+def _wire(error: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str | None]:
+    _assert_no_leak(error)
+    assert "Unexpected" not in (error.details() or "")
+    parsed = error_details(error)
+    assert parsed.domain == DOMAIN
+    return parsed.code, parsed.reason
+
+
+@pytest.fixture(scope="module")
+async def guarded() -> AsyncIterator[RunningServer]:
+    handlers = {
+        "Echo": unary(_echo),
+        "Gated": unary(_echo),
+        "Note": unary(_note),
+        "WrongType": unary(_wrong_type),
+        "BadMetadata": unary(_bad_metadata),
+        "EchoStream": server_stream(_stream_then_fail),
+        "StreamWrongType": server_stream(_stream_wrong_type),
+    }
+    async with running_server(
+        register(handlers),
+        service_names=["foredeck.kittest.v1.EchoService"],
+        domain=DOMAIN,
+        middleware=[_gatekeeper],
+    ) as srv:
+        yield srv
+
+
+async def test_service_error_from_middleware_is_mapped(guarded: RunningServer) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await unary_call(guarded.channel, "Gated")(Message(), metadata=guarded.mint(), timeout=10)
+    assert _wire(caught.value) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    # Middleware runs after verification, and what it sets in the context the handler sees.
+    reply = await unary_call(guarded.channel, "Note")(
+        Message(), metadata=guarded.mint(user_id="user-m"), timeout=10
+    )
+    assert reply.value == "admitted user-m"
+
+
+@pytest.mark.parametrize("method", ["Echo", "EchoStream"])
+async def test_malformed_request_bytes_are_invalid_argument(
+    guarded: RunningServer, method: str
+) -> None:
+    # A length prefix promising 5 bytes where 2 follow: no protobuf parser accepts it.
+    malformed = b"\x0a\x05ab"
+    path = f"/foredeck.kittest.v1.EchoService/{method}"
+
+    async def send() -> None:
+        # No serializers: the bytes go out exactly as given.
+        metadata = guarded.mint()
+        if method == "Echo":
+            await guarded.channel.unary_unary(path, None, None)(malformed, metadata=metadata)
+        else:
+            call = guarded.channel.unary_stream(path, None, None)(malformed, metadata=metadata)
+            async for _ in call:
+                pass
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await send()
+    assert _wire(caught.value) == (grpc.StatusCode.INVALID_ARGUMENT, Reason.INVALID_REQUEST)
+    assert error_details(caught.value).metadata == {"method": path}
+
+
+async def test_unserialisable_response_is_internal_and_logged_so(
+    guarded: RunningServer,
+) -> None:
+    stream = io.StringIO()
+    configure_logging("kittest", stream=stream)
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await unary_call(guarded.channel, "WrongType")(
+                Message(), metadata=guarded.mint(), timeout=10
+            )
+        received: list[str] = []
+
+        async def drain() -> None:
+            call = stream_call(guarded.channel, "StreamWrongType")
+            async for item in call(Message(), metadata=guarded.mint(), timeout=10):
+                received.append(item.value)
+
+        with pytest.raises(grpc.aio.AioRpcError) as streamed:
+            await drain()
+        flush_logging()
+    finally:
+        reset_logging()
+    assert _wire(caught.value) == (grpc.StatusCode.INTERNAL, Reason.INTERNAL)
+    assert _wire(streamed.value) == (grpc.StatusCode.INTERNAL, Reason.INTERNAL)
+    assert received == ["first"]
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    by_method = {line["method"].rsplit("/", 1)[1]: line for line in lines if line["event"] == "rpc"}
+    for method in ("WrongType", "StreamWrongType"):
+        assert (by_method[method]["code"], by_method[method]["level"]) == ("INTERNAL", "error")
+        assert "Traceback" in by_method[method]["exception"]
+
+
+async def test_non_string_error_metadata_is_converted(guarded: RunningServer) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await unary_call(guarded.channel, "BadMetadata")(
+            Message(), metadata=guarded.mint(), timeout=10
+        )
+    assert _wire(caught.value) == (grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    assert error_details(caught.value).metadata == {"attempts": "3", "session": "None"}
+
+
+async def test_principal_with_millisecond_expiry_is_invalid(guarded: RunningServer) -> None:
+    # Validly signed, but ``exp`` in milliseconds: far in the future and past any datetime.
+    now = int(time.time())
+    claims = {
+        "iss": "foredeck-gateway",
+        "aud": "foredeck-internal",
+        "sub": "u",
+        "tid": "t",
+        "perms": ["*"],
+        "bud": [],
+        "kind": "user",
+        "iat": now,
+        "exp": now * 1000 + 60_000,
+        "jti": "j-ms",
+    }
+    ((kid, key),) = guarded.keys.items()
+    token = jwt.encode(claims, key, algorithm="HS256", headers={"kid": kid})
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await unary_call(guarded.channel, "Echo")(
+            Message(), metadata=((PRINCIPAL_METADATA_KEY, token),), timeout=10
+        )
+    assert _wire(caught.value) == (grpc.StatusCode.UNAUTHENTICATED, Reason.PRINCIPAL_INVALID)
+
+
+async def test_any_failure_inside_verification_is_principal_invalid() -> None:
+    keys = {"k": b"k" * 32}
+    verifier = _ExplodingVerifier(keys)
+    host = build_grpc_server(
+        ServiceSettings(metrics_port=-1),
+        domain=DOMAIN,
+        register=register({"Echo": unary(_echo)}),
+        service_names=["foredeck.kittest.v1.EchoService"],
+        verifier=verifier,
+    )
+    await host.start()
+    try:
+        token = PrincipalSigner(keys, "k").mint(tenant_id="t", user_id="u")
+        async with grpc.aio.insecure_channel(host.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unary_call(channel, "Echo")(
+                    Message(), metadata=((PRINCIPAL_METADATA_KEY, token),), timeout=10
+                )
+    finally:
+        await host.stop(grace=0)
+    assert _wire(caught.value) == (grpc.StatusCode.UNAUTHENTICATED, Reason.PRINCIPAL_INVALID)
+
+
+class _SessionsOnlyClear(memory_service_pb2_grpc.WorkingMemoryServiceServicer):
+    """Implements one method; the generated base class answers the others."""
+
+    async def ClearSession(self, request: Any, context: Any) -> Any:
+        return memory_service_pb2.ClearSessionResponse(deleted_message_count=2)
+
+
+async def test_generated_servicer_and_stub_through_the_kit() -> None:
+    def add(server: grpc.aio.Server) -> None:
+        memory_service_pb2_grpc.add_WorkingMemoryServiceServicer_to_server(
+            # The stubs declare every method abstract; at run time the base answers them.
+            _SessionsOnlyClear(),  # type: ignore[abstract]
+            server,
+        )
+
+    service = "foredeck.memory.v1.WorkingMemoryService"
+    async with running_server(add, service_names=[service], domain=DOMAIN) as srv:
+        channel = open_channel(srv.address)
+        try:
+            stub = memory_service_pb2_grpc.WorkingMemoryServiceStub(channel)
+            with outbound_principal(srv.token()):
+                reply = await stub.ClearSession(
+                    memory_service_pb2.ClearSessionRequest(session_id="s-1")
+                )
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await stub.ListMessages(memory_service_pb2.ListMessagesRequest(session_id="s"))
+        finally:
+            await channel.close(None)
+    assert reply.deleted_message_count == 2
+    # The documented mapping of a method the service does not implement.
+    assert _wire(caught.value) == (grpc.StatusCode.UNIMPLEMENTED, Reason.INVALID_REQUEST)
+    assert error_details(caught.value).metadata == {"method": f"/{service}/ListMessages"}
+
+
+class _MethodAwareVerifier(PrincipalVerifier):
+    """A verifier that records which method each call was verified for."""
+
+    def __init__(self, keys: dict[str, bytes]) -> None:
+        super().__init__(keys)
+        self.methods: list[str] = []
+
+    def verify(self, token: str, *, method: str | None = None) -> Principal:
+        self.methods.append(method or "")
+        return super().verify(token, method=method)
+
+
+async def test_a_verifier_that_takes_the_method_is_given_it() -> None:
+    keys = {"k": b"k" * 32}
+    verifier = _MethodAwareVerifier(keys)
+    host = build_grpc_server(
+        ServiceSettings(metrics_port=-1),
+        domain=DOMAIN,
+        register=register({"Echo": unary(_echo)}),
+        service_names=["foredeck.kittest.v1.EchoService"],
+        verifier=verifier,
+    )
+    await host.start()
+    try:
+        token = PrincipalSigner(keys, "k").mint(tenant_id="t", user_id="u")
+        async with grpc.aio.insecure_channel(host.address) as channel:
+            reply = await unary_call(channel, "Echo")(
+                Message(value="hi"), metadata=((PRINCIPAL_METADATA_KEY, token),), timeout=10
+            )
+    finally:
+        await host.stop(grace=0)
+    assert reply.value == "hi"
+    assert verifier.methods == ["/foredeck.kittest.v1.EchoService/Echo"]

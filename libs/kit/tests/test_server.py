@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from foredeck_kit.errors import Reason, error_details
+from foredeck_kit.logs import configure_logging, flush_logging, reset_logging
 from foredeck_kit.principal import format_keys, generate_key
 from foredeck_kit.server import build_grpc_server
 from foredeck_kit.settings import ServiceSettings, SettingsError, load_settings
+from foredeck_stack.stores import RedisProcess
 from foredeck_testing.echo import SERVICE_NAME, Message, register, unary, unary_call
 from foredeck_testing.server import running_server
 
@@ -88,19 +93,31 @@ async def test_not_serving_until_readiness_passes() -> None:
         assert caught.value.code() is grpc.StatusCode.NOT_FOUND
 
 
-async def test_reflection_lists_services() -> None:
+@pytest.mark.parametrize("version", ["v1alpha", "v1"])
+async def test_reflection_lists_services(version: str) -> None:
+    # The v1 protocol's messages are the v1alpha ones field for field; only the path differs.
     async with running_server(
         register({"Echo": unary(_echo)}), service_names=[SERVICE_NAME], domain=DOMAIN
     ) as srv:
-        stub = reflection_pb2_grpc.ServerReflectionStub(srv.channel)
-        request = reflection_pb2.ServerReflectionRequest(list_services="")
-        responses = [r async for r in stub.ServerReflectionInfo(iter([request]), timeout=5)]
+        info = srv.channel.stream_stream(
+            f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        listing = reflection_pb2.ServerReflectionRequest(list_services="")
+        lookup = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="grpc.health.v1.Health"
+        )
+        responses = [r async for r in info(iter([listing, lookup]), timeout=5)]
         names = {s.name for s in responses[0].list_services_response.service}
         assert names == {
             SERVICE_NAME,
             "grpc.health.v1.Health",
             "grpc.reflection.v1alpha.ServerReflection",
+            "grpc.reflection.v1.ServerReflection",
         }
+        (health_file,) = responses[1].file_descriptor_response.file_descriptor_proto
+        assert b"grpc.health.v1" in health_file
 
 
 async def test_message_size_limit_applies() -> None:
@@ -208,7 +225,8 @@ async def test_sigterm_shows_not_serving_then_exits_zero(tmp_path: Any) -> None:
             assert statuses[-2:] == [SERVING, NOT_SERVING]
             assert await process.wait() == 0
             rest = [json.loads(raw) for raw in (await process.stdout.read()).splitlines()]
-            assert [r["event"] for r in rest] == ["stopping", "stopped"]
+            lifecycle = [r["event"] for r in rest if r["event"] in ("stopping", "stopped")]
+            assert lifecycle == ["stopping", "stopped"]
     finally:
         if process.returncode is None:
             process.kill()
@@ -260,3 +278,171 @@ def test_principal_verifier_needs_keys(monkeypatch: pytest.MonkeyPatch) -> None:
         _MemorySettings().principal_verifier()
     monkeypatch.setenv("FOREDECK_MEMORY_PRINCIPAL_KEYS", "k:" + "s" * 32)
     assert _MemorySettings().principal_verifier() is not None
+
+
+# --- health follows the dependencies --------------------------------------------------------
+
+
+@pytest.fixture
+def server_log() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    configure_logging("kittest", stream=stream)
+    yield stream
+    reset_logging()
+
+
+def _events(stream: io.StringIO, event: str) -> list[dict[str, Any]]:
+    flush_logging()
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    return [r for r in records if r.get("event") == event]
+
+
+async def _becomes(channel: grpc.aio.Channel, status: int) -> None:
+    async def check() -> bool:
+        return (
+            await _status(channel, SERVICE_NAME) == status and await _status(channel, "") == status
+        )
+
+    await _eventually(check)
+
+
+async def test_health_follows_readiness_after_start(server_log: io.StringIO) -> None:
+    healthy = True
+    hang = asyncio.Event()
+
+    async def readiness() -> bool:
+        if hang.is_set():
+            await asyncio.Event().wait()
+        return healthy
+
+    async with running_server(
+        register({"Echo": unary(_echo)}),
+        service_names=[SERVICE_NAME],
+        domain=DOMAIN,
+        readiness=readiness,
+        readiness_interval=0.05,
+        readiness_timeout=0.2,
+    ) as srv:
+        assert await _status(srv.channel, SERVICE_NAME) == SERVING
+        healthy = False
+        await _becomes(srv.channel, NOT_SERVING)
+        assert not srv.host.ready
+        healthy = True
+        await _becomes(srv.channel, SERVING)
+        # A check that never answers counts as failed once its timeout passes.
+        hang.set()
+        await _becomes(srv.channel, NOT_SERVING)
+        hang.clear()
+        await _becomes(srv.channel, SERVING)
+
+    changes = [(r["status"], r["level"]) for r in _events(server_log, "health changed")]
+    assert changes == [
+        ("SERVING", "info"),
+        ("NOT_SERVING", "warning"),
+        ("SERVING", "info"),
+        ("NOT_SERVING", "warning"),
+        ("SERVING", "info"),
+    ]
+    reasons = [r["reason"] for r in _events(server_log, "not ready")]
+    assert reasons == ["readiness check returned false", "readiness check timed out after 0.2s"]
+
+
+async def test_reported_dependencies_hold_health_down(server_log: io.StringIO) -> None:
+    async with running_server(
+        register({"Echo": unary(_echo)}), service_names=[SERVICE_NAME], domain=DOMAIN
+    ) as srv:
+        srv.host.report_dependency("redis", healthy=False)
+        await _becomes(srv.channel, NOT_SERVING)
+        srv.host.report_dependency("memory", healthy=False)
+        srv.host.report_dependency("redis", healthy=True)
+        srv.host.report_dependency("memory", healthy=True)
+        await _becomes(srv.channel, SERVING)
+
+    (down,) = [r for r in _events(server_log, "health changed") if r["status"] == "NOT_SERVING"]
+    assert down["dependencies_down"] == ["redis"]
+    reports = [(r["dependency"], r["healthy"]) for r in _events(server_log, "dependency reported")]
+    assert reports == [("redis", False), ("memory", False), ("redis", True), ("memory", True)]
+
+
+async def test_health_follows_a_real_redis(tmp_path: Path) -> None:
+    from redis.asyncio import Redis
+
+    first = RedisProcess(tmp_path / "redis")
+    await first.start()
+    port = first.port
+    client = Redis.from_url(first.url, socket_timeout=1, socket_connect_timeout=1)
+    restarted: RedisProcess | None = None
+
+    async def redis_answers() -> bool:
+        return bool(await client.ping())
+
+    try:
+        async with running_server(
+            register({"Echo": unary(_echo)}),
+            service_names=[SERVICE_NAME],
+            domain=DOMAIN,
+            readiness=redis_answers,
+            readiness_interval=0.05,
+            readiness_timeout=2,
+        ) as srv:
+            assert await _status(srv.channel, SERVICE_NAME) == SERVING
+            await first.stop()
+            await _becomes(srv.channel, NOT_SERVING)
+            restarted = RedisProcess(tmp_path / "redis", port=port)
+            await restarted.start()
+            await _becomes(srv.channel, SERVING)
+    finally:
+        await client.aclose()
+        await first.stop()
+        if restarted is not None:
+            await restarted.stop()
+
+
+async def test_watch_streams_end_on_stop_without_waiting_for_the_grace_period() -> None:
+    async with running_server(
+        register({"Echo": unary(_echo)}),
+        service_names=[SERVICE_NAME],
+        domain=DOMAIN,
+        settings=ServiceSettings(grace_period_seconds=60),
+    ) as srv:
+        watch = health_pb2_grpc.HealthStub(srv.channel).Watch(
+            health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        )
+        assert (await watch.read()).status == SERVING
+        async with asyncio.timeout(20):
+            # Without the stream ending, stop would wait out the 60 s grace period.
+            await srv.host.stop(grace=60)
+            statuses = []
+            while (reply := await watch.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+                statuses.append(reply.status)
+        assert statuses == [NOT_SERVING]
+        assert await watch.code() is grpc.StatusCode.OK
+
+
+if TYPE_CHECKING:
+    _GenericHandler = grpc.GenericRpcHandler[Any, Any]
+else:
+    _GenericHandler = grpc.GenericRpcHandler
+
+
+class _OneMethod(_GenericHandler):
+    """A hand-written generic handler, not one built by grpc's helper."""
+
+    def service(self, handler_call_details: Any) -> Any:
+        if handler_call_details.method == f"/{SERVICE_NAME}/Echo":
+            return unary(_echo)
+        return None
+
+
+async def test_any_generic_handler_gets_the_kits_handling() -> None:
+    def add(server: grpc.aio.Server) -> None:
+        server.add_generic_rpc_handlers((_OneMethod(),))
+
+    async with running_server(add, service_names=[SERVICE_NAME], domain=DOMAIN) as srv:
+        echo = unary_call(srv.channel, "Echo")
+        assert (await echo(Message(value="hi"), metadata=srv.mint(), timeout=5)).value == "hi"
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await echo(Message(value="hi"), timeout=5)
+    # Wrapped like any other handler: no principal, no call.
+    assert error_details(caught.value).reason == Reason.PRINCIPAL_MISSING
+    assert error_details(caught.value).domain == DOMAIN

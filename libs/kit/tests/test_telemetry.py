@@ -21,7 +21,7 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from foredeck_kit.channels import open_channel
-from foredeck_kit.logs import configure_logging, get_logger, reset_logging
+from foredeck_kit.logs import configure_logging, flush_logging, get_logger, reset_logging
 from foredeck_kit.settings import ServiceSettings
 from foredeck_kit.telemetry import _exporters, setup_telemetry
 from foredeck_testing.echo import SERVICE_NAME, Message, register, unary, unary_call
@@ -47,6 +47,7 @@ def log_stream() -> Iterator[io.StringIO]:
 
 
 def _records(stream: io.StringIO) -> list[dict[str, Any]]:
+    flush_logging()
     return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
 
 
@@ -133,9 +134,27 @@ async def test_one_json_log_line_per_rpc_with_metrics_and_spans(log_stream: io.S
     assert not [r for r in rpc_lines if r["method"].startswith("/grpc.health")]
 
     finished = spans.get_finished_spans()
-    echo_spans = [s for s in finished if s.name == f"/{SERVICE_NAME}/Echo"]
+    # Named and described as OpenTelemetry's RPC conventions say.
+    echo_spans = [s for s in finished if s.name == f"{SERVICE_NAME}/Echo"]
     assert len(echo_spans) == 1
-    assert line["trace_id"] == format(echo_spans[0].context.trace_id, "032x")
+    echo_span = echo_spans[0]
+    assert echo_span.kind is trace.SpanKind.SERVER
+    assert dict(echo_span.attributes or {}) == {
+        "rpc.system": "grpc",
+        "rpc.service": SERVICE_NAME,
+        "rpc.method": "Echo",
+        "rpc.grpc.status_code": 0,
+        "foredeck.tenant_id": "tenant-5",
+        "enduser.id": "user-5",
+    }
+    assert line["trace_id"] == format(echo_span.context.trace_id, "032x")
+    assert line["span_id"] == format(echo_span.context.span_id, "016x")
+    (crash_span,) = [s for s in finished if s.name == f"{SERVICE_NAME}/Crash"]
+    assert crash_span.status.status_code is trace.StatusCode.ERROR
+    assert (crash_span.attributes or {})["rpc.grpc.status_code"] == grpc.StatusCode.INTERNAL.value[
+        0
+    ]
+    assert crash_span.events[0].name == "exception"
     assert not [s for s in finished if "grpc.health" in s.name]
 
     registry = telemetry.metrics.registry
@@ -219,11 +238,11 @@ async def test_trace_spans_services(log_stream: io.StringIO) -> None:
         telemetry.shutdown()
 
     by_name = {s.name: s for s in spans.get_finished_spans()}
-    server_root = by_name[f"/{SERVICE_NAME}/Root"]
+    server_root = by_name[f"{SERVICE_NAME}/Root"]
     server_leaf = next(
         s
         for s in spans.get_finished_spans()
-        if s.name == f"/{SERVICE_NAME}/Leaf" and s.kind is trace.SpanKind.SERVER
+        if s.name == f"{SERVICE_NAME}/Leaf" and s.kind is trace.SpanKind.SERVER
     )
     assert server_leaf.context.trace_id == server_root.context.trace_id
     assert server_leaf.parent is not None
@@ -231,6 +250,8 @@ async def test_trace_spans_services(log_stream: io.StringIO) -> None:
         s for s in spans.get_finished_spans() if s.context.span_id == server_leaf.parent.span_id
     )
     assert client_leaf.kind is trace.SpanKind.CLIENT
+    assert client_leaf.name == f"{SERVICE_NAME}/Leaf"
+    assert (client_leaf.attributes or {})["rpc.grpc.status_code"] == 0
     assert client_leaf.parent is not None
     assert client_leaf.parent.span_id == server_root.context.span_id
 
@@ -279,6 +300,7 @@ def test_stdlib_logs_share_the_json_shape(log_stream: io.StringIO) -> None:
 def test_console_format(log_stream: io.StringIO) -> None:
     configure_logging("kittest", fmt="console", stream=log_stream)
     get_logger("foredeck.test").info("readable", key="value")
+    flush_logging()
     assert "readable" in log_stream.getvalue()
     assert "key=value" in log_stream.getvalue()
     with pytest.raises(ValueError, match="log level"):

@@ -41,7 +41,7 @@ from opentelemetry.sdk.trace.sampling import (
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import start_http_server
 
-from foredeck_kit.logs import configure_logging, get_logger
+from foredeck_kit.logs import configure_logging, flush_logging, get_logger
 from foredeck_kit.metrics import Metrics
 from foredeck_kit.settings import ServiceSettings
 
@@ -166,6 +166,9 @@ def setup_telemetry(
         metrics=Metrics(process_collectors=True),
         tracer_provider=trace.NoOpTracerProvider(),
     )
+    if configure_logs:
+        # Closers run last-in first-out: buffered log lines are written after everything else.
+        telemetry._closers.append(flush_logging)
 
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() not in _TRUE:
         resource_name = env.get("OTEL_SERVICE_NAME") or service_name

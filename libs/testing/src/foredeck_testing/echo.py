@@ -6,6 +6,8 @@ Tests build handlers with :func:`unary`, :func:`server_stream`, :func:`client_st
 :func:`unary_call` / :func:`stream_call`. ``python -m foredeck_testing.echo`` runs an
 ``Echo`` method as a real process through :func:`foredeck_kit.server.serve`, configured from
 ``FOREDECK_DEMO_*`` variables; it logs a ``listening`` line with its port to standard output.
+Its ``Chatter`` method logs as many lines as the request's value says, for tests of what
+happens when nobody reads those lines.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from google.protobuf import wrappers_pb2
 from pydantic_settings import SettingsConfigDict
 
 from foredeck_kit.errors import domain_for
+from foredeck_kit.logs import get_logger
 from foredeck_kit.server import Register, build_grpc_server, serve
 from foredeck_kit.settings import ServiceSettings, load_settings
 from foredeck_kit.telemetry import setup_telemetry
@@ -120,6 +123,13 @@ async def _echo(request: Message, context: Context) -> Message:
     return Message(value=request.value)
 
 
+async def _chatter(request: Message, context: Context) -> Message:
+    logger = get_logger("foredeck.demo")
+    for number in range(int(request.value or "0")):
+        logger.info("chatter", line=number)
+    return Message(value=request.value)
+
+
 def main() -> int:
     """Run the echo service until SIGTERM or SIGINT; exit 0 after a graceful stop."""
     settings = load_settings(DemoSettings)
@@ -128,7 +138,7 @@ def main() -> int:
         host = build_grpc_server(
             settings,
             domain=domain_for(settings.service_name),
-            register=register({"Echo": unary(_echo)}),
+            register=register({"Echo": unary(_echo), "Chatter": unary(_chatter)}),
             service_names=[SERVICE_NAME],
             verifier=settings.principal_verifier(),
             telemetry=telemetry,

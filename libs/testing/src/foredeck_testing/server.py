@@ -14,12 +14,13 @@ from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequen
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import grpc
 import grpc.aio
 
 from foredeck_kit.context import REQUEST_ID_METADATA_KEY
+from foredeck_kit.delegation import DelegationSigner, RunClaims
+from foredeck_kit.handlers import Middleware
 from foredeck_kit.principal import (
     PRINCIPAL_METADATA_KEY,
     PrincipalKind,
@@ -27,20 +28,40 @@ from foredeck_kit.principal import (
     PrincipalVerifier,
     generate_key,
 )
-from foredeck_kit.server import Readiness, Register, ServiceHost, build_grpc_server
+from foredeck_kit.server import (
+    DEFAULT_READINESS_INTERVAL,
+    DEFAULT_READINESS_TIMEOUT,
+    Readiness,
+    Register,
+    ServiceHost,
+    build_grpc_server,
+)
 from foredeck_kit.settings import ServiceSettings
 from foredeck_kit.telemetry import Telemetry
 
-__all__ = ["Metadata", "RunningServer", "fresh_keys", "running_server"]
+__all__ = [
+    "Metadata",
+    "RunningServer",
+    "fresh_delegation_keys",
+    "fresh_keys",
+    "running_server",
+]
 
 Metadata = tuple[tuple[str, str], ...]
 
 _TEST_KID = "test"
+_TEST_DELEGATION_KID = "test-delegation"
 
 
 def fresh_keys() -> dict[str, bytes]:
     """Return a fresh single-key set for signing and verifying principals in one test."""
     return {_TEST_KID: generate_key()}
+
+
+def fresh_delegation_keys() -> dict[str, bytes]:
+    """Return a fresh single-key set for delegated principals, its key id distinct from
+    :func:`fresh_keys`'s."""
+    return {_TEST_DELEGATION_KID: generate_key()}
 
 
 @dataclass
@@ -51,6 +72,8 @@ class RunningServer:
     channel: grpc.aio.Channel
     signer: PrincipalSigner
     keys: Mapping[str, bytes]
+    delegation_signer: DelegationSigner
+    delegation_keys: Mapping[str, bytes]
 
     @property
     def port(self) -> int:
@@ -81,6 +104,24 @@ class RunningServer:
             kind=kind,
             ttl=ttl,
         )
+
+    def delegated_token(
+        self,
+        run_id: str,
+        tenant_id: str = "tenant-a",
+        user_id: str = "user-a",
+        permissions: Iterable[str] = ("*",),
+        *,
+        budget_ids: Iterable[str] = (),
+    ) -> str:
+        """Return a principal the orchestrator would mint for a call made by run ``run_id``."""
+        claims = RunClaims(
+            tenant_id=tenant_id,
+            user_id=user_id,
+            permissions=tuple(permissions),
+            budget_ids=tuple(budget_ids),
+        )
+        return self.delegation_signer.mint_for_run(claims, run_id)
 
     def mint(
         self,
@@ -114,18 +155,25 @@ async def running_server(
     public_methods: Collection[str] = (),
     readiness: Readiness | None = None,
     keys: Mapping[str, bytes] | None = None,
+    delegation_keys: Mapping[str, bytes] | None = None,
+    gateway_only_methods: Collection[str] = (),
     telemetry: Telemetry | None = None,
-    interceptors: Sequence[grpc.aio.ServerInterceptor[Any, Any]] = (),
+    middleware: Sequence[Middleware] = (),
+    readiness_interval: float = DEFAULT_READINESS_INTERVAL,
+    readiness_timeout: float = DEFAULT_READINESS_TIMEOUT,
     wait_ready: bool = True,
     ready_timeout: float = 30.0,
 ) -> AsyncIterator[RunningServer]:
     """Start the service on ``127.0.0.1:0`` and stop it on exit.
 
     ``keys`` defaults to a fresh test key; pass the same keys to two servers to let one call
-    the other with a forwarded principal. With ``wait_ready`` the block starts only once health
-    shows SERVING.
+    the other with a forwarded principal. ``delegation_keys`` (fresh by default) verify the
+    principals the orchestrator mints for runs (``RunningServer.delegated_token``), which
+    ``gateway_only_methods`` refuse. With ``wait_ready`` the block starts only once health shows
+    SERVING.
     """
     signing_keys = dict(keys) if keys is not None else fresh_keys()
+    run_keys = dict(delegation_keys) if delegation_keys is not None else fresh_delegation_keys()
     base = settings if settings is not None else ServiceSettings(grace_period_seconds=1.0)
     effective = base.model_copy(
         update={"host": "127.0.0.1", "port": 0, "metrics_port": -1, "drain_seconds": 0.0}
@@ -136,12 +184,18 @@ async def running_server(
         register=register,
         service_names=service_names,
         verifier=PrincipalVerifier(
-            signing_keys, issuer=effective.principal_issuer, audience=effective.principal_audience
+            signing_keys,
+            issuer=effective.principal_issuer,
+            audience=effective.principal_audience,
+            delegation_keys=run_keys,
+            gateway_only_methods=gateway_only_methods,
         ),
         public_methods=public_methods,
         readiness=readiness,
         telemetry=telemetry,
-        interceptors=interceptors,
+        middleware=middleware,
+        readiness_interval=readiness_interval,
+        readiness_timeout=readiness_timeout,
     )
     await host.start()
     try:
@@ -160,6 +214,10 @@ async def running_server(
                     audience=effective.principal_audience,
                 ),
                 keys=signing_keys,
+                delegation_signer=DelegationSigner(
+                    run_keys, next(iter(run_keys)), audience=effective.principal_audience
+                ),
+                delegation_keys=run_keys,
             )
         finally:
             await channel.close(None)
