@@ -26,7 +26,7 @@ from foredeck_kit.context import (
     rpc_scope,
     spawn_detached,
 )
-from foredeck_kit.logs import configure_logging, reset_logging
+from foredeck_kit.logs import configure_logging, flush_logging, reset_logging
 from foredeck_kit.principal import Principal, current_principal, optional_principal
 from foredeck_testing.echo import SERVICE_NAME, Message, register, unary, unary_call
 from foredeck_testing.server import fresh_keys, running_server
@@ -145,6 +145,7 @@ async def test_failures_and_timeouts_are_logged_not_lost(log_stream: io.StringIO
     assert done == {failing, hanging}
     assert isinstance(failing.exception(), RuntimeError)
     assert isinstance(hanging.exception(), TimeoutError)
+    flush_logging()
     records = [json.loads(line) for line in log_stream.getvalue().splitlines()]
     failed = {r["task"]: r for r in records if r["event"] == "detached work failed"}
     assert set(failed) == {"notify", "stuck"}
