@@ -1,0 +1,434 @@
+"""Long-term memory use cases: remember, recall, read, history, delete, forget.
+
+Every write that touches both stores goes through :meth:`LongTermMemory._write_both`: an intent
+is recorded in the outbox first, the vector store then the graph are written, and a failure in
+between is compensated at once (or, if the process dies, by :meth:`repair` later), so a memory
+is in both stores or in neither.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from foredeck_memory.domain import errors
+from foredeck_memory.domain.errors import StoreDown
+from foredeck_memory.domain.models import (
+    OPEN_END,
+    MemoryRecord,
+    Provenance,
+    Scope,
+    ScoredMemory,
+    VectorFilter,
+    dedup_key,
+    now_us,
+    split_entity_key,
+    valid_at,
+)
+from foredeck_memory.domain.ports import Embedder, GraphStore, Locks, Outbox, VectorStore
+
+MAX_CHAIN = 10_000
+"""The most versions one memory's history can hold; also the bound of per-user scans."""
+
+
+@dataclass(frozen=True)
+class RememberInput:
+    """What to remember, already validated."""
+
+    content: str
+    category: str = "fact"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""
+    step_id: str = ""
+    valid_from: int | None = None
+    valid_to: int | None = None
+    dedup_policy: str = "merge"
+    near_duplicate_threshold: float | None = None
+    fact_key: str = ""
+    entity_refs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RememberResult:
+    """What Remember did."""
+
+    record: MemoryRecord
+    outcome: str
+    similarity: float = 0.0
+    superseded: MemoryRecord | None = None
+
+
+def current_filter(at: int, base: VectorFilter | None = None) -> VectorFilter:
+    """``base`` narrowed to versions whose validity holds at ``at``.
+
+    Superseding and retiring both end a version's validity, so the range alone excludes them.
+    """
+    base = base or VectorFilter()
+    return VectorFilter(
+        equals=dict(base.equals),
+        any_of=dict(base.any_of),
+        ranges=[*base.ranges, *valid_at(at)],
+        ids=list(base.ids),
+    )
+
+
+class LongTermMemory:
+    """The long-term memory of a tenant's users over a vector store and the graph."""
+
+    def __init__(
+        self,
+        *,
+        vectors: VectorStore,
+        graph: GraphStore,
+        embedder: Embedder,
+        outbox: Outbox,
+        locks: Locks,
+        near_duplicate_threshold: float = 0.95,
+    ) -> None:
+        self.vectors = vectors
+        self.graph = graph
+        self.embedder = embedder
+        self.outbox = outbox
+        self.locks = locks
+        self.threshold = near_duplicate_threshold
+
+    async def remember(self, scope: Scope, item: RememberInput) -> RememberResult:
+        """Store one memory, merging duplicates and superseding a fact with the same key."""
+        return (await self.remember_many(scope, [item]))[0]
+
+    async def remember_many(
+        self, scope: Scope, items: Sequence[RememberInput]
+    ) -> list[RememberResult]:
+        """Store several memories; the contents are embedded in one batch."""
+        refs = sorted({ref for item in items for ref in item.entity_refs})
+        if refs:
+            missing = await self.graph.missing_entities(scope.tenant_id, refs)
+            if missing:
+                raise errors.entity_not_found(*split_entity_key(missing[0]))
+        vectors = await self.embedder.embed([item.content for item in items])
+        results = []
+        for item, vector in zip(items, vectors, strict=True):
+            results.append(await self._remember_one(scope, item, vector))
+        return results
+
+    async def _remember_one(
+        self, scope: Scope, item: RememberInput, vector: list[float]
+    ) -> RememberResult:
+        at = now_us()
+        key = dedup_key(item.category, item.content)
+        lock_keys = [f"{scope.tenant_id}\x00{scope.user_id}\x00dedup\x00{key}"]
+        if item.fact_key:
+            lock_keys.append(f"{scope.tenant_id}\x00{scope.user_id}\x00fact\x00{item.fact_key}")
+        async with contextlib.AsyncExitStack() as stack:
+            for lock_key in sorted(lock_keys):
+                await stack.enter_async_context(self.locks.hold(lock_key))
+            if item.dedup_policy != "none":
+                exact = await self.vectors.scroll(
+                    scope, current_filter(at, VectorFilter(equals={"dedup_key": key})), 1
+                )
+                if exact:
+                    merged = await self._merge(scope, exact[0], item, at)
+                    return RememberResult(merged, "MERGED_EXACT_DUPLICATE", 1.0)
+                if item.dedup_policy == "merge":
+                    threshold = item.near_duplicate_threshold or self.threshold
+                    hits = await self.vectors.search(
+                        scope,
+                        vector,
+                        1,
+                        current_filter(at, VectorFilter(equals={"category": item.category})),
+                        threshold,
+                    )
+                    if hits and hits[0].score >= threshold:
+                        merged = await self._merge(scope, hits[0].record, item, at)
+                        return RememberResult(merged, "MERGED_NEAR_DUPLICATE", hits[0].score)
+            previous: MemoryRecord | None = None
+            if item.fact_key:
+                found = await self.vectors.scroll(
+                    scope, current_filter(at, VectorFilter(equals={"fact_key": item.fact_key})), 1
+                )
+                previous = found[0] if found else None
+            memory_id = str(uuid.uuid4())
+            valid_from = item.valid_from if item.valid_from is not None else at
+            record = MemoryRecord(
+                memory_id=memory_id,
+                chain_id=previous.chain_id if previous else memory_id,
+                content=item.content,
+                category=item.category,
+                metadata=dict(item.metadata),
+                provenance=Provenance(scope.tenant_id, scope.user_id, item.run_id, item.step_id),
+                valid_from=valid_from,
+                valid_to=item.valid_to if item.valid_to is not None else OPEN_END,
+                dedup_key=key,
+                embedding_model=self.embedder.model_id,
+                create_time=at,
+                update_time=at,
+                fact_key=item.fact_key,
+                entity_refs=tuple(sorted(set(item.entity_refs))),
+                supersedes=previous.memory_id if previous else "",
+            )
+            updates: list[MemoryRecord] = []
+            superseded = None
+            if previous is not None:
+                superseded = previous.evolve(
+                    valid_to=max(valid_from, previous.valid_from),
+                    superseded_by=memory_id,
+                    update_time=at,
+                )
+                updates.append(superseded)
+            await self._write_both(
+                scope, [(record, vector)], updates, [previous] if previous else []
+            )
+            outcome = "SUPERSEDED" if superseded else "CREATED"
+            return RememberResult(record, outcome, 0.0, superseded)
+
+    async def _merge(
+        self, scope: Scope, existing: MemoryRecord, item: RememberInput, at: int
+    ) -> MemoryRecord:
+        merged = existing.evolve(
+            metadata={**item.metadata, **existing.metadata},
+            entity_refs=tuple(sorted({*existing.entity_refs, *item.entity_refs})),
+            merge_count=existing.merge_count + 1,
+            update_time=at,
+        )
+        await self._write_both(scope, [], [merged], [existing])
+        return merged
+
+    async def _write_both(
+        self,
+        scope: Scope,
+        new: Sequence[tuple[MemoryRecord, list[float]]],
+        updates: Sequence[MemoryRecord],
+        previous: Sequence[MemoryRecord],
+    ) -> None:
+        """Write new versions and payload updates to both stores, or to neither."""
+        entry = {
+            "tenant_id": scope.tenant_id,
+            "user_id": scope.user_id,
+            "new_ids": [record.memory_id for record, _ in new],
+            "restore": [record.to_payload() for record in previous],
+        }
+        token = await self.outbox.begin(entry)
+        try:
+            if new:
+                await self.vectors.upsert(scope, new)
+            for record in updates:
+                await self.vectors.set_payload(scope, record)
+            for record, _ in new:
+                await self.graph.put_memory(record)
+            for record in updates:
+                await self.graph.put_memory(record)
+        except BaseException:
+            # Roll back what reached either store; if that fails too, the outbox entry stays
+            # and repair() finishes the job once the stores answer again.
+            with contextlib.suppress(Exception):
+                await self._compensate(entry)
+                await self.outbox.done(token)
+            raise
+        await self.outbox.done(token)
+
+    async def _compensate(self, entry: dict[str, Any]) -> None:
+        scope = Scope(entry["tenant_id"], entry["user_id"])
+        new_ids = list(entry["new_ids"])
+        restore = [MemoryRecord.from_payload(p) for p in entry["restore"]]
+        if new_ids:
+            await self.vectors.delete(scope, new_ids)
+            await self.graph.delete_memories(scope.tenant_id, new_ids)
+        for record in restore:
+            await self.vectors.set_payload(scope, record)
+            await self.graph.put_memory(record)
+
+    async def repair(self, older_than_seconds: float) -> int:
+        """Roll back two-store writes left unfinished (a crash between the stores)."""
+        repaired = 0
+        for token, entry in await self.outbox.stale(older_than_seconds):
+            await self._compensate(entry)
+            await self.outbox.done(token)
+            repaired += 1
+        return repaired
+
+    async def recall(
+        self,
+        scope: Scope,
+        query: str,
+        limit: int,
+        where: VectorFilter,
+        *,
+        as_of: int | None,
+        include_superseded: bool,
+        min_score: float,
+    ) -> list[ScoredMemory]:
+        """The memories nearest in meaning to ``query``, best first (ties: newer first)."""
+        [vector] = await self.embedder.embed([query])
+        effective = where if include_superseded else self._valid_filter(where, as_of)
+        hits = await self.vectors.search(
+            scope, vector, limit, effective, min_score if min_score > 0 else None
+        )
+        hits = [h for h in hits if h.score > 0 or min_score > 0]
+        hits.sort(key=lambda h: (-h.score, -h.record.create_time))
+        return hits
+
+    @staticmethod
+    def _valid_filter(where: VectorFilter, as_of: int | None) -> VectorFilter:
+        at = as_of if as_of is not None else now_us()
+        if as_of is None:
+            return current_filter(at, where)
+        return VectorFilter(
+            equals=dict(where.equals),
+            any_of=dict(where.any_of),
+            ranges=[*where.ranges, *valid_at(at)],
+            ids=list(where.ids),
+        )
+
+    async def get(self, scope: Scope, memory_id: str) -> MemoryRecord:
+        """One version by id, in the caller's partition only."""
+        found = await self.vectors.scroll(scope, VectorFilter(ids=[memory_id]), 1)
+        if not found:
+            raise errors.memory_not_found(memory_id)
+        return found[0]
+
+    async def list_memories(
+        self,
+        scope: Scope,
+        where: VectorFilter,
+        *,
+        as_of: int | None,
+        include_superseded: bool,
+        offset: int,
+        page_size: int,
+    ) -> tuple[list[MemoryRecord], bool]:
+        """A page of memories passing the filter, newest first; and whether more follow."""
+        effective = where if include_superseded else self._valid_filter(where, as_of)
+        records = await self.vectors.scroll(scope, effective, MAX_CHAIN)
+        records.sort(key=lambda r: (-r.create_time, r.memory_id))
+        page = records[offset : offset + page_size]
+        return page, offset + page_size < len(records)
+
+    async def update(
+        self,
+        scope: Scope,
+        memory_id: str,
+        changes: dict[str, Any],
+        *,
+        effective_time: int | None,
+        run_id: str,
+        step_id: str,
+    ) -> tuple[MemoryRecord, MemoryRecord | None]:
+        """Supersede a current version with one whose masked fields are replaced."""
+        at = now_us()
+        async with self.locks.hold(
+            f"{scope.tenant_id}\x00{scope.user_id}\x00update\x00{memory_id}"
+        ):
+            current = await self.get(scope, memory_id)
+            if current.superseded_by or current.retired or current.valid_to <= at:
+                metadata = {"memoryId": memory_id}
+                if current.superseded_by:
+                    metadata["currentMemoryId"] = current.superseded_by
+                raise errors.Fault(
+                    errors.FaultKind.PRECONDITION,
+                    "MEMORY_SUPERSEDED",
+                    "only the current version can be updated",
+                    metadata=metadata,
+                )
+            if changes.get("entity_refs"):
+                missing = await self.graph.missing_entities(scope.tenant_id, changes["entity_refs"])
+                if missing:
+                    raise errors.entity_not_found(*split_entity_key(missing[0]))
+            start = effective_time if effective_time is not None else at
+            if start < current.valid_from:
+                raise errors.validity_range_invalid(
+                    "effective_time", "before the current version's valid_from"
+                )
+            fields = {
+                "content": changes.get("content", current.content),
+                "metadata": changes.get("metadata", current.metadata),
+                "category": changes.get("category", current.category),
+                "valid_to": changes.get("valid_to", current.valid_to),
+                "entity_refs": tuple(sorted(set(changes.get("entity_refs", current.entity_refs)))),
+            }
+            if fields["valid_to"] <= start:
+                raise errors.validity_range_invalid("valid_to", "must be after effective_time")
+            if all(getattr(current, k) == value for k, value in fields.items()):
+                return current, None
+            if fields["content"] != current.content:
+                [vector] = await self.embedder.embed([fields["content"]])
+            else:
+                vector = await self._vector_of(scope, current)
+            new_id = str(uuid.uuid4())
+            record = current.evolve(
+                memory_id=new_id,
+                provenance=Provenance(scope.tenant_id, scope.user_id, run_id, step_id),
+                valid_from=start,
+                dedup_key=dedup_key(fields["category"], fields["content"]),
+                create_time=at,
+                update_time=at,
+                supersedes=current.memory_id,
+                superseded_by="",
+                merge_count=0,
+                embedding_model=self.embedder.model_id,
+                **fields,
+            )
+            old = current.evolve(valid_to=start, superseded_by=new_id, update_time=at)
+            await self._write_both(scope, [(record, vector)], [old], [current])
+            return record, old
+
+    async def _vector_of(self, scope: Scope, record: MemoryRecord) -> list[float]:
+        [vector] = await self.embedder.embed([record.content])
+        return vector
+
+    async def history(self, scope: Scope, memory_id: str) -> list[MemoryRecord]:
+        """Every version of the memory ``memory_id`` belongs to, oldest first."""
+        record = await self.get(scope, memory_id)
+        chain = await self.vectors.scroll(
+            scope, VectorFilter(equals={"chain_id": record.chain_id}), MAX_CHAIN
+        )
+        chain.sort(key=lambda r: (r.create_time, r.memory_id))
+        return chain
+
+    async def delete(
+        self, scope: Scope, memory_id: str, *, purge: bool, allow_missing: bool
+    ) -> tuple[MemoryRecord | None, int]:
+        """Retire the chain's current version, or purge every version of the chain."""
+        try:
+            chain = await self.history(scope, memory_id)
+        except errors.Fault:
+            if allow_missing:
+                return None, 0
+            raise
+        last = chain[-1]
+        if purge:
+            ids = [r.memory_id for r in chain]
+            entry_token = await self.outbox.begin(
+                {
+                    "tenant_id": scope.tenant_id,
+                    "user_id": scope.user_id,
+                    "new_ids": [],
+                    "restore": [],
+                }
+            )
+            await self.vectors.delete(scope, ids)
+            await self.graph.delete_memories(scope.tenant_id, ids)
+            await self.outbox.done(entry_token)
+            return last, len(ids)
+        at = now_us()
+        current = [r for r in chain if not r.superseded_by and not r.retired and r.valid_to > at]
+        if not current:
+            return last, 0
+        retired = current[-1].evolve(
+            valid_to=max(at, current[-1].valid_from), retired=True, update_time=at
+        )
+        await self._write_both(scope, [], [retired], [current[-1]])
+        return retired, 0
+
+    async def forget_user(self, scope: Scope, subject_keys: Sequence[str]) -> tuple[int, int, int]:
+        """Delete a user's vectors and graph data for real: (memories, entities, rels)."""
+        try:
+            deleted = await self.vectors.delete_user(scope)
+        except StoreDown:
+            raise
+        _, entity_versions, rel_versions = await self.graph.delete_user(
+            scope.tenant_id, scope.user_id, subject_keys
+        )
+        return deleted, entity_versions, rel_versions

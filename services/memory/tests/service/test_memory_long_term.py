@@ -1,0 +1,172 @@
+"""Long-term memory over gRPC on real Redis, ArcadeDB over Bolt, Qdrant Edge and ONNX MiniLM."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from foredeck.memory.v1 import entity_pb2, memory_pb2, memory_service_pb2 as ms
+from google.protobuf import field_mask_pb2
+
+from foredeck_kit.errors import error_details
+
+from ..conftest import MemoryServer
+
+FACTS = [
+    "Alice's favourite programming language is Rust.",
+    "The quarterly sales meeting moved to Thursday afternoon.",
+    "Bob is allergic to peanuts and shellfish.",
+    "The production database runs PostgreSQL 16 on three replicas.",
+    "Carol prefers window seats on long flights.",
+    "Our office cat is called Biscuit and sleeps on the printer.",
+]
+
+
+async def remember(server: MemoryServer, content: str, **kwargs: object) -> ms.RememberResponse:
+    reply: ms.RememberResponse = await server.long_term.Remember(
+        ms.RememberRequest(content=content, **kwargs),  # type: ignore[arg-type]
+        metadata=server.as_user(),
+    )
+    return reply
+
+
+async def test_recall_ranks_the_relevant_memory_first(memory_server: MemoryServer) -> None:
+    for fact in FACTS:
+        reply = await remember(memory_server, fact)
+        assert reply.outcome == memory_pb2.REMEMBER_OUTCOME_CREATED
+    queries = {
+        "What food can Bob not eat?": FACTS[2],
+        "Which SQL engine backs production?": FACTS[3],
+        "What is the name of the pet at work?": FACTS[5],
+        "Which coding language does Alice like best?": FACTS[0],
+    }
+    for query, expected in queries.items():
+        found = await memory_server.long_term.Recall(
+            ms.RecallRequest(query=query, limit=3), metadata=memory_server.as_user()
+        )
+        assert found.memories[0].memory.content == expected, query
+        scores = [m.score for m in found.memories]
+        assert scores == sorted(scores, reverse=True)
+        assert found.memories[0].memory.provenance.tenant_id == "tenant-a"
+
+
+async def test_exact_and_near_duplicates_merge(memory_server: MemoryServer) -> None:
+    first = await remember(memory_server, "Dana lives in Lisbon.", metadata=None)
+    again = await remember(memory_server, "  dana LIVES in lisbon. ")
+    assert again.outcome == memory_pb2.REMEMBER_OUTCOME_MERGED_EXACT_DUPLICATE
+    assert again.memory.memory_id == first.memory.memory_id
+    assert again.memory.merge_count == 1
+    near = await remember(memory_server, "Dana lives in Lisbon!", near_duplicate_threshold=0.9)
+    assert near.outcome == memory_pb2.REMEMBER_OUTCOME_MERGED_NEAR_DUPLICATE
+    assert near.similarity >= 0.9
+    separate = await remember(
+        memory_server, "Dana lives in Lisbon.", dedup_policy=memory_pb2.DEDUP_POLICY_NONE
+    )
+    assert separate.outcome == memory_pb2.REMEMBER_OUTCOME_CREATED
+    assert separate.memory.memory_id != first.memory.memory_id
+
+
+async def test_fact_key_supersedes_and_keeps_history(memory_server: MemoryServer) -> None:
+    old = await remember(memory_server, "Erin's home city is Oslo.", fact_key="erin.home_city")
+    new = await remember(memory_server, "Erin's home city is Bergen.", fact_key="erin.home_city")
+    assert new.outcome == memory_pb2.REMEMBER_OUTCOME_SUPERSEDED
+    assert new.superseded_memory.memory_id == old.memory.memory_id
+    assert new.superseded_memory.valid_to == new.memory.valid_from
+    assert new.memory.supersedes_memory_id == old.memory.memory_id
+    history = await memory_server.long_term.GetMemoryHistory(
+        ms.GetMemoryHistoryRequest(memory_id=new.memory.memory_id),
+        metadata=memory_server.as_user(),
+    )
+    assert [m.content for m in history.memories] == [
+        "Erin's home city is Oslo.",
+        "Erin's home city is Bergen.",
+    ]
+    assert history.memories[0].state == memory_pb2.MEMORY_STATE_SUPERSEDED
+    now = await memory_server.long_term.Recall(
+        ms.RecallRequest(query="Where does Erin live?", limit=5), metadata=memory_server.as_user()
+    )
+    assert [m.memory.content for m in now.memories] == ["Erin's home city is Bergen."]
+    before = memory_pb2.MemoryFilter()
+    before.as_of.CopyFrom(old.memory.create_time)
+    then = await memory_server.long_term.Recall(
+        ms.RecallRequest(query="Where does Erin live?", limit=5, filter=before),
+        metadata=memory_server.as_user(),
+    )
+    assert [m.memory.content for m in then.memories] == ["Erin's home city is Oslo."]
+
+    updated = await memory_server.long_term.UpdateMemory(
+        ms.UpdateMemoryRequest(
+            memory_id=new.memory.memory_id,
+            content="Erin's home city is Trondheim.",
+            update_mask=field_mask_pb2.FieldMask(paths=["content"]),
+        ),
+        metadata=memory_server.as_user(),
+    )
+    assert updated.superseded_memory.memory_id == new.memory.memory_id
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await memory_server.long_term.UpdateMemory(
+            ms.UpdateMemoryRequest(
+                memory_id=new.memory.memory_id,
+                content="Erin's home city is Tromsø.",
+                update_mask=field_mask_pb2.FieldMask(paths=["content"]),
+            ),
+            metadata=memory_server.as_user(),
+        )
+    assert error_details(stale.value).reason == "MEMORY_SUPERSEDED"
+
+
+async def test_remember_is_idempotent_by_request_id(memory_server: MemoryServer) -> None:
+    first = await remember(memory_server, "Frank drinks oat milk.", request_id="req-1")
+    again = await remember(memory_server, "Frank drinks oat milk.", request_id="req-1")
+    assert again.replayed
+    assert again.memory.memory_id == first.memory.memory_id
+    with pytest.raises(grpc.aio.AioRpcError) as reused:
+        await remember(memory_server, "Frank drinks soy milk.", request_id="req-1")
+    assert reused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(reused.value).reason == "REQUEST_ID_REUSED"
+
+
+@pytest.mark.parametrize(
+    ("request_", "reason", "field"),
+    [
+        (ms.RememberRequest(content="   "), "CONTENT_EMPTY", "content"),
+        (ms.RememberRequest(content="x" * (32 * 1024 + 1)), "CONTENT_TOO_LARGE", "content"),
+        (
+            ms.RememberRequest(
+                content="ok", entity_refs=[entity_pb2.EntityRef(type="Spaceship", entity_id="x")]
+            ),
+            "ENTITY_TYPE_UNKNOWN",
+            "entity_refs[0].type",
+        ),
+        (ms.RememberRequest(content="ok", category="Bad Category"), "INVALID_REQUEST", "category"),
+    ],
+)
+async def test_remember_rejects_bad_input(
+    memory_server: MemoryServer, request_: ms.RememberRequest, reason: str, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await memory_server.long_term.Remember(request_, metadata=memory_server.as_user())
+    details = error_details(failure.value)
+    assert failure.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.reason == reason
+    assert details.domain == "memory.foredeck.dev"
+    assert [v.field for v in details.field_violations] == [field]
+
+
+@pytest.mark.parametrize("limit", [0, 101, -1])
+async def test_recall_rejects_bad_limit(memory_server: MemoryServer, limit: int) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await memory_server.long_term.Recall(
+            ms.RecallRequest(query="anything", limit=limit), metadata=memory_server.as_user()
+        )
+    details = error_details(failure.value)
+    assert details.reason == "LIMIT_OUT_OF_RANGE"
+    assert [v.field for v in details.field_violations] == ["limit"]
+
+
+async def test_recall_needs_read_permission(memory_server: MemoryServer) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await memory_server.long_term.Recall(
+            ms.RecallRequest(query="anything", limit=1),
+            metadata=memory_server.as_user(permissions=["memory:write"]),
+        )
+    assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED
