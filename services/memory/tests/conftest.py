@@ -56,7 +56,11 @@ class MemoryServer:
 
 
 def memory_settings(
-    redis_url: str, graph: GraphDatabaseRef, edge_path: Path, keys: dict[str, bytes], **extra: object
+    redis_url: str,
+    graph: GraphDatabaseRef,
+    edge_path: Path,
+    keys: dict[str, bytes],
+    **extra: object,
 ) -> MemorySettings:
     """Settings pointing at the test's own Redis database, graph database and shard."""
     return MemorySettings(
@@ -73,7 +77,9 @@ def memory_settings(
     )
 
 
-async def start_memory_server(settings: MemorySettings, deps: MemoryDeps, keys: dict[str, bytes]) -> MemoryServer:
+async def start_memory_server(
+    settings: MemorySettings, deps: MemoryDeps, keys: dict[str, bytes]
+) -> MemoryServer:
     """Start a memory server and wait until health shows SERVING."""
     host = build_server(settings, deps)
     await host.start()
