@@ -9,9 +9,9 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-from foredeck.memory.v1 import memory_service_pb2_grpc
 from pydantic import SecretStr
 
+from foredeck.memory.v1 import memory_service_pb2_grpc
 from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, PrincipalSigner, format_keys
 from foredeck_memory.adapters.embedders import LocalEmbedder
 from foredeck_memory.config import MemorySettings

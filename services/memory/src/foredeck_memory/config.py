@@ -49,6 +49,14 @@ class MemorySettings(ServiceSettings):
     neo4j_user: str = Field(default="neo4j", description="Bolt user.")
     neo4j_password: SecretStr = Field(default=SecretStr(""), description="Bolt password.")
     neo4j_database: str = Field(default="foredeck", description="Graph database name.")
+    neo4j_retry_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How long the driver retries a transaction before the graph counts as down.",
+    )
+    neo4j_connect_timeout_seconds: float = Field(
+        default=2.0, gt=0, description="Bolt connection timeout."
+    )
 
     vector_backend: Literal["edge", "qdrant"] = Field(
         default="edge",

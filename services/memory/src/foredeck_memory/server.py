@@ -202,8 +202,14 @@ class MemoryHost(ServiceHost):
 
         graph = self.deps.graph
         if graph is None:
+            # Short retry and connect budgets: a graph that is down must surface as
+            # GRAPH_STORE_UNAVAILABLE within the caller's deadline, not after 30 s of retries.
             driver = AsyncGraphDatabase.driver(
-                s.neo4j_uri, auth=(s.neo4j_user, s.neo4j_password.get_secret_value())
+                s.neo4j_uri,
+                auth=(s.neo4j_user, s.neo4j_password.get_secret_value()),
+                max_transaction_retry_time=s.neo4j_retry_seconds,
+                connection_timeout=s.neo4j_connect_timeout_seconds,
+                connection_acquisition_timeout=s.neo4j_connect_timeout_seconds * 2,
             )
             graph = Neo4jGraphStore(driver, s.neo4j_database)
         await graph.open()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from foredeck.memory.v1 import entity_pb2
-from foredeck.memory.v1 import memory_service_pb2 as ms
 from google.protobuf import struct_pb2
 
+from foredeck.memory.v1 import entity_pb2
+from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
 
 from ..conftest import MemoryServer

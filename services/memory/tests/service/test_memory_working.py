@@ -11,12 +11,12 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+
 from foredeck.common.v1 import chat_pb2, usage_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as lr
 from foredeck.llmrouter.v1 import llmrouter_service_pb2_grpc as lr_grpc
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck.memory.v1 import session_pb2
-
 from foredeck_kit.errors import ServiceError, error_details
 from foredeck_memory.adapters.embedders import LocalEmbedder
 from foredeck_memory.server import MemoryDeps

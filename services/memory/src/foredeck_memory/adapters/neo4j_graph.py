@@ -39,6 +39,7 @@ from foredeck_memory.domain.models import (
 )
 from foredeck_memory.domain.ports import NeighbourhoodResult
 
+_VARIABLE_LENGTH = re.compile(r":\s*FD_\w+\s*\*")
 _LABELLED = re.compile(r"[(\[]\s*\w*\s*:\s*(Fd\w+|FD_\w+)\b(?!\*)\s*(\{[^})\]]*\})?")
 
 
@@ -52,7 +53,7 @@ def check_partitioned(query: str) -> str:
         props = match.group(2) or ""
         if "tenant_id: $tenant" not in props:
             raise ValueError(f"unpartitioned pattern in graph query: {match.group(0)!r}")
-    if "*" in query and "r.tenant_id = $tenant" not in query:
+    if _VARIABLE_LENGTH.search(query) and "r.tenant_id = $tenant" not in query:
         raise ValueError("a variable-length pattern must filter every hop by tenant")
     return query
 
