@@ -23,11 +23,9 @@ from foredeck_memory.adapters.redis_support import RedisLocks, RedisOutbox
 from foredeck_memory.domain.long_term import LongTermMemory, RememberInput
 from foredeck_memory.domain.models import MemoryRecord, Scope, VectorFilter
 from foredeck_memory.server import MemoryDeps
+from foredeck_memory.testing import memory_settings, signing_keys, start_memory_server
 from foredeck_stack.stores import ArcadeDbProcess
-from foredeck_testing.server import fresh_keys
 from foredeck_testing.stores import GraphDatabaseRef
-
-from ..conftest import memory_settings, start_memory_server
 
 
 class HookedVectors(EdgeVectorStore):
@@ -42,8 +40,8 @@ class HookedVectors(EdgeVectorStore):
             await hook()
 
 
-async def wait_health(channel: grpc.aio.Channel, wanted: int, timeout: float = 60.0) -> None:
-    """Follow the health Watch stream until it reports ``wanted`` (bounded by ``timeout``)."""
+async def wait_health(channel: grpc.aio.Channel, wanted: int) -> None:
+    """Follow the health Watch stream until it reports ``wanted`` (bounded by 60 s)."""
     stub = health_pb2_grpc.HealthStub(channel)
 
     async def watch() -> None:
@@ -51,7 +49,7 @@ async def wait_health(channel: grpc.aio.Channel, wanted: int, timeout: float = 6
             if reply.status == wanted:
                 return
 
-    await asyncio.wait_for(watch(), timeout)
+    await asyncio.wait_for(watch(), 60.0)
 
 
 @pytest.mark.slow
@@ -61,15 +59,16 @@ async def test_graph_killed_between_the_stores(
     arcade = ArcadeDbProcess(tmp_path / "arcade", default_database="memory")
     await arcade.start()
     vectors = HookedVectors(tmp_path / "vectors", embedder.dimensions)
-    keys = fresh_keys()
-    graph_ref = GraphDatabaseRef(
-        uri=arcade.bolt_uri,
-        user=arcade.user,
-        password=arcade.password,
-        name="memory",
-        http_url=arcade.http_url,
+    keys = signing_keys()
+    settings = memory_settings(
+        redis_url=redis_url,
+        bolt_uri=arcade.bolt_uri,
+        bolt_user=arcade.user,
+        bolt_password=arcade.password,
+        graph_database="memory",
+        edge_path=tmp_path / "unused",
+        keys=keys,
     )
-    settings = memory_settings(redis_url, graph_ref, tmp_path / "unused", keys)
     server = await start_memory_server(
         settings,
         MemoryDeps(embedder=embedder, count_tokens=embedder.count_tokens, vectors=vectors),
@@ -109,8 +108,7 @@ async def test_graph_killed_between_the_stores(
         )
         assert [m.memory.memory_id for m in found.memories] == [stored.memory.memory_id]
     finally:
-        await server.channel.close()
-        await server.host.stop(0)
+        await server.stop()
         await arcade.stop()
 
 

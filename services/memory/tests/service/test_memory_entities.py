@@ -9,15 +9,14 @@ from google.protobuf import struct_pb2
 from foredeck.memory.v1 import entity_pb2
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
-
-from ..conftest import MemoryServer
+from foredeck_memory.testing import MemoryServer
 
 
 def ref(entity_type: str, entity_id: str) -> entity_pb2.EntityRef:
     return entity_pb2.EntityRef(type=entity_type, entity_id=entity_id)
 
 
-def props(**values: object) -> struct_pb2.Struct:
+def props(**values: str | int) -> struct_pb2.Struct:
     out = struct_pb2.Struct()
     out.update(values)
     return out

@@ -14,9 +14,8 @@ from foredeck.memory.v1 import entity_pb2
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
 from foredeck_memory.domain.models import Scope, VectorFilter
+from foredeck_memory.testing import MemoryServer
 from foredeck_testing.stores import GraphDatabaseRef
-
-from ..conftest import MemoryServer
 
 
 def ref(entity_type: str, entity_id: str) -> entity_pb2.EntityRef:

@@ -9,8 +9,7 @@ from google.protobuf import field_mask_pb2
 from foredeck.memory.v1 import entity_pb2, memory_pb2
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
-
-from ..conftest import MemoryServer
+from foredeck_memory.testing import MemoryServer
 
 FACTS = [
     "Alice's favourite programming language is Rust.",

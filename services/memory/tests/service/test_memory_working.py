@@ -20,15 +20,17 @@ from foredeck.memory.v1 import session_pb2
 from foredeck_kit.errors import ServiceError, error_details
 from foredeck_memory.adapters.embedders import LocalEmbedder
 from foredeck_memory.server import MemoryDeps
-from foredeck_testing.server import RunningServer, fresh_keys, running_server
+from foredeck_memory.testing import MemoryServer, memory_settings, signing_keys, start_memory_server
+from foredeck_testing.server import RunningServer, running_server
 from foredeck_testing.stores import GraphDatabaseRef
-
-from ..conftest import MemoryServer, memory_settings, start_memory_server
 
 
 @dataclass
 class ScriptedRouter(lr_grpc.LlmRouterServiceServicer):
-    """llmrouter's Generate, answering from a script and recording what it was asked."""
+    """llmrouter's Generate, answering from a script and recording what it was asked.
+
+    The other RPCs keep the generated base's UNIMPLEMENTED answer.
+    """
 
     replies: list[str | ServiceError] = field(default_factory=list)
     requests: list[lr.GenerateRequest] = field(default_factory=list)
@@ -59,8 +61,9 @@ class WithRouter:
 async def with_router(
     redis_url: str, graph_database: GraphDatabaseRef, tmp_path: Path, embedder: LocalEmbedder
 ) -> AsyncIterator[WithRouter]:
-    keys = fresh_keys()
-    router = ScriptedRouter()
+    keys = signing_keys()
+    # The stubs mark every RPC abstract; at run time the base answers UNIMPLEMENTED.
+    router = ScriptedRouter()  # type: ignore[abstract]
     async with running_server(
         lambda server: lr_grpc.add_LlmRouterServiceServicer_to_server(router, server),
         service_names=["foredeck.llmrouter.v1.LlmRouterService"],
@@ -68,10 +71,13 @@ async def with_router(
         keys=keys,
     ) as router_server:
         settings = memory_settings(
-            redis_url,
-            graph_database,
-            tmp_path / "vectors",
-            keys,
+            redis_url=redis_url,
+            bolt_uri=graph_database.uri,
+            bolt_user=graph_database.user,
+            bolt_password=graph_database.password,
+            graph_database=graph_database.name,
+            edge_path=tmp_path / "vectors",
+            keys=keys,
             llmrouter_address=router_server.address,
             summarization_model="scripted-small",
         )
@@ -80,8 +86,7 @@ async def with_router(
         try:
             yield WithRouter(memory, router, router_server)
         finally:
-            await memory.channel.close()
-            await memory.host.stop(0)
+            await memory.stop()
 
 
 def text(role: int, content: str) -> chat_pb2.ChatMessage:
