@@ -155,6 +155,10 @@ def test_convenience_constructors_use_shared_reasons_and_codes() -> None:
             grpc.StatusCode.INVALID_ARGUMENT,
             Reason.PAGE_TOKEN_INVALID,
         ),
+        # The contracts give every shared reason one code; delegation refusals are this one.
+        ServiceError(
+            grpc.StatusCode.PERMISSION_DENIED, Reason.DELEGATION_NOT_ALLOWED, "gateway only"
+        ): (grpc.StatusCode.PERMISSION_DENIED, Reason.DELEGATION_NOT_ALLOWED),
     }
     for error, (code, reason) in cases.items():
         assert (error.code, error.reason) == (code, reason)
@@ -174,9 +178,10 @@ def test_enum_names_map_to_reasons_and_back() -> None:
         reason_from_enum("PRINCIPAL_MISSING")
     complete = ["ERROR_REASON_UNSPECIFIED", *(reason_to_enum(r) for r in Reason), "ERROR_REASON_X"]
     assert missing_shared_reasons(complete) == []
-    assert missing_shared_reasons(complete[:-3]) == [
+    assert missing_shared_reasons(complete[:-4]) == [
         Reason.REQUEST_ID_REUSED,
         Reason.PAGE_TOKEN_INVALID,
+        Reason.DELEGATION_NOT_ALLOWED,
     ]
 
 

@@ -67,6 +67,7 @@ class Reason(enum.StrEnum):
     INTERNAL = "INTERNAL"
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
     PAGE_TOKEN_INVALID = "PAGE_TOKEN_INVALID"
+    DELEGATION_NOT_ALLOWED = "DELEGATION_NOT_ALLOWED"
 
     @classmethod
     def numbered(cls) -> list[tuple[Reason, int]]:

@@ -86,8 +86,11 @@ class Approval(_message.Message):
     When a step wants to run a tool that needs approval, the orchestrator writes the approval,
     journals the step as waiting, publishes a ToolCallRequested event carrying the approval id and
     moves the run to RUN_STATUS_WAITING_APPROVAL. No worker holds the run while it waits. The
-    decision, from ResolveApproval or from expiry, is journaled and resumes the run, also after
-    every process has restarted.
+    decision, from ResolveApproval or from expiry, is journaled and resumes the run, also after every
+    process has restarted. When the run executes an approved call, the orchestrator mints the
+    approval token toolrunner requires (`foredeck.toolrunner.v1.ExecuteToolRequest`
+    `approval_token`). Only a person, through the gateway, resolves an approval: ResolveApproval is
+    gateway-only, so a run can never approve its own tool calls.
     """
 
     DESCRIPTOR: _descriptor.Descriptor

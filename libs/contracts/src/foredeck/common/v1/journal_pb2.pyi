@@ -7,6 +7,7 @@ from collections import abc as _abc
 from foredeck.common.v1 import approval_pb2 as _approval_pb2
 from foredeck.common.v1 import chat_pb2 as _chat_pb2
 from foredeck.common.v1 import error_pb2 as _error_pb2
+from foredeck.common.v1 import memory_pb2 as _memory_pb2
 from foredeck.common.v1 import run_event_pb2 as _run_event_pb2
 from foredeck.common.v1 import run_pb2 as _run_pb2
 from foredeck.common.v1 import tool_pb2 as _tool_pb2
@@ -71,7 +72,7 @@ class _MemoryOperationKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_M
     MEMORY_OPERATION_KIND_RECALL: _MemoryOperationKind.ValueType  # 1
     """Recall long-term memories relevant to a query."""
     MEMORY_OPERATION_KIND_REMEMBER: _MemoryOperationKind.ValueType  # 2
-    """Store content in long-term memory."""
+    """Store content in long-term memory, with Remember or RememberMany."""
     MEMORY_OPERATION_KIND_UPSERT_ENTITIES: _MemoryOperationKind.ValueType  # 3
     """Write entities and relationships to entity memory."""
     MEMORY_OPERATION_KIND_APPEND_WORKING: _MemoryOperationKind.ValueType  # 4
@@ -85,7 +86,7 @@ MEMORY_OPERATION_KIND_UNSPECIFIED: MemoryOperationKind.ValueType  # 0
 MEMORY_OPERATION_KIND_RECALL: MemoryOperationKind.ValueType  # 1
 """Recall long-term memories relevant to a query."""
 MEMORY_OPERATION_KIND_REMEMBER: MemoryOperationKind.ValueType  # 2
-"""Store content in long-term memory."""
+"""Store content in long-term memory, with Remember or RememberMany."""
 MEMORY_OPERATION_KIND_UPSERT_ENTITIES: MemoryOperationKind.ValueType  # 3
 """Write entities and relationships to entity memory."""
 MEMORY_OPERATION_KIND_APPEND_WORKING: MemoryOperationKind.ValueType  # 4
@@ -149,6 +150,7 @@ class JournalEntry(_message.Message):
     FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     TRACE_ID_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    CHILD_RUN_ID_FIELD_NUMBER: _builtins.int
     LLM_EXCHANGE_FIELD_NUMBER: _builtins.int
     TOOL_EXCHANGE_FIELD_NUMBER: _builtins.int
     MEMORY_OPERATION_FIELD_NUMBER: _builtins.int
@@ -158,7 +160,9 @@ class JournalEntry(_message.Message):
     entry_index: _builtins.int
     """The entry's position in the run's journal, starting at 1 with no gaps."""
     step_id: _builtins.str
-    """The step's id, stable across attempts, restarts and replays."""
+    """The step's id, assigned by the orchestrator (never taken from a model's output) and stable
+    across attempts, restarts and replays: 1-128 characters of `[A-Za-z0-9_.-]`.
+    """
     step_index: _builtins.int
     """The step's position in the run, starting at 1; entries of one step share it."""
     kind: _run_event_pb2.StepKind.ValueType
@@ -180,6 +184,11 @@ class JournalEntry(_message.Message):
     trace_id: _builtins.str
     """The OpenTelemetry trace id (32 lowercase hex digits) of the run's trace, to open the step in
     a trace viewer. Empty when tracing was off.
+    """
+    child_run_id: _builtins.str
+    """The child run a SUB_AGENT step started, in both views, so a step tree can descend into the
+    sub-agent's own journal; empty for other steps. The child's `parent_run_id` and
+    `parent_step_id` point back here.
     """
     @_builtins.property
     def error(self) -> _error_pb2.Error:
@@ -236,6 +245,7 @@ class JournalEntry(_message.Message):
         fencing_token: _builtins.int = ...,
         trace_id: _builtins.str = ...,
         plan: Global___Plan | None = ...,
+        child_run_id: _builtins.str = ...,
         llm_exchange: Global___LlmExchange | None = ...,
         tool_exchange: Global___ToolExchange | None = ...,
         memory_operation: Global___MemoryOperation | None = ...,
@@ -243,7 +253,7 @@ class JournalEntry(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "error", b"error", "llm_exchange", b"llm_exchange", "memory_operation", b"memory_operation", "plan", b"plan", "record", b"record", "start_time", b"start_time", "sub_agent", b"sub_agent", "tool_exchange", b"tool_exchange", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "description", b"description", "end_time", b"end_time", "entry_index", b"entry_index", "error", b"error", "fencing_token", b"fencing_token", "kind", b"kind", "llm_exchange", b"llm_exchange", "memory_operation", b"memory_operation", "outcome", b"outcome", "plan", b"plan", "record", b"record", "run_id", b"run_id", "start_time", b"start_time", "step_id", b"step_id", "step_index", b"step_index", "sub_agent", b"sub_agent", "tool_exchange", b"tool_exchange", "trace_id", b"trace_id", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "child_run_id", b"child_run_id", "description", b"description", "end_time", b"end_time", "entry_index", b"entry_index", "error", b"error", "fencing_token", b"fencing_token", "kind", b"kind", "llm_exchange", b"llm_exchange", "memory_operation", b"memory_operation", "outcome", b"outcome", "plan", b"plan", "record", b"record", "run_id", b"run_id", "start_time", b"start_time", "step_id", b"step_id", "step_index", b"step_index", "sub_agent", b"sub_agent", "tool_exchange", b"tool_exchange", "trace_id", b"trace_id", "usage", b"usage", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_record: _TypeAlias = _typing.Literal["llm_exchange", "tool_exchange", "memory_operation", "sub_agent"]  # noqa: Y015
     _WhichOneofArgType_record: _TypeAlias = _typing.Literal["record", b"record"]  # noqa: Y015
@@ -290,7 +300,10 @@ class LlmExchange(_message.Message):
     enum prefix, such as `STOP` or `TOOL_CALLS`).
     """
     idempotency_key: _builtins.str
-    """The idempotency key the call carried, derived from the run id, step id and attempt."""
+    """The request id the call carried, `<run_id>:<step_id>:<attempt>`: a worker that re-executes the
+    same attempt after a crash gets llmrouter's recorded response instead of a second, billed
+    generation, while a new attempt generates anew.
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[_chat_pb2.ChatMessage]:
         """The messages sent, system prompt first."""
@@ -350,8 +363,10 @@ class ToolExchange(_message.Message):
     REPLAYED_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """The idempotency key the call carried, derived from the run id and step id and the same on
-    every attempt, so toolrunner's effect ledger runs the tool at most once.
+    """The tool effect key the call carried: exactly `<run_id>:<step_id>` (built with
+    `foredeck_kit.idempotency.tool_effect_key`), the same on every attempt of the step and after
+    any crash, so toolrunner's effect ledger runs the tool at most once per step. Never derived
+    from the tool call id, which a re-generated model response may change.
     """
     approval_required: _builtins.bool
     """Whether the call needed a person's approval."""
@@ -406,9 +421,9 @@ class MemoryOperation(_message.Message):
     QUERY_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     RECALLED_MEMORIES_FIELD_NUMBER: _builtins.int
-    CONTENT_FIELD_NUMBER: _builtins.int
     MEMORY_IDS_FIELD_NUMBER: _builtins.int
-    ENTITY_IDS_FIELD_NUMBER: _builtins.int
+    CONTENTS_FIELD_NUMBER: _builtins.int
+    ENTITY_REFS_FIELD_NUMBER: _builtins.int
     operation: Global___MemoryOperationKind.ValueType
     """What the step asked the memory service to do."""
     memory_kind: _run_event_pb2.MemoryKind.ValueType
@@ -417,19 +432,25 @@ class MemoryOperation(_message.Message):
     """The recall query, for RECALL operations."""
     limit: _builtins.int
     """The most memories the recall asked for."""
-    content: _builtins.str
-    """The content written, for REMEMBER operations."""
     @_builtins.property
-    def recalled_memories(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecalledMemory]:
+    def recalled_memories(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2.RecalledMemory]:
         """The memories a recall returned, best first, exactly as returned."""
 
     @_builtins.property
     def memory_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The ids of the memories written."""
+        """The ids of the memories the written contents now live in (new, or merged into), in the order of
+        `contents`.
+        """
 
     @_builtins.property
-    def entity_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The ids of the entities written by entity extraction."""
+    def contents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The contents written, for REMEMBER operations, in request order: one for Remember, several for
+        RememberMany.
+        """
+
+    @_builtins.property
+    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2.EntityRef]:
+        """The entities written, for UPSERT_ENTITIES operations."""
 
     def __init__(
         self,
@@ -438,48 +459,18 @@ class MemoryOperation(_message.Message):
         memory_kind: _run_event_pb2.MemoryKind.ValueType = ...,
         query: _builtins.str = ...,
         limit: _builtins.int = ...,
-        recalled_memories: _abc.Iterable[Global___RecalledMemory] | None = ...,
-        content: _builtins.str = ...,
+        recalled_memories: _abc.Iterable[_memory_pb2.RecalledMemory] | None = ...,
         memory_ids: _abc.Iterable[_builtins.str] | None = ...,
-        entity_ids: _abc.Iterable[_builtins.str] | None = ...,
+        contents: _abc.Iterable[_builtins.str] | None = ...,
+        entity_refs: _abc.Iterable[_memory_pb2.EntityRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "entity_ids", b"entity_ids", "limit", b"limit", "memory_ids", b"memory_ids", "memory_kind", b"memory_kind", "operation", b"operation", "query", b"query", "recalled_memories", b"recalled_memories"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["contents", b"contents", "entity_refs", b"entity_refs", "limit", b"limit", "memory_ids", b"memory_ids", "memory_kind", b"memory_kind", "operation", b"operation", "query", b"query", "recalled_memories", b"recalled_memories"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MemoryOperation: _TypeAlias = MemoryOperation  # noqa: Y015
-
-@_typing.final
-class RecalledMemory(_message.Message):
-    """RecalledMemory is one memory a recall returned to a run."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MEMORY_ID_FIELD_NUMBER: _builtins.int
-    CONTENT_FIELD_NUMBER: _builtins.int
-    SCORE_FIELD_NUMBER: _builtins.int
-    memory_id: _builtins.str
-    """The memory's id in the memory service."""
-    content: _builtins.str
-    """The memory's content."""
-    score: _builtins.float
-    """The similarity score the memory service gave it; higher is more relevant."""
-    def __init__(
-        self,
-        *,
-        memory_id: _builtins.str = ...,
-        content: _builtins.str = ...,
-        score: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "memory_id", b"memory_id", "score", b"score"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RecalledMemory: _TypeAlias = RecalledMemory  # noqa: Y015
 
 @_typing.final
 class SubAgentRecord(_message.Message):
@@ -565,7 +556,9 @@ class PlannedStep(_message.Message):
     SUB_AGENT_NAME_FIELD_NUMBER: _builtins.int
     SUB_AGENT_INPUT_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
-    """The id the step will run under once executed."""
+    """The id the step will run under once executed, assigned by the orchestrator when it journals the
+    plan (a model's output never names step ids).
+    """
     description: _builtins.str
     """What the step does, in a sentence."""
     kind: _run_event_pb2.StepKind.ValueType

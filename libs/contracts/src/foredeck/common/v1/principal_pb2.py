@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"foredeck/common/v1/principal.proto\x12\x12\x66oredeck.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xcc\x01\n\tPrincipal\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x03(\t\x12\x12\n\nbudget_ids\x18\x04 \x03(\t\x12/\n\x04kind\x18\x05 \x01(\x0e\x32!.foredeck.common.v1.PrincipalKind\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x07 \x01(\t*~\n\rPrincipalKind\x12\x1e\n\x1aPRINCIPAL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PRINCIPAL_KIND_USER\x10\x01\x12\x1a\n\x16PRINCIPAL_KIND_SERVICE\x10\x02\x12\x18\n\x14PRINCIPAL_KIND_ADMIN\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"foredeck/common/v1/principal.proto\x12\x12\x66oredeck.common.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xeb\x01\n\tPrincipal\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x13\n\x0bpermissions\x18\x03 \x03(\t\x12\x12\n\nbudget_ids\x18\x04 \x03(\t\x12/\n\x04kind\x18\x05 \x01(\x0e\x32!.foredeck.common.v1.PrincipalKind\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08token_id\x18\x07 \x01(\t\x12\r\n\x05\x61\x63tor\x18\x08 \x01(\t\x12\x0e\n\x06run_id\x18\t \x01(\t*~\n\rPrincipalKind\x12\x1e\n\x1aPRINCIPAL_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13PRINCIPAL_KIND_USER\x10\x01\x12\x1a\n\x16PRINCIPAL_KIND_SERVICE\x10\x02\x12\x18\n\x14PRINCIPAL_KIND_ADMIN\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foredeck.common.v1.principal_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PRINCIPALKIND']._serialized_start=298
-  _globals['_PRINCIPALKIND']._serialized_end=424
+  _globals['_PRINCIPALKIND']._serialized_start=329
+  _globals['_PRINCIPALKIND']._serialized_end=455
   _globals['_PRINCIPAL']._serialized_start=92
-  _globals['_PRINCIPAL']._serialized_end=296
+  _globals['_PRINCIPAL']._serialized_end=327
 # @@protoc_insertion_point(module_scope)

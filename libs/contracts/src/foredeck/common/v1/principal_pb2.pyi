@@ -52,12 +52,26 @@ Global___PrincipalKind: _TypeAlias = PrincipalKind  # noqa: Y015
 class Principal(_message.Message):
     """Principal is the verified identity on whose behalf a call runs inside the mesh.
 
-    The gateway authenticates the caller (API key or JWT) and mints a short-lived signed token
-    carrying these fields; it travels in the `x-foredeck-principal` gRPC metadata entry as an
-    HS256 JWT (claims `sub`, `tid`, `perms`, `bud`, `kind`, `iat`, `exp`, `jti`; header `kid`).
-    Every internal service verifies the signature and expiry before serving a call, and takes the
-    tenant only from here, never from a request body. This message documents the claims and is
-    returned by RPCs that report who the caller is.
+    It travels in the `x-foredeck-principal` gRPC metadata entry as an HS256 JWT whose header `kid`
+    names the signing key, so keys rotate without downtime. Two issuers mint principals, both for the
+    audience `foredeck-internal`, and each lives 5 minutes:
+
+    - `foredeck-gateway` (keys `PRINCIPAL_KEYS`): the gateway authenticates the caller (API key or
+      JWT) and mints a principal for each call it forwards. Claims: `iss`, `aud`, `sub` (user id),
+      `tid` (tenant id), `perms`, `bud`, `kind`, `iat`, `exp`, `jti`.
+    - `foredeck-orchestrator` (keys `DELEGATION_KEYS`, whose key ids differ from every gateway key
+      id): a run may wait for days and its worker calls llmrouter, toolrunner and memory long after
+      the gateway's principal expired. The orchestrator stores the claims of the principal that
+      submitted the run and, for each downstream call of the run, mints a fresh principal with the
+      same `sub`, `tid`, `perms`, `bud` and `kind`, plus the actor claim
+      `act: {"sub": "orchestrator"}` (in the style of RFC 8693) and `rid`, the run id.
+
+    Every internal service verifies the signature, issuer, audience and expiry before serving a call
+    and accepts both issuers, except on gateway-only methods: those refuse an orchestrator-minted
+    principal with PERMISSION_DENIED and the shared reason DELEGATION_NOT_ALLOWED (each service's
+    README lists its gateway-only methods). Services take the tenant only from here, never from a
+    request body. This message documents the claims and is returned by RPCs that report who the
+    caller is.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -69,27 +83,36 @@ class Principal(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     TOKEN_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
-    """The tenant every piece of data touched by the call belongs to."""
+    """The tenant every piece of data touched by the call belongs to (`tid`)."""
     user_id: _builtins.str
-    """The user within the tenant, or the service account name for service principals."""
+    """The user within the tenant, or the service account name for service principals (`sub`)."""
     kind: Global___PrincipalKind.ValueType
-    """What kind of caller this is."""
+    """What kind of caller this is (`kind`)."""
     token_id: _builtins.str
-    """A unique id of the signed token, for audit logs."""
+    """A unique id of the signed token, for audit logs (`jti`)."""
+    actor: _builtins.str
+    """The service acting on the principal's behalf, from the `act.sub` claim: `orchestrator` for a
+    principal the orchestrator minted for a run's downstream call; empty when the gateway minted
+    it.
+    """
+    run_id: _builtins.str
+    """The run a delegated principal acts for, from the `rid` claim; empty when the gateway minted it."""
     @_builtins.property
     def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Permissions granted to the caller, such as `runs:create` or `tools:python`. A trailing `*`
-        grants every permission with that prefix.
+        """Permissions granted to the caller, such as `runs:create` or `tools:python` (`perms`). A
+        trailing `*` grants every permission with that prefix.
         """
 
     @_builtins.property
     def budget_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Budgets that calls made on this principal's behalf are charged to."""
+        """Budgets that calls made on this principal's behalf are charged to (`bud`)."""
 
     @_builtins.property
     def expire_time(self) -> _timestamp_pb2.Timestamp:
-        """When the signed token stops being accepted."""
+        """When the signed token stops being accepted (`exp`)."""
 
     def __init__(
         self,
@@ -101,10 +124,12 @@ class Principal(_message.Message):
         kind: Global___PrincipalKind.ValueType = ...,
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         token_id: _builtins.str = ...,
+        actor: _builtins.str = ...,
+        run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_ids", b"budget_ids", "expire_time", b"expire_time", "kind", b"kind", "permissions", b"permissions", "tenant_id", b"tenant_id", "token_id", b"token_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "budget_ids", b"budget_ids", "expire_time", b"expire_time", "kind", b"kind", "permissions", b"permissions", "run_id", b"run_id", "tenant_id", b"tenant_id", "token_id", b"token_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,6 +23,65 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _RunEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RunEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RUN_EVENT_TYPE_UNSPECIFIED: _RunEventType.ValueType  # 0
+    """Not set; rejected in a filter with INVALID_REQUEST."""
+    RUN_EVENT_TYPE_STATUS_CHANGED: _RunEventType.ValueType  # 1
+    """RunStatusChanged events (`status_changed`)."""
+    RUN_EVENT_TYPE_STEP_STARTED: _RunEventType.ValueType  # 2
+    """StepStarted events (`step_started`)."""
+    RUN_EVENT_TYPE_STEP_FINISHED: _RunEventType.ValueType  # 3
+    """StepFinished events (`step_finished`)."""
+    RUN_EVENT_TYPE_TOKEN_DELTA: _RunEventType.ValueType  # 4
+    """TokenDelta events (`token_delta`)."""
+    RUN_EVENT_TYPE_TOOL_CALL_REQUESTED: _RunEventType.ValueType  # 5
+    """ToolCallRequested events (`tool_call_requested`)."""
+    RUN_EVENT_TYPE_TOOL_CALL_APPROVED: _RunEventType.ValueType  # 6
+    """ToolCallApproved events (`tool_call_approved`), for approvals and denials alike."""
+    RUN_EVENT_TYPE_TOOL_CALL_FINISHED: _RunEventType.ValueType  # 7
+    """ToolCallFinished events (`tool_call_finished`)."""
+    RUN_EVENT_TYPE_MEMORY_STORED: _RunEventType.ValueType  # 8
+    """MemoryStored events (`memory_stored`)."""
+    RUN_EVENT_TYPE_ERROR: _RunEventType.ValueType  # 9
+    """ErrorOccurred events (`error`)."""
+    RUN_EVENT_TYPE_RUN_FINISHED: _RunEventType.ValueType  # 10
+    """RunFinished events (`run_finished`). Always sent, whatever the filter, so a stream can end."""
+
+class RunEventType(_RunEventType, metaclass=_RunEventTypeEnumTypeWrapper):
+    """RunEventType names one case of the RunEvent `payload` oneof, for filtering a run's events
+    (WatchRun's `event_types`). Each value matches the oneof field of the same name: value
+    RUN_EVENT_TYPE_TOKEN_DELTA selects events whose payload is `token_delta`.
+    """
+
+RUN_EVENT_TYPE_UNSPECIFIED: RunEventType.ValueType  # 0
+"""Not set; rejected in a filter with INVALID_REQUEST."""
+RUN_EVENT_TYPE_STATUS_CHANGED: RunEventType.ValueType  # 1
+"""RunStatusChanged events (`status_changed`)."""
+RUN_EVENT_TYPE_STEP_STARTED: RunEventType.ValueType  # 2
+"""StepStarted events (`step_started`)."""
+RUN_EVENT_TYPE_STEP_FINISHED: RunEventType.ValueType  # 3
+"""StepFinished events (`step_finished`)."""
+RUN_EVENT_TYPE_TOKEN_DELTA: RunEventType.ValueType  # 4
+"""TokenDelta events (`token_delta`)."""
+RUN_EVENT_TYPE_TOOL_CALL_REQUESTED: RunEventType.ValueType  # 5
+"""ToolCallRequested events (`tool_call_requested`)."""
+RUN_EVENT_TYPE_TOOL_CALL_APPROVED: RunEventType.ValueType  # 6
+"""ToolCallApproved events (`tool_call_approved`), for approvals and denials alike."""
+RUN_EVENT_TYPE_TOOL_CALL_FINISHED: RunEventType.ValueType  # 7
+"""ToolCallFinished events (`tool_call_finished`)."""
+RUN_EVENT_TYPE_MEMORY_STORED: RunEventType.ValueType  # 8
+"""MemoryStored events (`memory_stored`)."""
+RUN_EVENT_TYPE_ERROR: RunEventType.ValueType  # 9
+"""ErrorOccurred events (`error`)."""
+RUN_EVENT_TYPE_RUN_FINISHED: RunEventType.ValueType  # 10
+"""RunFinished events (`run_finished`). Always sent, whatever the filter, so a stream can end."""
+Global___RunEventType: _TypeAlias = RunEventType  # noqa: Y015
+
 class _StepKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -105,7 +164,8 @@ class RunEvent(_message.Message):
 
     Events are published to a durable stream in the order they happen. Each carries an opaque
     `event_id`; a watcher that reconnects passes the last id it saw and receives every later event
-    exactly once.
+    exactly once. Watchers filter events by RunEventType, which has one value per case of the
+    `payload` oneof.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -241,7 +301,7 @@ class StepStarted(_message.Message):
     CHILD_RUN_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     step_id: _builtins.str
-    """The step's id, stable across retries and replays."""
+    """The step's id, assigned by the orchestrator and stable across retries and replays."""
     step_index: _builtins.int
     """The step's position in the run, starting at 1."""
     kind: Global___StepKind.ValueType

@@ -27,7 +27,7 @@ from foredeck.common.v1 import usage_pb2 as foredeck_dot_common_dot_v1_dot_usage
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66oredeck/common/v1/run.proto\x12\x12\x66oredeck.common.v1\x1a\x1e\x66oredeck/common/v1/error.proto\x1a\x1e\x66oredeck/common/v1/usage.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc7\x05\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nagent_name\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\x03\x12\r\n\x05input\x18\x06 \x01(\t\x12-\n\x06status\x18\x07 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x0e\n\x06output\x18\x08 \x01(\t\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.foredeck.common.v1.Error\x12.\n\x08priority\x18\n \x01(\x0e\x32\x1c.foredeck.common.v1.Priority\x12(\n\x05usage\x18\x0b \x01(\x0b\x32\x19.foredeck.common.v1.Usage\x12\x12\n\nstep_count\x18\x0c \x01(\x05\x12\x15\n\rparent_run_id\x18\r \x01(\t\x12\x1a\n\x12\x66orked_from_run_id\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x06labels\x18\x12 \x03(\x0b\x32#.foredeck.common.v1.Run.LabelsEntry\x12\x15\n\rlast_event_id\x18\x13 \x01(\t\x12*\n\x06\x62udget\x18\x14 \x01(\x0b\x32\x1a.foredeck.common.v1.Budget\x12\x12\n\nrequest_id\x18\x15 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xe0\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATUS_QUEUED\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x1f\n\x1bRUN_STATUS_WAITING_APPROVAL\x10\x03\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x04\x12\x15\n\x11RUN_STATUS_FAILED\x10\x05\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x06\x12\x1c\n\x18RUN_STATUS_DEAD_LETTERED\x10\x07*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x66oredeck/common/v1/run.proto\x12\x12\x66oredeck.common.v1\x1a\x1e\x66oredeck/common/v1/error.proto\x1a\x1e\x66oredeck/common/v1/usage.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdf\x05\n\x03Run\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x12\n\nagent_name\x18\x04 \x01(\t\x12\x15\n\ragent_version\x18\x05 \x01(\x03\x12\r\n\x05input\x18\x06 \x01(\t\x12-\n\x06status\x18\x07 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x0e\n\x06output\x18\x08 \x01(\t\x12(\n\x05\x65rror\x18\t \x01(\x0b\x32\x19.foredeck.common.v1.Error\x12.\n\x08priority\x18\n \x01(\x0e\x32\x1c.foredeck.common.v1.Priority\x12(\n\x05usage\x18\x0b \x01(\x0b\x32\x19.foredeck.common.v1.Usage\x12\x12\n\nstep_count\x18\x0c \x01(\x05\x12\x15\n\rparent_run_id\x18\r \x01(\t\x12\x1a\n\x12\x66orked_from_run_id\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x06labels\x18\x12 \x03(\x0b\x32#.foredeck.common.v1.Run.LabelsEntry\x12\x15\n\rlast_event_id\x18\x13 \x01(\t\x12*\n\x06\x62udget\x18\x14 \x01(\x0b\x32\x1a.foredeck.common.v1.Budget\x12\x12\n\nrequest_id\x18\x15 \x01(\t\x12\x16\n\x0eparent_step_id\x18\x16 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*\xe0\x01\n\tRunStatus\x12\x1a\n\x16RUN_STATUS_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATUS_QUEUED\x10\x01\x12\x16\n\x12RUN_STATUS_RUNNING\x10\x02\x12\x1f\n\x1bRUN_STATUS_WAITING_APPROVAL\x10\x03\x12\x18\n\x14RUN_STATUS_SUCCEEDED\x10\x04\x12\x15\n\x11RUN_STATUS_FAILED\x10\x05\x12\x18\n\x14RUN_STATUS_CANCELLED\x10\x06\x12\x1c\n\x18RUN_STATUS_DEAD_LETTERED\x10\x07*^\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPRIORITY_LOW\x10\x01\x12\x13\n\x0fPRIORITY_NORMAL\x10\x02\x12\x11\n\rPRIORITY_HIGH\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,12 +36,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RUN_LABELSENTRY']._loaded_options = None
   _globals['_RUN_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_RUNSTATUS']._serialized_start=864
-  _globals['_RUNSTATUS']._serialized_end=1088
-  _globals['_PRIORITY']._serialized_start=1090
-  _globals['_PRIORITY']._serialized_end=1184
+  _globals['_RUNSTATUS']._serialized_start=888
+  _globals['_RUNSTATUS']._serialized_end=1112
+  _globals['_PRIORITY']._serialized_start=1114
+  _globals['_PRIORITY']._serialized_end=1208
   _globals['_RUN']._serialized_start=150
-  _globals['_RUN']._serialized_end=861
-  _globals['_RUN_LABELSENTRY']._serialized_start=816
-  _globals['_RUN_LABELSENTRY']._serialized_end=861
+  _globals['_RUN']._serialized_end=885
+  _globals['_RUN_LABELSENTRY']._serialized_start=840
+  _globals['_RUN_LABELSENTRY']._serialized_end=885
 # @@protoc_insertion_point(module_scope)

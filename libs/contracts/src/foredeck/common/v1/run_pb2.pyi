@@ -143,8 +143,11 @@ class Run(_message.Message):
     LAST_EVENT_ID_FIELD_NUMBER: _builtins.int
     BUDGET_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PARENT_STEP_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The run's id, assigned by the orchestrator at submission."""
+    """The run's id, assigned by the orchestrator at submission: 1-128 characters of `[A-Za-z0-9_.-]`
+    (never a `:`, so the tool effect key `<run_id>:<step_id>` splits one way).
+    """
     tenant_id: _builtins.str
     """The tenant that owns the run."""
     user_id: _builtins.str
@@ -164,13 +167,19 @@ class Run(_message.Message):
     step_count: _builtins.int
     """How many steps the run has journaled so far."""
     parent_run_id: _builtins.str
-    """The run that started this one as a sub-agent, if any."""
+    """The run that started this one as a sub-agent, if any. With `parent_step_id` it links the run
+    into its run tree (GetRunTree).
+    """
     forked_from_run_id: _builtins.str
     """The run this one was forked from, if any."""
     last_event_id: _builtins.str
     """The id of the last event published for the run; WatchRun resumes after it."""
     request_id: _builtins.str
     """The client-chosen id the run was submitted with; a retry with the same id returns this run."""
+    parent_step_id: _builtins.str
+    """The step of the parent run that started this one as a sub-agent (the SUB_AGENT step whose
+    journal entries name this run as `child_run_id`); empty for a top-level run.
+    """
     @_builtins.property
     def error(self) -> _error_pb2.Error:
         """Why the run failed, when status is RUN_STATUS_FAILED."""
@@ -225,10 +234,11 @@ class Run(_message.Message):
         last_event_id: _builtins.str = ...,
         budget: _usage_pb2.Budget | None = ...,
         request_id: _builtins.str = ...,
+        parent_step_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "start_time", b"start_time", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_version", b"agent_version", "budget", b"budget", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "forked_from_run_id", b"forked_from_run_id", "input", b"input", "labels", b"labels", "last_event_id", b"last_event_id", "output", b"output", "parent_run_id", b"parent_run_id", "priority", b"priority", "request_id", b"request_id", "run_id", b"run_id", "start_time", b"start_time", "status", b"status", "step_count", b"step_count", "tenant_id", b"tenant_id", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_version", b"agent_version", "budget", b"budget", "create_time", b"create_time", "end_time", b"end_time", "error", b"error", "forked_from_run_id", b"forked_from_run_id", "input", b"input", "labels", b"labels", "last_event_id", b"last_event_id", "output", b"output", "parent_run_id", b"parent_run_id", "parent_step_id", b"parent_step_id", "priority", b"priority", "request_id", b"request_id", "run_id", b"run_id", "start_time", b"start_time", "status", b"status", "step_count", b"step_count", "tenant_id", b"tenant_id", "usage", b"usage", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -96,8 +96,9 @@ class ToolCall(_message.Message):
     TOOL_NAME_FIELD_NUMBER: _builtins.int
     ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
     tool_call_id: _builtins.str
-    """The id the model gave the call (for example `toolu_…` or `call_…`); preserved exactly so
-    the result can be matched to it.
+    """The id the model gave the call (for example `toolu_…` or `call_…`); preserved exactly so the
+    result can be matched to it. Never an idempotency key: a re-generated model response may give
+    the same call another id, so a tool effect is keyed by run and step instead.
     """
     tool_name: _builtins.str
     """The name of the tool to run."""

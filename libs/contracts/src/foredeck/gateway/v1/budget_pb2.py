@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n foredeck/gateway/v1/budget.proto\x12\x13\x66oredeck.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xae\x04\n\rBudgetAccount\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12/\n\x05scope\x18\x02 \x01(\x0e\x32 .foredeck.gateway.v1.BudgetScope\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x12\n\napi_key_id\x18\x05 \x01(\t\x12\x13\n\x0btoken_limit\x18\x06 \x01(\x03\x12\x1d\n\x15\x63ost_limit_usd_micros\x18\x07 \x01(\x03\x12\x31\n\x06period\x18\x08 \x01(\x0e\x32!.foredeck.gateway.v1.BudgetPeriod\x12\x14\n\x0cspent_tokens\x18\t \x01(\x03\x12\x1d\n\x15spent_cost_usd_micros\x18\n \x01(\x03\x12\x17\n\x0freserved_tokens\x18\x0b \x01(\x03\x12 \n\x18reserved_cost_usd_micros\x18\x0c \x01(\x03\x12\x19\n\x11reservation_count\x18\r \x01(\x05\x12\x35\n\x11period_start_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fperiod_end_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x11 \x01(\t*u\n\x0b\x42udgetScope\x12\x1c\n\x18\x42UDGET_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42UDGET_SCOPE_TENANT\x10\x01\x12\x15\n\x11\x42UDGET_SCOPE_USER\x10\x02\x12\x18\n\x14\x42UDGET_SCOPE_API_KEY\x10\x03*}\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42UDGET_PERIOD_LIFETIME\x10\x01\x12\x17\n\x13\x42UDGET_PERIOD_DAILY\x10\x02\x12\x19\n\x15\x42UDGET_PERIOD_MONTHLY\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n foredeck/gateway/v1/budget.proto\x12\x13\x66oredeck.gateway.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xec\x04\n\rBudgetAccount\x12\x11\n\tbudget_id\x18\x01 \x01(\t\x12/\n\x05scope\x18\x02 \x01(\x0e\x32 .foredeck.gateway.v1.BudgetScope\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12\x0f\n\x07user_id\x18\x04 \x01(\t\x12\x12\n\napi_key_id\x18\x05 \x01(\t\x12\x13\n\x0btoken_limit\x18\x06 \x01(\x03\x12\x1d\n\x15\x63ost_limit_usd_micros\x18\x07 \x01(\x03\x12\x31\n\x06period\x18\x08 \x01(\x0e\x32!.foredeck.gateway.v1.BudgetPeriod\x12\x14\n\x0cspent_tokens\x18\t \x01(\x03\x12\x1d\n\x15spent_cost_usd_micros\x18\n \x01(\x03\x12\x17\n\x0freserved_tokens\x18\x0b \x01(\x03\x12 \n\x18reserved_cost_usd_micros\x18\x0c \x01(\x03\x12\x19\n\x11reservation_count\x18\r \x01(\x05\x12\x35\n\x11period_start_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fperiod_end_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nupdated_by\x18\x11 \x01(\t\x12\x0c\n\x04\x65tag\x18\x12 \x01(\t\x12.\n\nreset_time\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*u\n\x0b\x42udgetScope\x12\x1c\n\x18\x42UDGET_SCOPE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42UDGET_SCOPE_TENANT\x10\x01\x12\x15\n\x11\x42UDGET_SCOPE_USER\x10\x02\x12\x18\n\x14\x42UDGET_SCOPE_API_KEY\x10\x03*}\n\x0c\x42udgetPeriod\x12\x1d\n\x19\x42UDGET_PERIOD_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x42UDGET_PERIOD_LIFETIME\x10\x01\x12\x17\n\x13\x42UDGET_PERIOD_DAILY\x10\x02\x12\x19\n\x15\x42UDGET_PERIOD_MONTHLY\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foredeck.gateway.v1.budget_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BUDGETSCOPE']._serialized_start=651
-  _globals['_BUDGETSCOPE']._serialized_end=768
-  _globals['_BUDGETPERIOD']._serialized_start=770
-  _globals['_BUDGETPERIOD']._serialized_end=895
+  _globals['_BUDGETSCOPE']._serialized_start=713
+  _globals['_BUDGETSCOPE']._serialized_end=830
+  _globals['_BUDGETPERIOD']._serialized_start=832
+  _globals['_BUDGETPERIOD']._serialized_end=957
   _globals['_BUDGETACCOUNT']._serialized_start=91
-  _globals['_BUDGETACCOUNT']._serialized_end=649
+  _globals['_BUDGETACCOUNT']._serialized_end=711
 # @@protoc_insertion_point(module_scope)

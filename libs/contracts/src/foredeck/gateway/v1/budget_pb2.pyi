@@ -53,8 +53,8 @@ class _BudgetPeriod:
 class _BudgetPeriodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BudgetPeriod.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BUDGET_PERIOD_UNSPECIFIED: _BudgetPeriod.ValueType  # 0
-    """Not set. In SetBudget, keeps the current period of an existing budget and means
-    BUDGET_PERIOD_LIFETIME for a new one.
+    """Not set: the same as BUDGET_PERIOD_LIFETIME. (SetBudget keeps an existing budget's period
+    unless its mask names `period`.)
     """
     BUDGET_PERIOD_LIFETIME: _BudgetPeriod.ValueType  # 1
     """Never: the limits apply to all spending ever."""
@@ -69,8 +69,8 @@ class BudgetPeriod(_BudgetPeriod, metaclass=_BudgetPeriodEnumTypeWrapper):
     """
 
 BUDGET_PERIOD_UNSPECIFIED: BudgetPeriod.ValueType  # 0
-"""Not set. In SetBudget, keeps the current period of an existing budget and means
-BUDGET_PERIOD_LIFETIME for a new one.
+"""Not set: the same as BUDGET_PERIOD_LIFETIME. (SetBudget keeps an existing budget's period
+unless its mask names `period`.)
 """
 BUDGET_PERIOD_LIFETIME: BudgetPeriod.ValueType  # 1
 """Never: the limits apply to all spending ever."""
@@ -111,6 +111,8 @@ class BudgetAccount(_message.Message):
     PERIOD_END_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    RESET_TIME_FIELD_NUMBER: _builtins.int
     budget_id: _builtins.str
     """Output only. The budget's id within the tenant: `tenant`, `user:<user_id>` or
     `key:<api_key_id>`. Principals list these ids in their budget ids.
@@ -145,6 +147,11 @@ class BudgetAccount(_message.Message):
     """Output only. How many unfinished runs hold a reservation."""
     updated_by: _builtins.str
     """Output only. The user id of the operator who last changed the limits or period."""
+    etag: _builtins.str
+    """Output only. An opaque value that changes whenever the limits or period change or the spent
+    amounts are reset (not when runs spend). SetBudget and ResetBudgetSpend given a stale one fail
+    with ABORTED ETAG_MISMATCH.
+    """
     @_builtins.property
     def period_start_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the current period began."""
@@ -158,6 +165,10 @@ class BudgetAccount(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only. When the limits or period last changed."""
+
+    @_builtins.property
+    def reset_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only. When ResetBudgetSpend last reset the spent amounts; unset if never."""
 
     def __init__(
         self,
@@ -179,10 +190,12 @@ class BudgetAccount(_message.Message):
         period_end_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         updated_by: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        reset_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "reset_time", b"reset_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "budget_id", b"budget_id", "cost_limit_usd_micros", b"cost_limit_usd_micros", "period", b"period", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "reservation_count", b"reservation_count", "reserved_cost_usd_micros", b"reserved_cost_usd_micros", "reserved_tokens", b"reserved_tokens", "scope", b"scope", "spent_cost_usd_micros", b"spent_cost_usd_micros", "spent_tokens", b"spent_tokens", "tenant_id", b"tenant_id", "token_limit", b"token_limit", "update_time", b"update_time", "updated_by", b"updated_by", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "budget_id", b"budget_id", "cost_limit_usd_micros", b"cost_limit_usd_micros", "etag", b"etag", "period", b"period", "period_end_time", b"period_end_time", "period_start_time", b"period_start_time", "reservation_count", b"reservation_count", "reserved_cost_usd_micros", b"reserved_cost_usd_micros", "reserved_tokens", b"reserved_tokens", "reset_time", b"reset_time", "scope", b"scope", "spent_cost_usd_micros", b"spent_cost_usd_micros", "spent_tokens", b"spent_tokens", "tenant_id", b"tenant_id", "token_limit", b"token_limit", "update_time", b"update_time", "updated_by", b"updated_by", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -86,6 +86,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     different parameters; restart from the first page. A `BadRequest` names the `page_token`
     field.
     """
+    ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 14
+    """PERMISSION_DENIED. Shared with internal services, which raise it when a gateway-only method
+    gets a principal the orchestrator minted for a run. The gateway takes credentials, not
+    principals, so it never raises it; an internal service that returns it to the gateway is
+    reported as INTERNAL. No metadata, no extra details.
+    """
     ERROR_REASON_CREDENTIALS_MISSING: _ErrorReason.ValueType  # 20
     """UNAUTHENTICATED. The call carried no `authorization` metadata entry. No metadata, no extra
     details.
@@ -159,16 +165,16 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     Metadata `approvalId`, `status` and `upstreamReason`. No extra details.
     """
     ERROR_REASON_AGENT_NOT_FOUND: _ErrorReason.ValueType  # 36
-    """NOT_FOUND. CreateRun named an agent that does not exist in the tenant. Metadata
-    `agentName` and `upstreamReason`. No extra details.
+    """NOT_FOUND. The request named an agent that does not exist in the tenant. Metadata `agentName`
+    and `upstreamReason`. No extra details.
     """
     ERROR_REASON_AGENT_VERSION_NOT_FOUND: _ErrorReason.ValueType  # 37
-    """NOT_FOUND. CreateRun named an agent version that does not exist. Metadata `agentName`,
+    """NOT_FOUND. The request named an agent version that does not exist. Metadata `agentName`,
     `agentVersion` and `upstreamReason`. No extra details.
     """
     ERROR_REASON_AGENT_ARCHIVED: _ErrorReason.ValueType  # 38
-    """FAILED_PRECONDITION. CreateRun named an archived agent. Metadata `agentName` and
-    `upstreamReason`. No extra details.
+    """FAILED_PRECONDITION. CreateRun, ForkRun or CreateAgentVersion named an archived agent. Metadata
+    `agentName` and `upstreamReason`. No extra details.
     """
     ERROR_REASON_API_KEY_NOT_FOUND: _ErrorReason.ValueType  # 39
     """NOT_FOUND. No API key with that id exists (in the named tenant, where the request names
@@ -210,6 +216,29 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """UNAVAILABLE. Redis could not be reached for rate limiting or admission and the route is
     configured to fail closed, so the call was refused rather than admitted unchecked. Metadata
     `route` (the full RPC name); comes with RetryInfo.
+    """
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 49
+    """ABORTED. The request carried an `etag` that is no longer current: SetBudget or ResetBudgetSpend
+    for a budget that changed since it was read, or CreateAgentVersion based on a version that is
+    no longer the latest. Nothing was written; read again and reapply the change. Metadata
+    `budgetId` or `agentName`, and `upstreamReason` when mapped. No extra details.
+    """
+    ERROR_REASON_AGENT_ALREADY_EXISTS: _ErrorReason.ValueType  # 50
+    """ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived (names
+    are never reused). Metadata `agentName` and `upstreamReason`. No extra details.
+    """
+    ERROR_REASON_RUN_NOT_FINISHED: _ErrorReason.ValueType  # 51
+    """FAILED_PRECONDITION. ReplayRun or ForkRun named a run that has not finished yet. Metadata
+    `runId`, `status` and `upstreamReason`. No extra details.
+    """
+    ERROR_REASON_STEP_NOT_FOUND: _ErrorReason.ValueType  # 52
+    """NOT_FOUND. ForkRun named a step index the run's journal does not hold. Metadata `runId`,
+    `stepIndex`, `stepCount` and `upstreamReason`. No extra details.
+    """
+    ERROR_REASON_REPLAY_DIVERGED: _ErrorReason.ValueType  # 53
+    """FAILED_PRECONDITION. A strict ReplayRun diverged from the journal: the agent now behaves
+    differently than when the run was recorded. Metadata `runId`, `stepId`, `entryIndex` and
+    `upstreamReason`. No extra details.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -293,6 +322,12 @@ ERROR_REASON_PAGE_TOKEN_INVALID: ErrorReason.ValueType  # 13
 different parameters; restart from the first page. A `BadRequest` names the `page_token`
 field.
 """
+ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 14
+"""PERMISSION_DENIED. Shared with internal services, which raise it when a gateway-only method
+gets a principal the orchestrator minted for a run. The gateway takes credentials, not
+principals, so it never raises it; an internal service that returns it to the gateway is
+reported as INTERNAL. No metadata, no extra details.
+"""
 ERROR_REASON_CREDENTIALS_MISSING: ErrorReason.ValueType  # 20
 """UNAUTHENTICATED. The call carried no `authorization` metadata entry. No metadata, no extra
 details.
@@ -366,16 +401,16 @@ ERROR_REASON_APPROVAL_NOT_PENDING: ErrorReason.ValueType  # 35
 Metadata `approvalId`, `status` and `upstreamReason`. No extra details.
 """
 ERROR_REASON_AGENT_NOT_FOUND: ErrorReason.ValueType  # 36
-"""NOT_FOUND. CreateRun named an agent that does not exist in the tenant. Metadata
-`agentName` and `upstreamReason`. No extra details.
+"""NOT_FOUND. The request named an agent that does not exist in the tenant. Metadata `agentName`
+and `upstreamReason`. No extra details.
 """
 ERROR_REASON_AGENT_VERSION_NOT_FOUND: ErrorReason.ValueType  # 37
-"""NOT_FOUND. CreateRun named an agent version that does not exist. Metadata `agentName`,
+"""NOT_FOUND. The request named an agent version that does not exist. Metadata `agentName`,
 `agentVersion` and `upstreamReason`. No extra details.
 """
 ERROR_REASON_AGENT_ARCHIVED: ErrorReason.ValueType  # 38
-"""FAILED_PRECONDITION. CreateRun named an archived agent. Metadata `agentName` and
-`upstreamReason`. No extra details.
+"""FAILED_PRECONDITION. CreateRun, ForkRun or CreateAgentVersion named an archived agent. Metadata
+`agentName` and `upstreamReason`. No extra details.
 """
 ERROR_REASON_API_KEY_NOT_FOUND: ErrorReason.ValueType  # 39
 """NOT_FOUND. No API key with that id exists (in the named tenant, where the request names
@@ -417,5 +452,28 @@ ERROR_REASON_RATE_LIMITER_UNAVAILABLE: ErrorReason.ValueType  # 48
 """UNAVAILABLE. Redis could not be reached for rate limiting or admission and the route is
 configured to fail closed, so the call was refused rather than admitted unchecked. Metadata
 `route` (the full RPC name); comes with RetryInfo.
+"""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 49
+"""ABORTED. The request carried an `etag` that is no longer current: SetBudget or ResetBudgetSpend
+for a budget that changed since it was read, or CreateAgentVersion based on a version that is
+no longer the latest. Nothing was written; read again and reapply the change. Metadata
+`budgetId` or `agentName`, and `upstreamReason` when mapped. No extra details.
+"""
+ERROR_REASON_AGENT_ALREADY_EXISTS: ErrorReason.ValueType  # 50
+"""ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived (names
+are never reused). Metadata `agentName` and `upstreamReason`. No extra details.
+"""
+ERROR_REASON_RUN_NOT_FINISHED: ErrorReason.ValueType  # 51
+"""FAILED_PRECONDITION. ReplayRun or ForkRun named a run that has not finished yet. Metadata
+`runId`, `status` and `upstreamReason`. No extra details.
+"""
+ERROR_REASON_STEP_NOT_FOUND: ErrorReason.ValueType  # 52
+"""NOT_FOUND. ForkRun named a step index the run's journal does not hold. Metadata `runId`,
+`stepIndex`, `stepCount` and `upstreamReason`. No extra details.
+"""
+ERROR_REASON_REPLAY_DIVERGED: ErrorReason.ValueType  # 53
+"""FAILED_PRECONDITION. A strict ReplayRun diverged from the journal: the agent now behaves
+differently than when the run was recorded. Metadata `runId`, `stepId`, `entryIndex` and
+`upstreamReason`. No extra details.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

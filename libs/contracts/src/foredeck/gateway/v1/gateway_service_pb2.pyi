@@ -4,7 +4,9 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from foredeck.common.v1 import agent_pb2 as _agent_pb2
 from foredeck.common.v1 import approval_pb2 as _approval_pb2
+from foredeck.common.v1 import error_pb2 as _error_pb2
 from foredeck.common.v1 import journal_pb2 as _journal_pb2
 from foredeck.common.v1 import principal_pb2 as _principal_pb2
 from foredeck.common.v1 import run_event_pb2 as _run_event_pb2
@@ -13,6 +15,7 @@ from foredeck.common.v1 import usage_pb2 as _usage_pb2
 from foredeck.gateway.v1 import api_key_pb2 as _api_key_pb2
 from foredeck.gateway.v1 import budget_pb2 as _budget_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -26,6 +29,380 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+@_typing.final
+class CreateAgentRequest(_message.Message):
+    """CreateAgentRequest is the input of GatewayService.CreateAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """A client-chosen id that makes the call idempotent: 1-64 characters of `[A-Za-z0-9._:-]`, unique
+    per write (a UUID is a good choice). Required. Remembered per tenant for 24 hours.
+    """
+    @_builtins.property
+    def agent(self) -> _agent_pb2.Agent:
+        """The agent's first version. `name` is required; fields marked output only are ignored."""
+
+    def __init__(
+        self,
+        *,
+        agent: _agent_pb2.Agent | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAgentRequest: _TypeAlias = CreateAgentRequest  # noqa: Y015
+
+@_typing.final
+class CreateAgentResponse(_message.Message):
+    """CreateAgentResponse is the output of GatewayService.CreateAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> _agent_pb2.Agent:
+        """The agent's version 1 as stored."""
+
+    def __init__(
+        self,
+        *,
+        agent: _agent_pb2.Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAgentResponse: _TypeAlias = CreateAgentResponse  # noqa: Y015
+
+@_typing.final
+class CreateAgentVersionRequest(_message.Message):
+    """CreateAgentVersionRequest is the input of GatewayService.CreateAgentVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    etag: _builtins.str
+    """The `etag` of the version the caller based its change on. When set and not the latest version's
+    etag, the call fails with ABORTED ETAG_MISMATCH. Empty writes without the check.
+    """
+    request_id: _builtins.str
+    """A client-chosen id that makes the call idempotent: 1-64 characters of `[A-Za-z0-9._:-]`.
+    Required. Remembered per tenant for 24 hours.
+    """
+    @_builtins.property
+    def agent(self) -> _agent_pb2.Agent:
+        """The new version's values for the fields `update_mask` names. `name` picks the agent; fields
+        marked output only are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields of `agent` the new version takes from the request; the others are copied from the
+        latest version. Paths are the settable fields of Agent and, one level down, of its
+        `memory_policy`, `planner`, `budget` and `approval_policy` (a path to a message replaces it
+        whole). Empty names every field `agent` populates (AIP-134), so an older client never clears a
+        field it does not know; to set a field to its zero value, name it. `*` makes `agent` the whole
+        content. An unknown path, or `name`, fails with INVALID_REQUEST.
+        """
+
+    def __init__(
+        self,
+        *,
+        agent: _agent_pb2.Agent | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "etag", b"etag", "request_id", b"request_id", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAgentVersionRequest: _TypeAlias = CreateAgentVersionRequest  # noqa: Y015
+
+@_typing.final
+class CreateAgentVersionResponse(_message.Message):
+    """CreateAgentVersionResponse is the output of GatewayService.CreateAgentVersion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> _agent_pb2.Agent:
+        """The new version as stored."""
+
+    def __init__(
+        self,
+        *,
+        agent: _agent_pb2.Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateAgentVersionResponse: _TypeAlias = CreateAgentVersionResponse  # noqa: Y015
+
+@_typing.final
+class GetAgentRequest(_message.Message):
+    """GetAgentRequest is the input of GatewayService.GetAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent's name. Required."""
+    agent_version: _builtins.int
+    """The version to return, 1 or more. Zero returns the latest version."""
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+        agent_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "agent_version", b"agent_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentRequest: _TypeAlias = GetAgentRequest  # noqa: Y015
+
+@_typing.final
+class GetAgentResponse(_message.Message):
+    """GetAgentResponse is the output of GatewayService.GetAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> _agent_pb2.Agent:
+        """The requested version of the agent."""
+
+    def __init__(
+        self,
+        *,
+        agent: _agent_pb2.Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetAgentResponse: _TypeAlias = GetAgentResponse  # noqa: Y015
+
+@_typing.final
+class ListAgentsRequest(_message.Message):
+    """ListAgentsRequest is the input of GatewayService.ListAgents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_ARCHIVED_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """The most agents to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
+    """
+    include_archived: _builtins.bool
+    """Whether archived agents are listed too."""
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only agents whose labels include every one of these entries: at most 16."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        include_archived: _builtins.bool = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_archived", b"include_archived", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentsResponse(_message.Message):
+    """ListAgentsResponse is the output of GatewayService.ListAgents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Agent]:
+        """The latest version of each agent on this page, ordered by name."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[_agent_pb2.Agent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
+
+@_typing.final
+class ListAgentVersionsRequest(_message.Message):
+    """ListAgentVersionsRequest is the input of GatewayService.ListAgentVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The agent's name. Required."""
+    page_size: _builtins.int
+    """The most versions to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
+    page_token: _builtins.str
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
+    """
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentVersionsRequest: _TypeAlias = ListAgentVersionsRequest  # noqa: Y015
+
+@_typing.final
+class ListAgentVersionsResponse(_message.Message):
+    """ListAgentVersionsResponse is the output of GatewayService.ListAgentVersions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """The token for the next page; empty on the last page."""
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.Agent]:
+        """The agent's versions on this page, newest first."""
+
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[_agent_pb2.Agent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAgentVersionsResponse: _TypeAlias = ListAgentVersionsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteAgentRequest(_message.Message):
+    """DeleteAgentRequest is the input of GatewayService.DeleteAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_NAME_FIELD_NUMBER: _builtins.int
+    agent_name: _builtins.str
+    """The name of the agent to archive. Required."""
+    def __init__(
+        self,
+        *,
+        agent_name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAgentRequest: _TypeAlias = DeleteAgentRequest  # noqa: Y015
+
+@_typing.final
+class DeleteAgentResponse(_message.Message):
+    """DeleteAgentResponse is the output of GatewayService.DeleteAgent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agent(self) -> _agent_pb2.Agent:
+        """The agent's latest version, now archived."""
+
+    def __init__(
+        self,
+        *,
+        agent: _agent_pb2.Agent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteAgentResponse: _TypeAlias = DeleteAgentResponse  # noqa: Y015
 
 @_typing.final
 class CreateRunRequest(_message.Message):
@@ -216,11 +593,14 @@ class ListRunsRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_AFTER_FIELD_NUMBER: _builtins.int
     INCLUDE_ALL_USERS_FIELD_NUMBER: _builtins.int
+    PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most runs to return, from 1 to 200. Zero means 50."""
+    """The most runs to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     agent_name: _builtins.str
     """Only runs of this agent."""
@@ -228,6 +608,8 @@ class ListRunsRequest(_message.Message):
     """Whether runs of every user of the tenant are listed, not only the caller's. Needs
     `runs:all_users`.
     """
+    parent_run_id: _builtins.str
+    """Only sub-agent runs started by this run; empty lists runs whatever their parent."""
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_run_pb2.RunStatus.ValueType]:
         """Only runs in one of these statuses: at most 8."""
@@ -250,10 +632,11 @@ class ListRunsRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time_after: _timestamp_pb2.Timestamp | None = ...,
         include_all_users: _builtins.bool = ...,
+        parent_run_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time_after", b"create_time_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "create_time_after", b"create_time_after", "include_all_users", b"include_all_users", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "statuses", b"statuses"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_name", b"agent_name", "create_time_after", b"create_time_after", "include_all_users", b"include_all_users", "labels", b"labels", "page_size", b"page_size", "page_token", b"page_token", "parent_run_id", b"parent_run_id", "statuses", b"statuses"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -288,6 +671,62 @@ class ListRunsResponse(_message.Message):
 Global___ListRunsResponse: _TypeAlias = ListRunsResponse  # noqa: Y015
 
 @_typing.final
+class GetRunTreeRequest(_message.Message):
+    """GetRunTreeRequest is the input of GatewayService.GetRunTree."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run whose tree to return: usually a top-level run, but any run's subtree can be read.
+    Required.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunTreeRequest: _TypeAlias = GetRunTreeRequest  # noqa: Y015
+
+@_typing.final
+class GetRunTreeResponse(_message.Message):
+    """GetRunTreeResponse is the output of GatewayService.GetRunTree."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """Whether the tree holds more than the 1,000 runs returned; the missing ones come last in the
+    depth-first order.
+    """
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]:
+        """The named run first, then its sub-agent runs depth first, children in creation order. Each
+        run's `parent_run_id` and `parent_step_id` place it under its parent's step.
+        """
+
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[_run_pb2.Run] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunTreeResponse: _TypeAlias = GetRunTreeResponse  # noqa: Y015
+
+@_typing.final
 class WatchRunRequest(_message.Message):
     """WatchRunRequest is the input of GatewayService.WatchRun."""
 
@@ -303,10 +742,9 @@ class WatchRunRequest(_message.Message):
     at the run's first event.
     """
     @_builtins.property
-    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events whose payload is one of these, named as the fields of the RunEvent `payload`
-        oneof (such as `token_delta` or `step_finished`): at most 16, each a known name. Empty
-        sends every event. RunFinished is always sent, so the stream can end.
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_run_event_pb2.RunEventType.ValueType]:
+        """Only events whose payload is one of these types: at most 16, none unspecified. Empty sends
+        every event. RunFinished is always sent, so the stream can end.
         """
 
     def __init__(
@@ -314,7 +752,7 @@ class WatchRunRequest(_message.Message):
         *,
         run_id: _builtins.str = ...,
         after_event_id: _builtins.str = ...,
-        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        event_types: _abc.Iterable[_run_event_pb2.RunEventType.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -416,10 +854,12 @@ class ListApprovalsRequest(_message.Message):
     caller's. Needs `runs:all_users`.
     """
     page_size: _builtins.int
-    """The most approvals to return, from 1 to 200. Zero means 50."""
+    """The most approvals to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_approval_pb2.ApprovalStatus.ValueType]:
@@ -541,12 +981,13 @@ class GetRunJournalRequest(_message.Message):
     view: _journal_pb2.JournalView.ValueType
     """How much of each entry to return. Unset means JOURNAL_VIEW_BASIC."""
     page_size: _builtins.int
-    """The most entries to return, from 1 to 500 in the BASIC view and 1 to 100 in the FULL view.
-    Zero means 100 (BASIC) or 20 (FULL).
+    """The most entries to return: 0 means 100 in the BASIC view and 20 in the FULL view, values above
+    500 (BASIC) or 100 (FULL) are treated as those maxima (AIP-158), and negative values fail with
+    INVALID_REQUEST.
     """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     def __init__(
         self,
@@ -599,6 +1040,204 @@ class GetRunJournalResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetRunJournalResponse: _TypeAlias = GetRunJournalResponse  # noqa: Y015
+
+@_typing.final
+class ReplayRunRequest(_message.Message):
+    """ReplayRunRequest is the input of GatewayService.ReplayRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STRICT_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The finished run to replay. Required."""
+    strict: _builtins.bool
+    """Whether divergence fails the call with REPLAY_DIVERGED instead of being reported in the
+    response.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        strict: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "strict", b"strict"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRunRequest: _TypeAlias = ReplayRunRequest  # noqa: Y015
+
+@_typing.final
+class ReplayRunResponse(_message.Message):
+    """ReplayRunResponse is the output of GatewayService.ReplayRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    IDENTICAL_FIELD_NUMBER: _builtins.int
+    DIVERGENCE_FIELD_NUMBER: _builtins.int
+    REPLAYED_ENTRY_COUNT_FIELD_NUMBER: _builtins.int
+    RECORDED_USAGE_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The replayed run's id."""
+    status: _run_pb2.RunStatus.ValueType
+    """The terminal status the replay reached."""
+    output: _builtins.str
+    """The answer the replay produced."""
+    identical: _builtins.bool
+    """True when the replay made exactly the recorded calls and produced the recorded status and
+    output.
+    """
+    replayed_entry_count: _builtins.int
+    """How many journal entries the replay reused."""
+    @_builtins.property
+    def error(self) -> _error_pb2.Error:
+        """Why the replay's run failed, when it did."""
+
+    @_builtins.property
+    def divergence(self) -> _journal_pb2.ReplayDivergence:
+        """Where the replay first differed from the journal; unset when identical."""
+
+    @_builtins.property
+    def recorded_usage(self) -> _usage_pb2.Usage:
+        """What the recorded run consumed; the replay itself consumed nothing."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        status: _run_pb2.RunStatus.ValueType = ...,
+        output: _builtins.str = ...,
+        error: _error_pb2.Error | None = ...,
+        identical: _builtins.bool = ...,
+        divergence: _journal_pb2.ReplayDivergence | None = ...,
+        replayed_entry_count: _builtins.int = ...,
+        recorded_usage: _usage_pb2.Usage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["divergence", b"divergence", "error", b"error", "recorded_usage", b"recorded_usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["divergence", b"divergence", "error", b"error", "identical", b"identical", "output", b"output", "recorded_usage", b"recorded_usage", "replayed_entry_count", b"replayed_entry_count", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayRunResponse: _TypeAlias = ReplayRunResponse  # noqa: Y015
+
+@_typing.final
+class ForkRunRequest(_message.Message):
+    """ForkRunRequest is the input of GatewayService.ForkRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    FROM_STEP_INDEX_FIELD_NUMBER: _builtins.int
+    INPUT_FIELD_NUMBER: _builtins.int
+    AGENT_VERSION_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The finished run to fork from. Required."""
+    from_step_index: _builtins.int
+    """The step to resume live at, 1 or more: steps before it are reused from the source run's
+    journal. 1 reuses nothing and reruns the task from the start.
+    """
+    input: _builtins.str
+    """A new task for the fork, 1 byte to 256 KiB of UTF-8; unset keeps the source run's input. Reused
+    steps keep their recorded results even when the input changes.
+    """
+    agent_version: _builtins.int
+    """The agent version for the fork, 1 or more. Zero keeps the source run's version."""
+    priority: _run_pb2.Priority.ValueType
+    """The queue priority. Unset means PRIORITY_NORMAL."""
+    request_id: _builtins.str
+    """A client-chosen id that makes the fork idempotent: 1-64 characters of `[A-Za-z0-9._:-]`.
+    Required. Remembered per tenant for 24 hours.
+    """
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels of the new run, as in CreateRunRequest.labels."""
+
+    @_builtins.property
+    def budget(self) -> _usage_pb2.Budget:
+        """Caps for the new run that tighten its agent's and the key's, as in CreateRunRequest.budget."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        from_step_index: _builtins.int = ...,
+        input: _builtins.str | None = ...,
+        agent_version: _builtins.int = ...,
+        priority: _run_pb2.Priority.ValueType = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        budget: _usage_pb2.Budget | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_input", b"_input", "budget", b"budget", "input", b"input"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_input", b"_input", "agent_version", b"agent_version", "budget", b"budget", "from_step_index", b"from_step_index", "input", b"input", "labels", b"labels", "priority", b"priority", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__input: _TypeAlias = _typing.Literal["input"]  # noqa: Y015
+    _WhichOneofArgType__input: _TypeAlias = _typing.Literal["_input", b"_input"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__input) -> _WhichOneofReturnType__input | None: ...
+
+Global___ForkRunRequest: _TypeAlias = ForkRunRequest  # noqa: Y015
+
+@_typing.final
+class ForkRunResponse(_message.Message):
+    """ForkRunResponse is the output of GatewayService.ForkRun."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """True when this call created the run; false when the request id matched an earlier fork and its
+    run was returned.
+    """
+    @_builtins.property
+    def run(self) -> _run_pb2.Run:
+        """The new run; its `forked_from_run_id` names the source run."""
+
+    def __init__(
+        self,
+        *,
+        run: _run_pb2.Run | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ForkRunResponse: _TypeAlias = ForkRunResponse  # noqa: Y015
 
 @_typing.final
 class WhoAmIRequest(_message.Message):
@@ -808,10 +1447,12 @@ class ListApiKeysRequest(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most keys to return, from 1 to 200. Zero means 50."""
+    """The most keys to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     tenant_id: _builtins.str
     """Only keys of this tenant; empty lists keys of every tenant."""
@@ -975,7 +1616,9 @@ class SetBudgetRequest(_message.Message):
     TOKEN_LIMIT_FIELD_NUMBER: _builtins.int
     COST_LIMIT_USD_MICROS_FIELD_NUMBER: _builtins.int
     PERIOD_FIELD_NUMBER: _builtins.int
-    RESET_SPENT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant whose budget to set: 1-64 characters of `[a-z0-9_.-]`. Required."""
     scope: _budget_pb2.BudgetScope.ValueType
@@ -987,17 +1630,33 @@ class SetBudgetRequest(_message.Message):
     otherwise.
     """
     token_limit: _builtins.int
-    """The most tokens per period: 0 (no token limit) to 10^15."""
+    """The most tokens per period, when the mask names `token_limit`: 0 (no token limit) to 10^15."""
     cost_limit_usd_micros: _builtins.int
-    """The most cost per period, in millionths of a US dollar: 0 (no cost limit) to 10^15."""
+    """The most cost per period, in millionths of a US dollar, when the mask names
+    `cost_limit_usd_micros`: 0 (no cost limit) to 10^15.
+    """
     period: _budget_pb2.BudgetPeriod.ValueType
-    """The period. Unset keeps an existing budget's period, or means BUDGET_PERIOD_LIFETIME for a
-    new budget.
+    """The period, when the mask names `period`; BUDGET_PERIOD_UNSPECIFIED there means
+    BUDGET_PERIOD_LIFETIME.
     """
-    reset_spent: _builtins.bool
-    """Whether the spent amounts of the current period go back to zero. Reservations of running
-    runs are kept.
+    etag: _builtins.str
+    """The `etag` of the budget as the caller read it. When set and no longer the budget's etag (or
+    the budget does not exist), the call fails with ABORTED ETAG_MISMATCH and writes nothing. Empty
+    writes unconditionally.
     """
+    request_id: _builtins.str
+    """An optional client-chosen id: 1-64 characters of `[A-Za-z0-9._:-]`. When set, a retry with the
+    same id and request within 24 hours returns the first call's response without writing again,
+    even after the etag changed. Remembered per operator.
+    """
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which of `token_limit`, `cost_limit_usd_micros` and `period` to write; the others keep their
+        values (for a new budget: no limit and BUDGET_PERIOD_LIFETIME). Empty names every one of them
+        the request populates (AIP-134), so setting a limit to 0 needs its path. `*` names all three.
+        An unknown path fails with INVALID_REQUEST.
+        """
+
     def __init__(
         self,
         *,
@@ -1008,11 +1667,13 @@ class SetBudgetRequest(_message.Message):
         token_limit: _builtins.int = ...,
         cost_limit_usd_micros: _builtins.int = ...,
         period: _budget_pb2.BudgetPeriod.ValueType = ...,
-        reset_spent: _builtins.bool = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "cost_limit_usd_micros", b"cost_limit_usd_micros", "period", b"period", "reset_spent", b"reset_spent", "scope", b"scope", "tenant_id", b"tenant_id", "token_limit", b"token_limit", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "cost_limit_usd_micros", b"cost_limit_usd_micros", "etag", b"etag", "period", b"period", "request_id", b"request_id", "scope", b"scope", "tenant_id", b"tenant_id", "token_limit", b"token_limit", "update_mask", b"update_mask", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1041,6 +1702,92 @@ class SetBudgetResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetBudgetResponse: _TypeAlias = SetBudgetResponse  # noqa: Y015
+
+@_typing.final
+class ResetBudgetSpendRequest(_message.Message):
+    """ResetBudgetSpendRequest is the input of AdminService.ResetBudgetSpend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    API_KEY_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant whose budget to reset: 1-64 characters of `[a-z0-9_.-]`. Required."""
+    scope: _budget_pb2.BudgetScope.ValueType
+    """Whose budget to reset within the tenant. Required."""
+    user_id: _builtins.str
+    """The user, for BUDGET_SCOPE_USER (required then); must be empty otherwise."""
+    api_key_id: _builtins.str
+    """The API key, for BUDGET_SCOPE_API_KEY (required then); must be empty otherwise."""
+    etag: _builtins.str
+    """The `etag` of the budget as the caller read it. When set and no longer the budget's etag, the
+    call fails with ABORTED ETAG_MISMATCH and resets nothing. Empty resets unconditionally.
+    """
+    request_id: _builtins.str
+    """A client-chosen id that makes the reset happen once: 1-64 characters of `[A-Za-z0-9._:-]`,
+    unique per intended reset. Required. Remembered per operator for 24 hours.
+    """
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        scope: _budget_pb2.BudgetScope.ValueType = ...,
+        user_id: _builtins.str = ...,
+        api_key_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key_id", b"api_key_id", "etag", b"etag", "request_id", b"request_id", "scope", b"scope", "tenant_id", b"tenant_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetBudgetSpendRequest: _TypeAlias = ResetBudgetSpendRequest  # noqa: Y015
+
+@_typing.final
+class ResetBudgetSpendResponse(_message.Message):
+    """ResetBudgetSpendResponse is the output of AdminService.ResetBudgetSpend."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUDGET_FIELD_NUMBER: _builtins.int
+    RESET_TOKENS_FIELD_NUMBER: _builtins.int
+    RESET_COST_USD_MICROS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    reset_tokens: _builtins.int
+    """The tokens spent in the current period that the reset set back to zero."""
+    reset_cost_usd_micros: _builtins.int
+    """The cost spent in the current period that the reset set back to zero, in millionths of a US
+    dollar.
+    """
+    replayed: _builtins.bool
+    """True when this response was recorded by an earlier call with the same request id and nothing
+    was reset this time.
+    """
+    @_builtins.property
+    def budget(self) -> _budget_pb2.BudgetAccount:
+        """The budget after the reset, as the first call with this request id left it."""
+
+    def __init__(
+        self,
+        *,
+        budget: _budget_pb2.BudgetAccount | None = ...,
+        reset_tokens: _builtins.int = ...,
+        reset_cost_usd_micros: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "replayed", b"replayed", "reset_cost_usd_micros", b"reset_cost_usd_micros", "reset_tokens", b"reset_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResetBudgetSpendResponse: _TypeAlias = ResetBudgetSpendResponse  # noqa: Y015
 
 @_typing.final
 class GetBudgetRequest(_message.Message):
@@ -1111,10 +1858,12 @@ class ListBudgetsRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     SCOPE_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most budgets to return, from 1 to 200. Zero means 50."""
+    """The most budgets to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     tenant_id: _builtins.str
     """Only budgets of this tenant; empty lists budgets of every tenant."""

@@ -26,8 +26,8 @@ if _version_not_supported:
 
 
 class GatewayServiceStub:
-    """GatewayService is Foredeck's public API: start agent runs, follow them live, approve their
-    tool calls and read their journals.
+    """GatewayService is Foredeck's public API: manage agents, start agent runs, follow them live,
+    approve their tool calls, read their journals and run trees, and replay and fork them.
 
     Every call carries the caller's credential in the `authorization` metadata entry as
     `Bearer <api key or JWT>`. The gateway authenticates it, maps it to a tenant, a user and
@@ -37,12 +37,13 @@ class GatewayServiceStub:
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Besides the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
 
     def __init__(self, channel):
@@ -51,6 +52,36 @@ class GatewayServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.CreateAgent = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/CreateAgent',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentResponse.FromString,
+                _registered_method=True)
+        self.CreateAgentVersion = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/CreateAgentVersion',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentVersionRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentVersionResponse.FromString,
+                _registered_method=True)
+        self.GetAgent = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/GetAgent',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetAgentRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetAgentResponse.FromString,
+                _registered_method=True)
+        self.ListAgents = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/ListAgents',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentsRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentsResponse.FromString,
+                _registered_method=True)
+        self.ListAgentVersions = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/ListAgentVersions',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentVersionsRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentVersionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteAgent = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/DeleteAgent',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteAgentRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteAgentResponse.FromString,
+                _registered_method=True)
         self.CreateRun = channel.unary_unary(
                 '/foredeck.gateway.v1.GatewayService/CreateRun',
                 request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateRunRequest.SerializeToString,
@@ -65,6 +96,11 @@ class GatewayServiceStub:
                 '/foredeck.gateway.v1.GatewayService/ListRuns',
                 request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.GetRunTree = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/GetRunTree',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunTreeRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunTreeResponse.FromString,
                 _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/foredeck.gateway.v1.GatewayService/WatchRun',
@@ -91,6 +127,16 @@ class GatewayServiceStub:
                 request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunJournalRequest.SerializeToString,
                 response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunJournalResponse.FromString,
                 _registered_method=True)
+        self.ReplayRun = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/ReplayRun',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ReplayRunRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ReplayRunResponse.FromString,
+                _registered_method=True)
+        self.ForkRun = channel.unary_unary(
+                '/foredeck.gateway.v1.GatewayService/ForkRun',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ForkRunRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ForkRunResponse.FromString,
+                _registered_method=True)
         self.WhoAmI = channel.unary_unary(
                 '/foredeck.gateway.v1.GatewayService/WhoAmI',
                 request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.WhoAmIRequest.SerializeToString,
@@ -99,8 +145,8 @@ class GatewayServiceStub:
 
 
 class GatewayServiceServicer:
-    """GatewayService is Foredeck's public API: start agent runs, follow them live, approve their
-    tool calls and read their journals.
+    """GatewayService is Foredeck's public API: manage agents, start agent runs, follow them live,
+    approve their tool calls, read their journals and run trees, and replay and fork them.
 
     Every call carries the caller's credential in the `authorization` metadata entry as
     `Bearer <api key or JWT>`. The gateway authenticates it, maps it to a tenant, a user and
@@ -110,13 +156,103 @@ class GatewayServiceServicer:
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Besides the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
+
+    def CreateAgent(self, request, context):
+        """CreateAgent writes version 1 of a new agent in the caller's tenant. Needs `agents:write`.
+
+        Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived agent);
+        INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any other bad
+        field; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic: the agent exists with version 1, or nothing was written. Idempotent by `request_id`: a
+        retry with the same request id and content returns the agent the first call created, without
+        writing again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateAgentVersion(self, request, context):
+        """CreateAgentVersion writes a new immutable version of an agent, numbered one above its latest:
+        the latest version's content with the fields `update_mask` names taken from the request. Runs
+        already started keep the version they were pinned to. Needs `agents:write`.
+
+        The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+        client built before a field existed carries it over instead of clearing it; `*` makes the
+        request the whole content. Send the `etag` of the version the change is based on to be sure
+        nobody wrote a version in between.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH;
+        INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST (bad fields or mask paths);
+        FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic: the etag check and the write happen in one step. Idempotent by `request_id`, checked
+        first: a retry returns the version the first call wrote, even though the etag has changed
+        since, and writes no second version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetAgent(self, request, context):
+        """GetAgent returns one version of an agent of the caller's tenant: the latest unless a version is
+        given. Archived agents stay readable. Needs `agents:read`.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND or AGENT_VERSION_NOT_FOUND.
+
+        Read-only and idempotent: it changes nothing and reads one consistent state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgents(self, request, context):
+        """ListAgents returns the latest version of each agent of the caller's tenant, ordered by name.
+        Needs `agents:read`.
+
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for a negative page size or a bad filter.
+
+        Read-only and idempotent: it changes nothing; each page is read consistently, though
+        pages are not one snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAgentVersions(self, request, context):
+        """ListAgentVersions returns every version of one agent, newest first. Needs `agents:read`.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+        a negative page size.
+
+        Read-only and idempotent: it changes nothing; each page is read consistently, though
+        pages are not one snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAgent(self, request, context):
+        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+        and runs already started finish on their pinned version. Nothing is erased, and the name is
+        never reused. Needs `agents:write`.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND.
+
+        Atomic. Idempotent: archiving an archived agent succeeds and returns it unchanged.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def CreateRun(self, request, context):
         """CreateRun starts a run of an agent on a task. Needs `runs:create`.
@@ -155,14 +291,30 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRuns(self, request, context):
-        """ListRuns returns runs, newest first, filtered by status, agent, labels and creation time.
-        Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
+        """ListRuns returns runs, newest first, filtered by status, agent, labels, parent run and creation
+        time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-        Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-        belong to this query.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for bad filters or a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunTree(self, request, context):
+        """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+        `parent_step_id`: with GetRunJournal (whose SUB_AGENT entries name their `child_run_id`) it is
+        what `foredeck trace` draws. Needs `runs:read`.
+
+        Runs come depth first: the named run, then each child in creation order followed by its own
+        descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND.
+
+        Read-only and idempotent: it changes nothing and reads one consistent state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -177,10 +329,10 @@ class GatewayServiceServicer:
         losing and repeating none. For a finished run the stream sends the remaining events and
         ends. Set no deadline, or one long enough for the run.
 
-        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-        or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED; UNAVAILABLE
-        ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the last
-        event id).
+        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+        INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED;
+        UNAVAILABLE ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the
+        last event id).
 
         Read-only and idempotent: it changes nothing, and resuming from the same event id
         yields the same events.
@@ -207,7 +359,8 @@ class GatewayServiceServicer:
         ones by default, oldest request first. Needs `runs:read`.
 
         Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-        INVALID_REQUEST for bad paging fields.
+        INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+        filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -230,15 +383,54 @@ class GatewayServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetRunJournal(self, request, context):
-        """GetRunJournal returns a run with a page of its step journal, one entry per step attempt
-        with timings and usage: what `foredeck trace` draws. The FULL view adds the recorded model,
-        tool and memory exchanges. Needs `runs:read`.
+        """GetRunJournal returns a run with a page of its step journal, one entry per step attempt with
+        timings and usage: what `foredeck trace` draws for each run of a run tree (a SUB_AGENT entry
+        names its `child_run_id` in every view). The FULL view adds the recorded model, tool and memory
+        exchanges. Needs `runs:read`.
 
-        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-        bad paging fields.
+        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+        PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReplayRun(self, request, context):
+        """ReplayRun re-executes a finished run from its journal, feeding the agent loop the recorded
+        model, tool and memory results instead of calling any service, and reports the result and
+        whether it is identical to the recorded one. Needs `runs:read`.
+
+        Nothing is written and nothing is charged: the replay creates no run, no events and no journal
+        entries. It may take tens of seconds for a long run; set the deadline accordingly.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
+        REPLAY_DIVERGED when `strict` is set and the replay diverged.
+
+        Read-only and idempotent: it changes nothing, and replaying again gives the same result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForkRun(self, request, context):
+        """ForkRun starts a new run from step N of a finished run: steps 1 to N-1 are reused from the
+        source run's journal as recorded, and execution continues live at step N, optionally with a
+        changed input or agent version. Needs `runs:create` and visibility of the source run.
+
+        The new run is admitted like CreateRun's (concurrency cap, budget reservation) and is a run of
+        its own: a new run id, so its live steps run their tools again under new tool effect keys.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND; FAILED_PRECONDITION
+        RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT BUDGET_INVALID;
+        RESOURCE_EXHAUSTED CONCURRENCY_LIMITED, BUDGET_EXHAUSTED or QUEUE_FULL; FAILED_PRECONDITION
+        REQUEST_ID_REUSED.
+
+        Atomic: the run is admitted, reserved and queued, or nothing is left behind. Idempotent by
+        `request_id`: a retry returns the run the first call created, with `created` false, and neither
+        reserves nor forks a second time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -261,6 +453,36 @@ class GatewayServiceServicer:
 
 def add_GatewayServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'CreateAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAgent,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentResponse.SerializeToString,
+            ),
+            'CreateAgentVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateAgentVersion,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentVersionRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentVersionResponse.SerializeToString,
+            ),
+            'GetAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAgent,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetAgentRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetAgentResponse.SerializeToString,
+            ),
+            'ListAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgents,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentsRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentsResponse.SerializeToString,
+            ),
+            'ListAgentVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAgentVersions,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentVersionsRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentVersionsResponse.SerializeToString,
+            ),
+            'DeleteAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAgent,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteAgentRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteAgentResponse.SerializeToString,
+            ),
             'CreateRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRun,
                     request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateRunRequest.FromString,
@@ -275,6 +497,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListRunsRequest.FromString,
                     response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GetRunTree': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunTree,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunTreeRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunTreeResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
@@ -301,6 +528,16 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunJournalRequest.FromString,
                     response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunJournalResponse.SerializeToString,
             ),
+            'ReplayRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayRun,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ReplayRunRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ReplayRunResponse.SerializeToString,
+            ),
+            'ForkRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForkRun,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ForkRunRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ForkRunResponse.SerializeToString,
+            ),
             'WhoAmI': grpc.unary_unary_rpc_method_handler(
                     servicer.WhoAmI,
                     request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.WhoAmIRequest.FromString,
@@ -315,8 +552,8 @@ def add_GatewayServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class GatewayService:
-    """GatewayService is Foredeck's public API: start agent runs, follow them live, approve their
-    tool calls and read their journals.
+    """GatewayService is Foredeck's public API: manage agents, start agent runs, follow them live,
+    approve their tool calls, read their journals and run trees, and replay and fork them.
 
     Every call carries the caller's credential in the `authorization` metadata entry as
     `Bearer <api key or JWT>`. The gateway authenticates it, maps it to a tenant, a user and
@@ -326,13 +563,176 @@ class GatewayService:
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Besides the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
+
+    @staticmethod
+    def CreateAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/CreateAgent',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAgentVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/CreateAgentVersion',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentVersionRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.CreateAgentVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/GetAgent',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetAgentRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/ListAgents',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentsRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAgentVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/ListAgentVersions',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentVersionsRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListAgentVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/DeleteAgent',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteAgentRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.DeleteAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def CreateRun(request,
@@ -405,6 +805,33 @@ class GatewayService:
             '/foredeck.gateway.v1.GatewayService/ListRuns',
             foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListRunsRequest.SerializeToString,
             foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/GetRunTree',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunTreeRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetRunTreeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -551,6 +978,60 @@ class GatewayService:
             _registered_method=True)
 
     @staticmethod
+    def ReplayRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/ReplayRun',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ReplayRunRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ReplayRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForkRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.GatewayService/ForkRun',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ForkRunRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ForkRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def WhoAmI(request,
             target,
             options=(),
@@ -623,6 +1104,11 @@ class AdminServiceStub:
                 request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.SetBudgetRequest.SerializeToString,
                 response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.SetBudgetResponse.FromString,
                 _registered_method=True)
+        self.ResetBudgetSpend = channel.unary_unary(
+                '/foredeck.gateway.v1.AdminService/ResetBudgetSpend',
+                request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ResetBudgetSpendRequest.SerializeToString,
+                response_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ResetBudgetSpendResponse.FromString,
+                _registered_method=True)
         self.GetBudget = channel.unary_unary(
                 '/foredeck.gateway.v1.AdminService/GetBudget',
                 request_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.GetBudgetRequest.SerializeToString,
@@ -671,7 +1157,8 @@ class AdminServiceServicer:
         """ListApiKeys returns API keys of one tenant or of every tenant, newest first, never with
         secrets.
 
-        Errors: INVALID_REQUEST for bad filters or paging fields.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for bad filters or a negative
+        page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -705,17 +1192,42 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetBudget(self, request, context):
-        """SetBudget creates or replaces the limits and period of a tenant's budget, a user's budget
-        or a key's budget. Spent and reserved amounts are kept unless `reset_spent` is set; a
-        changed period starts a new period at once. Lowering a limit below what is already spent
-        or reserved stops new runs without stopping running ones.
+        """SetBudget creates a tenant's, a user's or a key's budget, or changes the limits and period of
+        an existing one: the fields `update_mask` names take the request's values and the others keep
+        theirs (a new budget starts from no limits and BUDGET_PERIOD_LIFETIME). Spent and reserved
+        amounts are kept (ResetBudgetSpend zeroes the spent ones); a changed period starts a new period
+        at once. Lowering a limit below what is already spent or reserved stops new runs without
+        stopping running ones.
 
-        Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit,
-        INVALID_REQUEST for a missing tenant, scope or subject; NOT_FOUND API_KEY_NOT_FOUND for a
-        key that does not exist in the tenant.
+        The mask follows AIP-134: an empty mask names every field the request populates, so an operator
+        tool built before a field existed never clears it; to set a limit to zero (no limit), name it.
+        `*` names every updatable field.
 
-        Atomic. Idempotent without a request id: it writes absolute values, so a retry writes the
-        same values again (with `reset_spent`, a retry zeroes what was spent since the first call).
+        Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit, INVALID_REQUEST
+        for a missing tenant, scope or subject or an unknown mask path; NOT_FOUND API_KEY_NOT_FOUND for
+        a key that does not exist in the tenant; ABORTED ETAG_MISMATCH when `etag` is set and the
+        budget changed since; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic. Idempotent: it writes absolute values, so a retry writes the same values again and
+        changes nothing more. A retry of a call that sent an `etag` and succeeded would fail with
+        ETAG_MISMATCH; with a `request_id`, checked first, it returns the first call's response
+        instead.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResetBudgetSpend(self, request, context):
+        """ResetBudgetSpend sets a budget's spent tokens and cost of the current period back to zero;
+        reservations of running runs are kept, and the limits and period do not change.
+
+        Errors: NOT_FOUND BUDGET_NOT_FOUND when the budget was never set; ABORTED ETAG_MISMATCH when
+        `etag` is set and the budget changed since; INVALID_REQUEST for a missing tenant, scope,
+        subject or request id; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic. Resetting is not idempotent by nature (a repeat would zero spending made since), so
+        `request_id` is required: a retry with the same request id returns the first reset's response
+        and resets nothing again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -736,7 +1248,8 @@ class AdminServiceServicer:
         """ListBudgets returns budgets of one tenant or of every tenant, ordered by tenant id and then
         budget id.
 
-        Errors: INVALID_REQUEST for bad paging fields.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a
+        bad filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -772,6 +1285,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.SetBudget,
                     request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.SetBudgetRequest.FromString,
                     response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.SetBudgetResponse.SerializeToString,
+            ),
+            'ResetBudgetSpend': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResetBudgetSpend,
+                    request_deserializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ResetBudgetSpendRequest.FromString,
+                    response_serializer=foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ResetBudgetSpendResponse.SerializeToString,
             ),
             'GetBudget': grpc.unary_unary_rpc_method_handler(
                     servicer.GetBudget,
@@ -930,6 +1448,33 @@ class AdminService:
             '/foredeck.gateway.v1.AdminService/SetBudget',
             foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.SetBudgetRequest.SerializeToString,
             foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.SetBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResetBudgetSpend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.gateway.v1.AdminService/ResetBudgetSpend',
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ResetBudgetSpendRequest.SerializeToString,
+            foredeck_dot_gateway_dot_v1_dot_gateway__service__pb2.ResetBudgetSpendResponse.FromString,
             options,
             channel_credentials,
             insecure,

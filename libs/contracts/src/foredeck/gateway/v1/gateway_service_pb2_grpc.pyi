@@ -27,8 +27,8 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class GatewayServiceStub:
-    """GatewayService is Foredeck's public API: start agent runs, follow them live, approve their
-    tool calls and read their journals.
+    """GatewayService is Foredeck's public API: manage agents, start agent runs, follow them live,
+    approve their tool calls, read their journals and run trees, and replay and fork them.
 
     Every call carries the caller's credential in the `authorization` metadata entry as
     `Bearer <api key or JWT>`. The gateway authenticates it, maps it to a tenant, a user and
@@ -38,18 +38,84 @@ class GatewayServiceStub:
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Besides the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
 
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> GatewayServiceAsyncStub: ...
+    CreateAgent: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.CreateAgentRequest, _gateway_service_pb2.CreateAgentResponse]
+    """CreateAgent writes version 1 of a new agent in the caller's tenant. Needs `agents:write`.
+
+    Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived agent);
+    INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any other bad
+    field; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic: the agent exists with version 1, or nothing was written. Idempotent by `request_id`: a
+    retry with the same request id and content returns the agent the first call created, without
+    writing again.
+    """
+    CreateAgentVersion: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.CreateAgentVersionRequest, _gateway_service_pb2.CreateAgentVersionResponse]
+    """CreateAgentVersion writes a new immutable version of an agent, numbered one above its latest:
+    the latest version's content with the fields `update_mask` names taken from the request. Runs
+    already started keep the version they were pinned to. Needs `agents:write`.
+
+    The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+    client built before a field existed carries it over instead of clearing it; `*` makes the
+    request the whole content. Send the `etag` of the version the change is based on to be sure
+    nobody wrote a version in between.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH;
+    INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST (bad fields or mask paths);
+    FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic: the etag check and the write happen in one step. Idempotent by `request_id`, checked
+    first: a retry returns the version the first call wrote, even though the etag has changed
+    since, and writes no second version.
+    """
+    GetAgent: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.GetAgentRequest, _gateway_service_pb2.GetAgentResponse]
+    """GetAgent returns one version of an agent of the caller's tenant: the latest unless a version is
+    given. Archived agents stay readable. Needs `agents:read`.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND or AGENT_VERSION_NOT_FOUND.
+
+    Read-only and idempotent: it changes nothing and reads one consistent state.
+    """
+    ListAgents: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ListAgentsRequest, _gateway_service_pb2.ListAgentsResponse]
+    """ListAgents returns the latest version of each agent of the caller's tenant, ordered by name.
+    Needs `agents:read`.
+
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for a negative page size or a bad filter.
+
+    Read-only and idempotent: it changes nothing; each page is read consistently, though
+    pages are not one snapshot.
+    """
+    ListAgentVersions: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ListAgentVersionsRequest, _gateway_service_pb2.ListAgentVersionsResponse]
+    """ListAgentVersions returns every version of one agent, newest first. Needs `agents:read`.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+    a negative page size.
+
+    Read-only and idempotent: it changes nothing; each page is read consistently, though
+    pages are not one snapshot.
+    """
+    DeleteAgent: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.DeleteAgentRequest, _gateway_service_pb2.DeleteAgentResponse]
+    """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+    and runs already started finish on their pinned version. Nothing is erased, and the name is
+    never reused. Needs `agents:write`.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND.
+
+    Atomic. Idempotent: archiving an archived agent succeeds and returns it unchanged.
+    """
     CreateRun: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.CreateRunRequest, _gateway_service_pb2.CreateRunResponse]
     """CreateRun starts a run of an agent on a task. Needs `runs:create`.
 
@@ -79,14 +145,26 @@ class GatewayServiceStub:
     Read-only and idempotent: it changes nothing and reads one consistent state.
     """
     ListRuns: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ListRunsRequest, _gateway_service_pb2.ListRunsResponse]
-    """ListRuns returns runs, newest first, filtered by status, agent, labels and creation time.
-    Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
+    """ListRuns returns runs, newest first, filtered by status, agent, labels, parent run and creation
+    time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-    Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-    belong to this query.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for bad filters or a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
+    """
+    GetRunTree: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.GetRunTreeRequest, _gateway_service_pb2.GetRunTreeResponse]
+    """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+    `parent_step_id`: with GetRunJournal (whose SUB_AGENT entries name their `child_run_id`) it is
+    what `foredeck trace` draws. Needs `runs:read`.
+
+    Runs come depth first: the named run, then each child in creation order followed by its own
+    descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND.
+
+    Read-only and idempotent: it changes nothing and reads one consistent state.
     """
     WatchRun: _grpc.UnaryStreamMultiCallable[_gateway_service_pb2.WatchRunRequest, _gateway_service_pb2.WatchRunResponse]
     """WatchRun streams a run's events in order, live, and ends after the RunFinished event.
@@ -97,10 +175,10 @@ class GatewayServiceStub:
     losing and repeating none. For a finished run the stream sends the remaining events and
     ends. Set no deadline, or one long enough for the run.
 
-    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-    or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED; UNAVAILABLE
-    ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the last
-    event id).
+    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+    INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED;
+    UNAVAILABLE ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the
+    last event id).
 
     Read-only and idempotent: it changes nothing, and resuming from the same event id
     yields the same events.
@@ -119,7 +197,8 @@ class GatewayServiceStub:
     ones by default, oldest request first. Needs `runs:read`.
 
     Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-    INVALID_REQUEST for bad paging fields.
+    INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+    filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -134,15 +213,46 @@ class GatewayServiceStub:
     Atomic. Idempotent: repeating the same decision returns the approval as first decided.
     """
     GetRunJournal: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.GetRunJournalRequest, _gateway_service_pb2.GetRunJournalResponse]
-    """GetRunJournal returns a run with a page of its step journal, one entry per step attempt
-    with timings and usage: what `foredeck trace` draws. The FULL view adds the recorded model,
-    tool and memory exchanges. Needs `runs:read`.
+    """GetRunJournal returns a run with a page of its step journal, one entry per step attempt with
+    timings and usage: what `foredeck trace` draws for each run of a run tree (a SUB_AGENT entry
+    names its `child_run_id` in every view). The FULL view adds the recorded model, tool and memory
+    exchanges. Needs `runs:read`.
 
-    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-    bad paging fields.
+    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
+    """
+    ReplayRun: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ReplayRunRequest, _gateway_service_pb2.ReplayRunResponse]
+    """ReplayRun re-executes a finished run from its journal, feeding the agent loop the recorded
+    model, tool and memory results instead of calling any service, and reports the result and
+    whether it is identical to the recorded one. Needs `runs:read`.
+
+    Nothing is written and nothing is charged: the replay creates no run, no events and no journal
+    entries. It may take tens of seconds for a long run; set the deadline accordingly.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
+    REPLAY_DIVERGED when `strict` is set and the replay diverged.
+
+    Read-only and idempotent: it changes nothing, and replaying again gives the same result.
+    """
+    ForkRun: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ForkRunRequest, _gateway_service_pb2.ForkRunResponse]
+    """ForkRun starts a new run from step N of a finished run: steps 1 to N-1 are reused from the
+    source run's journal as recorded, and execution continues live at step N, optionally with a
+    changed input or agent version. Needs `runs:create` and visibility of the source run.
+
+    The new run is admitted like CreateRun's (concurrency cap, budget reservation) and is a run of
+    its own: a new run id, so its live steps run their tools again under new tool effect keys.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND; FAILED_PRECONDITION
+    RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT BUDGET_INVALID;
+    RESOURCE_EXHAUSTED CONCURRENCY_LIMITED, BUDGET_EXHAUSTED or QUEUE_FULL; FAILED_PRECONDITION
+    REQUEST_ID_REUSED.
+
+    Atomic: the run is admitted, reserved and queued, or nothing is left behind. Idempotent by
+    `request_id`: a retry returns the run the first call created, with `created` false, and neither
+    reserves nor forks a second time.
     """
     WhoAmI: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.WhoAmIRequest, _gateway_service_pb2.WhoAmIResponse]
     """WhoAmI returns who the gateway takes the caller to be: the principal it would mint, the
@@ -157,8 +267,8 @@ class GatewayServiceStub:
 
 @_typing.type_check_only
 class GatewayServiceAsyncStub(GatewayServiceStub):
-    """GatewayService is Foredeck's public API: start agent runs, follow them live, approve their
-    tool calls and read their journals.
+    """GatewayService is Foredeck's public API: manage agents, start agent runs, follow them live,
+    approve their tool calls, read their journals and run trees, and replay and fork them.
 
     Every call carries the caller's credential in the `authorization` metadata entry as
     `Bearer <api key or JWT>`. The gateway authenticates it, maps it to a tenant, a user and
@@ -168,15 +278,81 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Besides the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    CreateAgent: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.CreateAgentRequest, _gateway_service_pb2.CreateAgentResponse]  # type: ignore[assignment]
+    """CreateAgent writes version 1 of a new agent in the caller's tenant. Needs `agents:write`.
+
+    Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived agent);
+    INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any other bad
+    field; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic: the agent exists with version 1, or nothing was written. Idempotent by `request_id`: a
+    retry with the same request id and content returns the agent the first call created, without
+    writing again.
+    """
+    CreateAgentVersion: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.CreateAgentVersionRequest, _gateway_service_pb2.CreateAgentVersionResponse]  # type: ignore[assignment]
+    """CreateAgentVersion writes a new immutable version of an agent, numbered one above its latest:
+    the latest version's content with the fields `update_mask` names taken from the request. Runs
+    already started keep the version they were pinned to. Needs `agents:write`.
+
+    The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+    client built before a field existed carries it over instead of clearing it; `*` makes the
+    request the whole content. Send the `etag` of the version the change is based on to be sure
+    nobody wrote a version in between.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH;
+    INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST (bad fields or mask paths);
+    FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic: the etag check and the write happen in one step. Idempotent by `request_id`, checked
+    first: a retry returns the version the first call wrote, even though the etag has changed
+    since, and writes no second version.
+    """
+    GetAgent: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.GetAgentRequest, _gateway_service_pb2.GetAgentResponse]  # type: ignore[assignment]
+    """GetAgent returns one version of an agent of the caller's tenant: the latest unless a version is
+    given. Archived agents stay readable. Needs `agents:read`.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND or AGENT_VERSION_NOT_FOUND.
+
+    Read-only and idempotent: it changes nothing and reads one consistent state.
+    """
+    ListAgents: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ListAgentsRequest, _gateway_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """ListAgents returns the latest version of each agent of the caller's tenant, ordered by name.
+    Needs `agents:read`.
+
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for a negative page size or a bad filter.
+
+    Read-only and idempotent: it changes nothing; each page is read consistently, though
+    pages are not one snapshot.
+    """
+    ListAgentVersions: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ListAgentVersionsRequest, _gateway_service_pb2.ListAgentVersionsResponse]  # type: ignore[assignment]
+    """ListAgentVersions returns every version of one agent, newest first. Needs `agents:read`.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+    a negative page size.
+
+    Read-only and idempotent: it changes nothing; each page is read consistently, though
+    pages are not one snapshot.
+    """
+    DeleteAgent: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.DeleteAgentRequest, _gateway_service_pb2.DeleteAgentResponse]  # type: ignore[assignment]
+    """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+    and runs already started finish on their pinned version. Nothing is erased, and the name is
+    never reused. Needs `agents:write`.
+
+    Errors: NOT_FOUND AGENT_NOT_FOUND.
+
+    Atomic. Idempotent: archiving an archived agent succeeds and returns it unchanged.
+    """
     CreateRun: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.CreateRunRequest, _gateway_service_pb2.CreateRunResponse]  # type: ignore[assignment]
     """CreateRun starts a run of an agent on a task. Needs `runs:create`.
 
@@ -206,14 +382,26 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     Read-only and idempotent: it changes nothing and reads one consistent state.
     """
     ListRuns: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ListRunsRequest, _gateway_service_pb2.ListRunsResponse]  # type: ignore[assignment]
-    """ListRuns returns runs, newest first, filtered by status, agent, labels and creation time.
-    Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
+    """ListRuns returns runs, newest first, filtered by status, agent, labels, parent run and creation
+    time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-    Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-    belong to this query.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for bad filters or a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
+    """
+    GetRunTree: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.GetRunTreeRequest, _gateway_service_pb2.GetRunTreeResponse]  # type: ignore[assignment]
+    """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+    `parent_step_id`: with GetRunJournal (whose SUB_AGENT entries name their `child_run_id`) it is
+    what `foredeck trace` draws. Needs `runs:read`.
+
+    Runs come depth first: the named run, then each child in creation order followed by its own
+    descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND.
+
+    Read-only and idempotent: it changes nothing and reads one consistent state.
     """
     WatchRun: _aio.UnaryStreamMultiCallable[_gateway_service_pb2.WatchRunRequest, _gateway_service_pb2.WatchRunResponse]  # type: ignore[assignment]
     """WatchRun streams a run's events in order, live, and ends after the RunFinished event.
@@ -224,10 +412,10 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     losing and repeating none. For a finished run the stream sends the remaining events and
     ends. Set no deadline, or one long enough for the run.
 
-    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-    or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED; UNAVAILABLE
-    ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the last
-    event id).
+    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+    INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED;
+    UNAVAILABLE ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the
+    last event id).
 
     Read-only and idempotent: it changes nothing, and resuming from the same event id
     yields the same events.
@@ -246,7 +434,8 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     ones by default, oldest request first. Needs `runs:read`.
 
     Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-    INVALID_REQUEST for bad paging fields.
+    INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+    filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -261,15 +450,46 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     Atomic. Idempotent: repeating the same decision returns the approval as first decided.
     """
     GetRunJournal: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.GetRunJournalRequest, _gateway_service_pb2.GetRunJournalResponse]  # type: ignore[assignment]
-    """GetRunJournal returns a run with a page of its step journal, one entry per step attempt
-    with timings and usage: what `foredeck trace` draws. The FULL view adds the recorded model,
-    tool and memory exchanges. Needs `runs:read`.
+    """GetRunJournal returns a run with a page of its step journal, one entry per step attempt with
+    timings and usage: what `foredeck trace` draws for each run of a run tree (a SUB_AGENT entry
+    names its `child_run_id` in every view). The FULL view adds the recorded model, tool and memory
+    exchanges. Needs `runs:read`.
 
-    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-    bad paging fields.
+    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
+    """
+    ReplayRun: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ReplayRunRequest, _gateway_service_pb2.ReplayRunResponse]  # type: ignore[assignment]
+    """ReplayRun re-executes a finished run from its journal, feeding the agent loop the recorded
+    model, tool and memory results instead of calling any service, and reports the result and
+    whether it is identical to the recorded one. Needs `runs:read`.
+
+    Nothing is written and nothing is charged: the replay creates no run, no events and no journal
+    entries. It may take tens of seconds for a long run; set the deadline accordingly.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
+    REPLAY_DIVERGED when `strict` is set and the replay diverged.
+
+    Read-only and idempotent: it changes nothing, and replaying again gives the same result.
+    """
+    ForkRun: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ForkRunRequest, _gateway_service_pb2.ForkRunResponse]  # type: ignore[assignment]
+    """ForkRun starts a new run from step N of a finished run: steps 1 to N-1 are reused from the
+    source run's journal as recorded, and execution continues live at step N, optionally with a
+    changed input or agent version. Needs `runs:create` and visibility of the source run.
+
+    The new run is admitted like CreateRun's (concurrency cap, budget reservation) and is a run of
+    its own: a new run id, so its live steps run their tools again under new tool effect keys.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND; FAILED_PRECONDITION
+    RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT BUDGET_INVALID;
+    RESOURCE_EXHAUSTED CONCURRENCY_LIMITED, BUDGET_EXHAUSTED or QUEUE_FULL; FAILED_PRECONDITION
+    REQUEST_ID_REUSED.
+
+    Atomic: the run is admitted, reserved and queued, or nothing is left behind. Idempotent by
+    `request_id`: a retry returns the run the first call created, with `created` false, and neither
+    reserves nor forks a second time.
     """
     WhoAmI: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.WhoAmIRequest, _gateway_service_pb2.WhoAmIResponse]  # type: ignore[assignment]
     """WhoAmI returns who the gateway takes the caller to be: the principal it would mint, the
@@ -283,8 +503,8 @@ class GatewayServiceAsyncStub(GatewayServiceStub):
     """
 
 class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
-    """GatewayService is Foredeck's public API: start agent runs, follow them live, approve their
-    tool calls and read their journals.
+    """GatewayService is Foredeck's public API: manage agents, start agent runs, follow them live,
+    approve their tool calls, read their journals and run trees, and replay and fork them.
 
     Every call carries the caller's credential in the `authorization` metadata entry as
     `Bearer <api key or JWT>`. The gateway authenticates it, maps it to a tenant, a user and
@@ -294,13 +514,115 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
     reaches the orchestrator. A caller sees and acts on the runs it started; with the permission
     `runs:all_users` also on every run of its tenant.
 
-    Besides the reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING,
-    CREDENTIALS_MALFORMED, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID,
-    JWT_EXPIRED (UNAUTHENTICATED); PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED
-    (RESOURCE_EXHAUSTED); INVALID_REQUEST, REQUEST_TOO_LARGE (INVALID_ARGUMENT);
-    DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE,
-    RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
+    Agents, runs and approvals belong to the caller's tenant; no request names a tenant. Besides the
+    reasons each RPC lists, any RPC may fail with CREDENTIALS_MISSING, CREDENTIALS_MALFORMED,
+    API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, JWT_INVALID, JWT_EXPIRED (UNAUTHENTICATED);
+    PERMISSION_MISSING (PERMISSION_DENIED); RATE_LIMITED (RESOURCE_EXHAUSTED); INVALID_REQUEST,
+    REQUEST_TOO_LARGE (INVALID_ARGUMENT); DEADLINE_TOO_SHORT, ORCHESTRATOR_TIMEOUT
+    (DEADLINE_EXCEEDED); ORCHESTRATOR_UNAVAILABLE, RATE_LIMITER_UNAVAILABLE, STORE_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE); and INTERNAL.
     """
+
+    @_abc_1.abstractmethod
+    def CreateAgent(
+        self,
+        request: _gateway_service_pb2.CreateAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.CreateAgentResponse, _abc.Awaitable[_gateway_service_pb2.CreateAgentResponse]]:
+        """CreateAgent writes version 1 of a new agent in the caller's tenant. Needs `agents:write`.
+
+        Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived agent);
+        INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any other bad
+        field; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic: the agent exists with version 1, or nothing was written. Idempotent by `request_id`: a
+        retry with the same request id and content returns the agent the first call created, without
+        writing again.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateAgentVersion(
+        self,
+        request: _gateway_service_pb2.CreateAgentVersionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.CreateAgentVersionResponse, _abc.Awaitable[_gateway_service_pb2.CreateAgentVersionResponse]]:
+        """CreateAgentVersion writes a new immutable version of an agent, numbered one above its latest:
+        the latest version's content with the fields `update_mask` names taken from the request. Runs
+        already started keep the version they were pinned to. Needs `agents:write`.
+
+        The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+        client built before a field existed carries it over instead of clearing it; `*` makes the
+        request the whole content. Send the `etag` of the version the change is based on to be sure
+        nobody wrote a version in between.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH;
+        INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST (bad fields or mask paths);
+        FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic: the etag check and the write happen in one step. Idempotent by `request_id`, checked
+        first: a retry returns the version the first call wrote, even though the etag has changed
+        since, and writes no second version.
+        """
+
+    @_abc_1.abstractmethod
+    def GetAgent(
+        self,
+        request: _gateway_service_pb2.GetAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.GetAgentResponse, _abc.Awaitable[_gateway_service_pb2.GetAgentResponse]]:
+        """GetAgent returns one version of an agent of the caller's tenant: the latest unless a version is
+        given. Archived agents stay readable. Needs `agents:read`.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND or AGENT_VERSION_NOT_FOUND.
+
+        Read-only and idempotent: it changes nothing and reads one consistent state.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAgents(
+        self,
+        request: _gateway_service_pb2.ListAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.ListAgentsResponse, _abc.Awaitable[_gateway_service_pb2.ListAgentsResponse]]:
+        """ListAgents returns the latest version of each agent of the caller's tenant, ordered by name.
+        Needs `agents:read`.
+
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for a negative page size or a bad filter.
+
+        Read-only and idempotent: it changes nothing; each page is read consistently, though
+        pages are not one snapshot.
+        """
+
+    @_abc_1.abstractmethod
+    def ListAgentVersions(
+        self,
+        request: _gateway_service_pb2.ListAgentVersionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.ListAgentVersionsResponse, _abc.Awaitable[_gateway_service_pb2.ListAgentVersionsResponse]]:
+        """ListAgentVersions returns every version of one agent, newest first. Needs `agents:read`.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+        a negative page size.
+
+        Read-only and idempotent: it changes nothing; each page is read consistently, though
+        pages are not one snapshot.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteAgent(
+        self,
+        request: _gateway_service_pb2.DeleteAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.DeleteAgentResponse, _abc.Awaitable[_gateway_service_pb2.DeleteAgentResponse]]:
+        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+        and runs already started finish on their pinned version. Nothing is erased, and the name is
+        never reused. Needs `agents:write`.
+
+        Errors: NOT_FOUND AGENT_NOT_FOUND.
+
+        Atomic. Idempotent: archiving an archived agent succeeds and returns it unchanged.
+        """
 
     @_abc_1.abstractmethod
     def CreateRun(
@@ -348,14 +670,32 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_service_pb2.ListRunsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_service_pb2.ListRunsResponse, _abc.Awaitable[_gateway_service_pb2.ListRunsResponse]]:
-        """ListRuns returns runs, newest first, filtered by status, agent, labels and creation time.
-        Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
+        """ListRuns returns runs, newest first, filtered by status, agent, labels, parent run and creation
+        time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-        Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-        belong to this query.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for bad filters or a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRunTree(
+        self,
+        request: _gateway_service_pb2.GetRunTreeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.GetRunTreeResponse, _abc.Awaitable[_gateway_service_pb2.GetRunTreeResponse]]:
+        """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+        `parent_step_id`: with GetRunJournal (whose SUB_AGENT entries name their `child_run_id`) it is
+        what `foredeck trace` draws. Needs `runs:read`.
+
+        Runs come depth first: the named run, then each child in creation order followed by its own
+        descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND.
+
+        Read-only and idempotent: it changes nothing and reads one consistent state.
         """
 
     @_abc_1.abstractmethod
@@ -372,10 +712,10 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         losing and repeating none. For a finished run the stream sends the remaining events and
         ends. Set no deadline, or one long enough for the run.
 
-        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-        or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED; UNAVAILABLE
-        ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the last
-        event id).
+        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+        INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED;
+        UNAVAILABLE ORCHESTRATOR_UNAVAILABLE if the orchestrator goes away mid-stream (resume from the
+        last event id).
 
         Read-only and idempotent: it changes nothing, and resuming from the same event id
         yields the same events.
@@ -406,7 +746,8 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         ones by default, oldest request first. Needs `runs:read`.
 
         Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-        INVALID_REQUEST for bad paging fields.
+        INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+        filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -433,15 +774,58 @@ class GatewayServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_service_pb2.GetRunJournalRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_service_pb2.GetRunJournalResponse, _abc.Awaitable[_gateway_service_pb2.GetRunJournalResponse]]:
-        """GetRunJournal returns a run with a page of its step journal, one entry per step attempt
-        with timings and usage: what `foredeck trace` draws. The FULL view adds the recorded model,
-        tool and memory exchanges. Needs `runs:read`.
+        """GetRunJournal returns a run with a page of its step journal, one entry per step attempt with
+        timings and usage: what `foredeck trace` draws for each run of a run tree (a SUB_AGENT entry
+        names its `child_run_id` in every view). The FULL view adds the recorded model, tool and memory
+        exchanges. Needs `runs:read`.
 
-        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-        bad paging fields.
+        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+        PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
+        """
+
+    @_abc_1.abstractmethod
+    def ReplayRun(
+        self,
+        request: _gateway_service_pb2.ReplayRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.ReplayRunResponse, _abc.Awaitable[_gateway_service_pb2.ReplayRunResponse]]:
+        """ReplayRun re-executes a finished run from its journal, feeding the agent loop the recorded
+        model, tool and memory results instead of calling any service, and reports the result and
+        whether it is identical to the recorded one. Needs `runs:read`.
+
+        Nothing is written and nothing is charged: the replay creates no run, no events and no journal
+        entries. It may take tens of seconds for a long run; set the deadline accordingly.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
+        REPLAY_DIVERGED when `strict` is set and the replay diverged.
+
+        Read-only and idempotent: it changes nothing, and replaying again gives the same result.
+        """
+
+    @_abc_1.abstractmethod
+    def ForkRun(
+        self,
+        request: _gateway_service_pb2.ForkRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.ForkRunResponse, _abc.Awaitable[_gateway_service_pb2.ForkRunResponse]]:
+        """ForkRun starts a new run from step N of a finished run: steps 1 to N-1 are reused from the
+        source run's journal as recorded, and execution continues live at step N, optionally with a
+        changed input or agent version. Needs `runs:create` and visibility of the source run.
+
+        The new run is admitted like CreateRun's (concurrency cap, budget reservation) and is a run of
+        its own: a new run id, so its live steps run their tools again under new tool effect keys.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND; FAILED_PRECONDITION
+        RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT BUDGET_INVALID;
+        RESOURCE_EXHAUSTED CONCURRENCY_LIMITED, BUDGET_EXHAUSTED or QUEUE_FULL; FAILED_PRECONDITION
+        REQUEST_ID_REUSED.
+
+        Atomic: the run is admitted, reserved and queued, or nothing is left behind. Idempotent by
+        `request_id`: a retry returns the run the first call created, with `created` false, and neither
+        reserves nor forks a second time.
         """
 
     @_abc_1.abstractmethod
@@ -498,7 +882,8 @@ class AdminServiceStub:
     """ListApiKeys returns API keys of one tenant or of every tenant, newest first, never with
     secrets.
 
-    Errors: INVALID_REQUEST for bad filters or paging fields.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for bad filters or a negative
+    page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -520,17 +905,38 @@ class AdminServiceStub:
     first revocation's time and reason.
     """
     SetBudget: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.SetBudgetRequest, _gateway_service_pb2.SetBudgetResponse]
-    """SetBudget creates or replaces the limits and period of a tenant's budget, a user's budget
-    or a key's budget. Spent and reserved amounts are kept unless `reset_spent` is set; a
-    changed period starts a new period at once. Lowering a limit below what is already spent
-    or reserved stops new runs without stopping running ones.
+    """SetBudget creates a tenant's, a user's or a key's budget, or changes the limits and period of
+    an existing one: the fields `update_mask` names take the request's values and the others keep
+    theirs (a new budget starts from no limits and BUDGET_PERIOD_LIFETIME). Spent and reserved
+    amounts are kept (ResetBudgetSpend zeroes the spent ones); a changed period starts a new period
+    at once. Lowering a limit below what is already spent or reserved stops new runs without
+    stopping running ones.
 
-    Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit,
-    INVALID_REQUEST for a missing tenant, scope or subject; NOT_FOUND API_KEY_NOT_FOUND for a
-    key that does not exist in the tenant.
+    The mask follows AIP-134: an empty mask names every field the request populates, so an operator
+    tool built before a field existed never clears it; to set a limit to zero (no limit), name it.
+    `*` names every updatable field.
 
-    Atomic. Idempotent without a request id: it writes absolute values, so a retry writes the
-    same values again (with `reset_spent`, a retry zeroes what was spent since the first call).
+    Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit, INVALID_REQUEST
+    for a missing tenant, scope or subject or an unknown mask path; NOT_FOUND API_KEY_NOT_FOUND for
+    a key that does not exist in the tenant; ABORTED ETAG_MISMATCH when `etag` is set and the
+    budget changed since; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic. Idempotent: it writes absolute values, so a retry writes the same values again and
+    changes nothing more. A retry of a call that sent an `etag` and succeeded would fail with
+    ETAG_MISMATCH; with a `request_id`, checked first, it returns the first call's response
+    instead.
+    """
+    ResetBudgetSpend: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.ResetBudgetSpendRequest, _gateway_service_pb2.ResetBudgetSpendResponse]
+    """ResetBudgetSpend sets a budget's spent tokens and cost of the current period back to zero;
+    reservations of running runs are kept, and the limits and period do not change.
+
+    Errors: NOT_FOUND BUDGET_NOT_FOUND when the budget was never set; ABORTED ETAG_MISMATCH when
+    `etag` is set and the budget changed since; INVALID_REQUEST for a missing tenant, scope,
+    subject or request id; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic. Resetting is not idempotent by nature (a repeat would zero spending made since), so
+    `request_id` is required: a retry with the same request id returns the first reset's response
+    and resets nothing again.
     """
     GetBudget: _grpc.UnaryUnaryMultiCallable[_gateway_service_pb2.GetBudgetRequest, _gateway_service_pb2.GetBudgetResponse]
     """GetBudget returns one budget with its limits, spent and reserved amounts.
@@ -543,7 +949,8 @@ class AdminServiceStub:
     """ListBudgets returns budgets of one tenant or of every tenant, ordered by tenant id and then
     budget id.
 
-    Errors: INVALID_REQUEST for bad paging fields.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a
+    bad filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -583,7 +990,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ListApiKeys returns API keys of one tenant or of every tenant, newest first, never with
     secrets.
 
-    Errors: INVALID_REQUEST for bad filters or paging fields.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for bad filters or a negative
+    page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -605,17 +1013,38 @@ class AdminServiceAsyncStub(AdminServiceStub):
     first revocation's time and reason.
     """
     SetBudget: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.SetBudgetRequest, _gateway_service_pb2.SetBudgetResponse]  # type: ignore[assignment]
-    """SetBudget creates or replaces the limits and period of a tenant's budget, a user's budget
-    or a key's budget. Spent and reserved amounts are kept unless `reset_spent` is set; a
-    changed period starts a new period at once. Lowering a limit below what is already spent
-    or reserved stops new runs without stopping running ones.
+    """SetBudget creates a tenant's, a user's or a key's budget, or changes the limits and period of
+    an existing one: the fields `update_mask` names take the request's values and the others keep
+    theirs (a new budget starts from no limits and BUDGET_PERIOD_LIFETIME). Spent and reserved
+    amounts are kept (ResetBudgetSpend zeroes the spent ones); a changed period starts a new period
+    at once. Lowering a limit below what is already spent or reserved stops new runs without
+    stopping running ones.
 
-    Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit,
-    INVALID_REQUEST for a missing tenant, scope or subject; NOT_FOUND API_KEY_NOT_FOUND for a
-    key that does not exist in the tenant.
+    The mask follows AIP-134: an empty mask names every field the request populates, so an operator
+    tool built before a field existed never clears it; to set a limit to zero (no limit), name it.
+    `*` names every updatable field.
 
-    Atomic. Idempotent without a request id: it writes absolute values, so a retry writes the
-    same values again (with `reset_spent`, a retry zeroes what was spent since the first call).
+    Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit, INVALID_REQUEST
+    for a missing tenant, scope or subject or an unknown mask path; NOT_FOUND API_KEY_NOT_FOUND for
+    a key that does not exist in the tenant; ABORTED ETAG_MISMATCH when `etag` is set and the
+    budget changed since; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic. Idempotent: it writes absolute values, so a retry writes the same values again and
+    changes nothing more. A retry of a call that sent an `etag` and succeeded would fail with
+    ETAG_MISMATCH; with a `request_id`, checked first, it returns the first call's response
+    instead.
+    """
+    ResetBudgetSpend: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.ResetBudgetSpendRequest, _gateway_service_pb2.ResetBudgetSpendResponse]  # type: ignore[assignment]
+    """ResetBudgetSpend sets a budget's spent tokens and cost of the current period back to zero;
+    reservations of running runs are kept, and the limits and period do not change.
+
+    Errors: NOT_FOUND BUDGET_NOT_FOUND when the budget was never set; ABORTED ETAG_MISMATCH when
+    `etag` is set and the budget changed since; INVALID_REQUEST for a missing tenant, scope,
+    subject or request id; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic. Resetting is not idempotent by nature (a repeat would zero spending made since), so
+    `request_id` is required: a retry with the same request id returns the first reset's response
+    and resets nothing again.
     """
     GetBudget: _aio.UnaryUnaryMultiCallable[_gateway_service_pb2.GetBudgetRequest, _gateway_service_pb2.GetBudgetResponse]  # type: ignore[assignment]
     """GetBudget returns one budget with its limits, spent and reserved amounts.
@@ -628,7 +1057,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """ListBudgets returns budgets of one tenant or of every tenant, ordered by tenant id and then
     budget id.
 
-    Errors: INVALID_REQUEST for bad paging fields.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a
+    bad filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -677,7 +1107,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListApiKeys returns API keys of one tenant or of every tenant, newest first, never with
         secrets.
 
-        Errors: INVALID_REQUEST for bad filters or paging fields.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for bad filters or a negative
+        page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -717,17 +1148,44 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _gateway_service_pb2.SetBudgetRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_gateway_service_pb2.SetBudgetResponse, _abc.Awaitable[_gateway_service_pb2.SetBudgetResponse]]:
-        """SetBudget creates or replaces the limits and period of a tenant's budget, a user's budget
-        or a key's budget. Spent and reserved amounts are kept unless `reset_spent` is set; a
-        changed period starts a new period at once. Lowering a limit below what is already spent
-        or reserved stops new runs without stopping running ones.
+        """SetBudget creates a tenant's, a user's or a key's budget, or changes the limits and period of
+        an existing one: the fields `update_mask` names take the request's values and the others keep
+        theirs (a new budget starts from no limits and BUDGET_PERIOD_LIFETIME). Spent and reserved
+        amounts are kept (ResetBudgetSpend zeroes the spent ones); a changed period starts a new period
+        at once. Lowering a limit below what is already spent or reserved stops new runs without
+        stopping running ones.
 
-        Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit,
-        INVALID_REQUEST for a missing tenant, scope or subject; NOT_FOUND API_KEY_NOT_FOUND for a
-        key that does not exist in the tenant.
+        The mask follows AIP-134: an empty mask names every field the request populates, so an operator
+        tool built before a field existed never clears it; to set a limit to zero (no limit), name it.
+        `*` names every updatable field.
 
-        Atomic. Idempotent without a request id: it writes absolute values, so a retry writes the
-        same values again (with `reset_spent`, a retry zeroes what was spent since the first call).
+        Errors: INVALID_ARGUMENT BUDGET_INVALID for a negative or out-of-range limit, INVALID_REQUEST
+        for a missing tenant, scope or subject or an unknown mask path; NOT_FOUND API_KEY_NOT_FOUND for
+        a key that does not exist in the tenant; ABORTED ETAG_MISMATCH when `etag` is set and the
+        budget changed since; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic. Idempotent: it writes absolute values, so a retry writes the same values again and
+        changes nothing more. A retry of a call that sent an `etag` and succeeded would fail with
+        ETAG_MISMATCH; with a `request_id`, checked first, it returns the first call's response
+        instead.
+        """
+
+    @_abc_1.abstractmethod
+    def ResetBudgetSpend(
+        self,
+        request: _gateway_service_pb2.ResetBudgetSpendRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_gateway_service_pb2.ResetBudgetSpendResponse, _abc.Awaitable[_gateway_service_pb2.ResetBudgetSpendResponse]]:
+        """ResetBudgetSpend sets a budget's spent tokens and cost of the current period back to zero;
+        reservations of running runs are kept, and the limits and period do not change.
+
+        Errors: NOT_FOUND BUDGET_NOT_FOUND when the budget was never set; ABORTED ETAG_MISMATCH when
+        `etag` is set and the budget changed since; INVALID_REQUEST for a missing tenant, scope,
+        subject or request id; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic. Resetting is not idempotent by nature (a repeat would zero spending made since), so
+        `request_id` is required: a retry with the same request id returns the first reset's response
+        and resets nothing again.
         """
 
     @_abc_1.abstractmethod
@@ -752,7 +1210,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListBudgets returns budgets of one tenant or of every tenant, ordered by tenant id and then
         budget id.
 
-        Errors: INVALID_REQUEST for bad paging fields.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a
+        bad filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.

@@ -82,6 +82,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     different parameters; restart from the first page. A `BadRequest` names the `page_token`
     field.
     """
+    ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 14
+    """PERMISSION_DENIED: the call carried a principal the orchestrator minted for one run, and its
+    `metadata.run_id` names another run. llmrouter has no gateway-only method. Metadata `method`
+    (the full RPC name) and `runId` (the principal's run). No extra details.
+    """
     ERROR_REASON_MODEL_NOT_FOUND: _ErrorReason.ValueType  # 20
     """NOT_FOUND: the requested model or alias is not configured, or no default model is
     configured for a request that names none. Metadata `model` (as requested) and
@@ -269,6 +274,11 @@ ERROR_REASON_PAGE_TOKEN_INVALID: ErrorReason.ValueType  # 13
 """INVALID_ARGUMENT: a `page_token` is malformed, expired, or was issued for a request with
 different parameters; restart from the first page. A `BadRequest` names the `page_token`
 field.
+"""
+ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 14
+"""PERMISSION_DENIED: the call carried a principal the orchestrator minted for one run, and its
+`metadata.run_id` names another run. llmrouter has no gateway-only method. Metadata `method`
+(the full RPC name) and `runId` (the principal's run). No extra details.
 """
 ERROR_REASON_MODEL_NOT_FOUND: ErrorReason.ValueType  # 20
 """NOT_FOUND: the requested model or alias is not configured, or no default model is

@@ -280,7 +280,10 @@ class CallMetadata(_message.Message):
     AGENT_NAME_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
-    """The run the call is made for, if any: at most 128 characters."""
+    """The run the call is made for, if any: at most 128 characters. With a principal the orchestrator
+    minted for a run, it must be empty (the principal's run is used) or that run, else the call
+    fails with DELEGATION_NOT_ALLOWED.
+    """
     step_id: _builtins.str
     """The step within the run, if any: at most 128 characters."""
     agent_name: _builtins.str

@@ -59,10 +59,11 @@ class GenerateRequest(_message.Message):
     chain. Retries of that model still happen.
     """
     request_id: _builtins.str
-    """A client-chosen id that makes the call idempotent: 1-128 characters of
-    `[a-zA-Z0-9_.:-]`, unique per tenant, such as `<run id>:<step id>` or a UUID. Empty means the
-    call is not deduplicated. A reused id with a different request (every field but `metadata`
-    is compared) fails with REQUEST_ID_REUSED.
+    """A client-chosen id that makes the call idempotent: 1-512 characters of `[a-zA-Z0-9_.:-]`,
+    unique per tenant, such as a UUID; the orchestrator sends `<run_id>:<step_id>:<attempt>`, so a
+    worker that re-executes an attempt after a crash gets the recorded response and a new attempt
+    generates anew. Empty means the call is not deduplicated. A reused id with a different request
+    (every field but `metadata` is compared) fails with REQUEST_ID_REUSED.
     """
     cache_prompt: _builtins.bool
     """When true, the router marks the stable prefix of the request (tools, system prompt and
@@ -240,9 +241,10 @@ class StreamGenerateRequest(_message.Message):
     disable_fallback: _builtins.bool
     """When true, only the requested model is tried."""
     request_id: _builtins.str
-    """A client-chosen id that makes the call idempotent: 1-128 characters of
-    `[a-zA-Z0-9_.:-]`, unique per tenant. Empty means the call is not deduplicated. A reused id
-    with a different request fails with REQUEST_ID_REUSED before the stream starts.
+    """A client-chosen id that makes the call idempotent: 1-512 characters of `[a-zA-Z0-9_.:-]`,
+    unique per tenant, such as the orchestrator's `<run_id>:<step_id>:<attempt>`. Empty means the
+    call is not deduplicated. A reused id with a different request fails with REQUEST_ID_REUSED
+    before the stream starts.
     """
     cache_prompt: _builtins.bool
     """When true, the stable prefix of the request is marked cacheable for providers with explicit
@@ -586,9 +588,13 @@ class ListModelsRequest(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most models to return: default 100, at most 1000 (larger values are treated as 1000)."""
+    """The most models to return: 0 means 100, values above 1,000 are treated as 1,000 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same filters; empty for the first page."""
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
+    """
     provider: _builtins.str
     """Only models served by this provider, by configured name; empty for every provider."""
     kind: _model_pb2.ModelKind.ValueType
@@ -692,9 +698,13 @@ class ListProvidersRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most providers to return: default 50, at most 200 (larger values are treated as 200)."""
+    """The most providers to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call; empty for the first page."""
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
+    """
     def __init__(
         self,
         *,

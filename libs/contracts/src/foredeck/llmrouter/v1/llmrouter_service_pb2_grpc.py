@@ -34,8 +34,9 @@ class LlmRouterServiceStub:
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user come
+    only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
     """
 
     def __init__(self, channel):
@@ -95,8 +96,9 @@ class LlmRouterServiceServicer:
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user come
+    only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
     """
 
     def Generate(self, request, context):
@@ -109,14 +111,14 @@ class LlmRouterServiceServicer:
         expires.
 
         Errors: UNAUTHENTICATED (PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED);
-        PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
-        (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, INVALID_TOOL_SCHEMA,
-        RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST,
-        CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND,
-        STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
-        PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
-        CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE, SHUTTING_DOWN); DEADLINE_EXCEEDED
-        (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+        PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND);
+        INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED,
+        INVALID_TOOL_SCHEMA, RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED,
+        PROVIDER_REJECTED_REQUEST, CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+        PROVIDER_MODEL_NOT_FOUND, STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
+        (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
+        PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE,
+        SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
         Atomic: the caller gets a whole response or an error, never part of one. Idempotent only
         when `request_id` is set: the finished response is then recorded for 24 hours, and a retry
@@ -160,16 +162,18 @@ class LlmRouterServiceServicer:
         but never falls back to another one, because vectors of different models are not
         comparable.
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND
-        (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
-        MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST);
-        FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED
-        (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
-        PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED
-        (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+        DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST,
+        REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED,
+        PROVIDER_REJECTED_REQUEST); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+        PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
+        PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
+        CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT);
+        INTERNAL (INTERNAL).
 
-        Atomic: all vectors or an error. Idempotent: it changes no Foredeck state, and a retry
-        returns the same vectors (the provider bills each call).
+        Atomic: all vectors or an error. Idempotent: it changes no Foredeck state and records nothing,
+        and a retry returns the same vectors (the provider bills each call; embeddings cost little, so
+        a retried Embed is accepted where a retried Generate is not).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -198,10 +202,10 @@ class LlmRouterServiceServicer:
         """ListModels lists the configured models with their aliases, provider, limits, capabilities,
         prices and circuit state, ordered by name.
 
-        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-        size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-        INTERNAL (INTERNAL).
+        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+        (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page token that is not one of
+        this query's, INVALID_REQUEST for a negative page size or a bad filter); UNAVAILABLE
+        (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """
@@ -226,9 +230,9 @@ class LlmRouterServiceServicer:
         """ListProviders lists the configured providers with the models they serve and a summary of
         their circuit breakers, ordered by name.
 
-        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST);
-        UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+        (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID, INVALID_REQUEST for a negative page
+        size); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """
@@ -310,8 +314,9 @@ class LlmRouterService:
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user come
+    only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
     """
 
     @staticmethod

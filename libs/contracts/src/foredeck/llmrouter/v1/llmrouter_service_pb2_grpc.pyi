@@ -35,8 +35,9 @@ class LlmRouterServiceStub:
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user come
+    only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
     """
 
     @_typing.overload
@@ -53,14 +54,14 @@ class LlmRouterServiceStub:
     expires.
 
     Errors: UNAUTHENTICATED (PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED);
-    PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
-    (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, INVALID_TOOL_SCHEMA,
-    RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST,
-    CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND,
-    STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
-    PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
-    CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE, SHUTTING_DOWN); DEADLINE_EXCEEDED
-    (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+    PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND);
+    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED,
+    INVALID_TOOL_SCHEMA, RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED,
+    PROVIDER_REJECTED_REQUEST, CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+    PROVIDER_MODEL_NOT_FOUND, STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
+    (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
+    PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE,
+    SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
     Atomic: the caller gets a whole response or an error, never part of one. Idempotent only
     when `request_id` is set: the finished response is then recorded for 24 hours, and a retry
@@ -96,16 +97,18 @@ class LlmRouterServiceStub:
     but never falls back to another one, because vectors of different models are not
     comparable.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND
-    (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
-    MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST);
-    FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED
-    (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
-    PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED
-    (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST,
+    REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED,
+    PROVIDER_REJECTED_REQUEST); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+    PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
+    PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
+    CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT);
+    INTERNAL (INTERNAL).
 
-    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state, and a retry
-    returns the same vectors (the provider bills each call).
+    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state and records nothing,
+    and a retry returns the same vectors (the provider bills each call; embeddings cost little, so
+    a retried Embed is accepted where a retried Generate is not).
     """
     CountTokens: _grpc.UnaryUnaryMultiCallable[_llmrouter_service_pb2.CountTokensRequest, _llmrouter_service_pb2.CountTokensResponse]
     """CountTokens counts the input tokens a Generate request would send to a model, and the most
@@ -126,10 +129,10 @@ class LlmRouterServiceStub:
     """ListModels lists the configured models with their aliases, provider, limits, capabilities,
     prices and circuit state, ordered by name.
 
-    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-    size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+    (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page token that is not one of
+    this query's, INVALID_REQUEST for a negative page size or a bad filter); UNAVAILABLE
+    (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -146,9 +149,9 @@ class LlmRouterServiceStub:
     """ListProviders lists the configured providers with the models they serve and a summary of
     their circuit breakers, ordered by name.
 
-    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST);
-    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+    (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID, INVALID_REQUEST for a negative page
+    size); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -173,8 +176,9 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user come
+    only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -188,14 +192,14 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     expires.
 
     Errors: UNAUTHENTICATED (PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED);
-    PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
-    (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, INVALID_TOOL_SCHEMA,
-    RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST,
-    CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND,
-    STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
-    PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
-    CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE, SHUTTING_DOWN); DEADLINE_EXCEEDED
-    (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+    PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND);
+    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED,
+    INVALID_TOOL_SCHEMA, RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED,
+    PROVIDER_REJECTED_REQUEST, CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+    PROVIDER_MODEL_NOT_FOUND, STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
+    (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
+    PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE,
+    SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
     Atomic: the caller gets a whole response or an error, never part of one. Idempotent only
     when `request_id` is set: the finished response is then recorded for 24 hours, and a retry
@@ -231,16 +235,18 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     but never falls back to another one, because vectors of different models are not
     comparable.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND
-    (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
-    MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST);
-    FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED
-    (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
-    PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED
-    (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST,
+    REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED,
+    PROVIDER_REJECTED_REQUEST); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+    PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
+    PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
+    CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT);
+    INTERNAL (INTERNAL).
 
-    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state, and a retry
-    returns the same vectors (the provider bills each call).
+    Atomic: all vectors or an error. Idempotent: it changes no Foredeck state and records nothing,
+    and a retry returns the same vectors (the provider bills each call; embeddings cost little, so
+    a retried Embed is accepted where a retried Generate is not).
     """
     CountTokens: _aio.UnaryUnaryMultiCallable[_llmrouter_service_pb2.CountTokensRequest, _llmrouter_service_pb2.CountTokensResponse]  # type: ignore[assignment]
     """CountTokens counts the input tokens a Generate request would send to a model, and the most
@@ -261,10 +267,10 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     """ListModels lists the configured models with their aliases, provider, limits, capabilities,
     prices and circuit state, ordered by name.
 
-    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-    size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+    (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page token that is not one of
+    this query's, INVALID_REQUEST for a negative page size or a bad filter); UNAVAILABLE
+    (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -281,9 +287,9 @@ class LlmRouterServiceAsyncStub(LlmRouterServiceStub):
     """ListProviders lists the configured providers with the models they serve and a summary of
     their circuit breakers, ordered by name.
 
-    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-    PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST);
-    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+    (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID, INVALID_REQUEST for a negative page
+    size); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -307,8 +313,9 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
     one tool-calling shape to and from each provider's format, and accounts tokens and cost for
     every call.
 
-    Every call needs the `x-foredeck-principal` metadata entry; the tenant and user come only
-    from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run (every RPC accepts both; none is gateway-only); the tenant and user come
+    only from it. Errors use the domain `llmrouter.foredeck.dev` and the reasons in ErrorReason.
     """
 
     @_abc_1.abstractmethod
@@ -326,14 +333,14 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         expires.
 
         Errors: UNAUTHENTICATED (PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED);
-        PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT
-        (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, INVALID_TOOL_SCHEMA,
-        RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST,
-        CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND,
-        STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
-        PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
-        CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE, SHUTTING_DOWN); DEADLINE_EXCEEDED
-        (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+        PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND);
+        INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED,
+        INVALID_TOOL_SCHEMA, RESPONSE_SCHEMA_INVALID, CONTEXT_WINDOW_EXCEEDED,
+        PROVIDER_REJECTED_REQUEST, CONTENT_FILTERED); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+        PROVIDER_MODEL_NOT_FOUND, STRUCTURED_OUTPUT_INVALID, REQUEST_ID_REUSED); RESOURCE_EXHAUSTED
+        (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
+        PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, ALL_PROVIDERS_FAILED, STORE_UNAVAILABLE,
+        SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
         Atomic: the caller gets a whole response or an error, never part of one. Idempotent only
         when `request_id` is set: the finished response is then recorded for 24 hours, and a retry
@@ -381,16 +388,18 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         but never falls back to another one, because vectors of different models are not
         comparable.
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING); NOT_FOUND
-        (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
-        MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED, PROVIDER_REJECTED_REQUEST);
-        FAILED_PRECONDITION (PROVIDER_AUTH_FAILED, PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED
-        (PROVIDER_RATE_LIMITED, PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE,
-        PROVIDER_RESPONSE_INVALID, CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED
-        (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+        DELEGATION_NOT_ALLOWED); NOT_FOUND (MODEL_NOT_FOUND); INVALID_ARGUMENT (INVALID_REQUEST,
+        REQUEST_TOO_LARGE, MODEL_CAPABILITY_UNSUPPORTED, CONTEXT_WINDOW_EXCEEDED,
+        PROVIDER_REJECTED_REQUEST); FAILED_PRECONDITION (PROVIDER_AUTH_FAILED,
+        PROVIDER_MODEL_NOT_FOUND); RESOURCE_EXHAUSTED (PROVIDER_RATE_LIMITED,
+        PROVIDER_QUOTA_EXHAUSTED); UNAVAILABLE (PROVIDER_UNAVAILABLE, PROVIDER_RESPONSE_INVALID,
+        CIRCUIT_OPEN, SHUTTING_DOWN); DEADLINE_EXCEEDED (PROVIDER_TIMEOUT, DEADLINE_TOO_SHORT);
+        INTERNAL (INTERNAL).
 
-        Atomic: all vectors or an error. Idempotent: it changes no Foredeck state, and a retry
-        returns the same vectors (the provider bills each call).
+        Atomic: all vectors or an error. Idempotent: it changes no Foredeck state and records nothing,
+        and a retry returns the same vectors (the provider bills each call; embeddings cost little, so
+        a retried Embed is accepted where a retried Generate is not).
         """
 
     @_abc_1.abstractmethod
@@ -423,10 +432,10 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListModels lists the configured models with their aliases, provider, limits, capabilities,
         prices and circuit state, ordered by name.
 
-        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-        size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-        INTERNAL (INTERNAL).
+        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+        (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page token that is not one of
+        this query's, INVALID_REQUEST for a negative page size or a bad filter); UNAVAILABLE
+        (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """
@@ -455,9 +464,9 @@ class LlmRouterServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListProviders lists the configured providers with the models they serve and a summary of
         their circuit breakers, ordered by name.
 
-        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*);
-        PERMISSION_DENIED (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST);
-        UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+        Requires the `llm:read` permission. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
+        (PERMISSION_MISSING); INVALID_ARGUMENT (PAGE_TOKEN_INVALID, INVALID_REQUEST for a negative page
+        size); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """

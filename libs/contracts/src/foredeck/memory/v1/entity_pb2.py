@@ -22,34 +22,33 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from foredeck.common.v1 import memory_pb2 as foredeck_dot_common_dot_v1_dot_memory__pb2
 from foredeck.common.v1 import provenance_pb2 as foredeck_dot_common_dot_v1_dot_provenance__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66oredeck/memory/v1/entity.proto\x12\x12\x66oredeck.memory.v1\x1a#foredeck/common/v1/provenance.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\tEntityRef\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\"\xe9\x02\n\x06\x45ntity\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\nproperties\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x32\n\nprovenance\x18\x05 \x01(\x0b\x32\x1e.foredeck.common.v1.Provenance\x12.\n\nvalid_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08valid_to\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x03\n\x0cRelationship\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12-\n\x06source\x18\x02 \x01(\x0b\x32\x1d.foredeck.memory.v1.EntityRef\x12\x0c\n\x04type\x18\x03 \x01(\t\x12-\n\x06target\x18\x04 \x01(\x0b\x32\x1d.foredeck.memory.v1.EntityRef\x12+\n\nproperties\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x32\n\nprovenance\x18\x06 \x01(\x0b\x32\x1e.foredeck.common.v1.Provenance\x12.\n\nvalid_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08valid_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\t \x01(\x03\x12%\n\x1dsuperseded_by_relationship_id\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x0eNeighborEntity\x12*\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1a.foredeck.memory.v1.Entity\x12\x10\n\x08\x64istance\x18\x02 \x01(\x05\"/\n\nEntityType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"5\n\x10RelationshipType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\x88\x01\n\rUpsertOutcome\x12\x1e\n\x1aUPSERT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16UPSERT_OUTCOME_CREATED\x10\x01\x12\x1d\n\x19UPSERT_OUTCOME_SUPERSEDED\x10\x02\x12\x1c\n\x18UPSERT_OUTCOME_UNCHANGED\x10\x03*i\n\x0ePropertiesMode\x12\x1f\n\x1bPROPERTIES_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROPERTIES_MODE_MERGE\x10\x01\x12\x1b\n\x17PROPERTIES_MODE_REPLACE\x10\x02*\xaa\x01\n\x15RelationshipDirection\x12&\n\"RELATIONSHIP_DIRECTION_UNSPECIFIED\x10\x00\x12#\n\x1fRELATIONSHIP_DIRECTION_OUTGOING\x10\x01\x12#\n\x1fRELATIONSHIP_DIRECTION_INCOMING\x10\x02\x12\x1f\n\x1bRELATIONSHIP_DIRECTION_BOTH\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66oredeck/memory/v1/entity.proto\x12\x12\x66oredeck.memory.v1\x1a\x1f\x66oredeck/common/v1/memory.proto\x1a#foredeck/common/v1/provenance.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe9\x02\n\x06\x45ntity\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\tentity_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12+\n\nproperties\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x32\n\nprovenance\x18\x05 \x01(\x0b\x32\x1e.foredeck.common.v1.Provenance\x12.\n\nvalid_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08valid_to\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\x08 \x01(\x03\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xec\x03\n\x0cRelationship\x12\x17\n\x0frelationship_id\x18\x01 \x01(\t\x12-\n\x06source\x18\x02 \x01(\x0b\x32\x1d.foredeck.common.v1.EntityRef\x12\x0c\n\x04type\x18\x03 \x01(\t\x12-\n\x06target\x18\x04 \x01(\x0b\x32\x1d.foredeck.common.v1.EntityRef\x12+\n\nproperties\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x32\n\nprovenance\x18\x06 \x01(\x0b\x32\x1e.foredeck.common.v1.Provenance\x12.\n\nvalid_from\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08valid_to\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07version\x18\t \x01(\x03\x12%\n\x1dsuperseded_by_relationship_id\x18\n \x01(\t\x12/\n\x0b\x63reate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"N\n\x0eNeighborEntity\x12*\n\x06\x65ntity\x18\x01 \x01(\x0b\x32\x1a.foredeck.memory.v1.Entity\x12\x10\n\x08\x64istance\x18\x02 \x01(\x05\"/\n\nEntityType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\"5\n\x10RelationshipType\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*\x88\x01\n\rUpsertOutcome\x12\x1e\n\x1aUPSERT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16UPSERT_OUTCOME_CREATED\x10\x01\x12\x1d\n\x19UPSERT_OUTCOME_SUPERSEDED\x10\x02\x12\x1c\n\x18UPSERT_OUTCOME_UNCHANGED\x10\x03*i\n\x0ePropertiesMode\x12\x1f\n\x1bPROPERTIES_MODE_UNSPECIFIED\x10\x00\x12\x19\n\x15PROPERTIES_MODE_MERGE\x10\x01\x12\x1b\n\x17PROPERTIES_MODE_REPLACE\x10\x02*\xaa\x01\n\x15RelationshipDirection\x12&\n\"RELATIONSHIP_DIRECTION_UNSPECIFIED\x10\x00\x12#\n\x1fRELATIONSHIP_DIRECTION_OUTGOING\x10\x01\x12#\n\x1fRELATIONSHIP_DIRECTION_INCOMING\x10\x02\x12\x1f\n\x1bRELATIONSHIP_DIRECTION_BOTH\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foredeck.memory.v1.entity_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPSERTOUTCOME']._serialized_start=1245
-  _globals['_UPSERTOUTCOME']._serialized_end=1381
-  _globals['_PROPERTIESMODE']._serialized_start=1383
-  _globals['_PROPERTIESMODE']._serialized_end=1488
-  _globals['_RELATIONSHIPDIRECTION']._serialized_start=1491
-  _globals['_RELATIONSHIPDIRECTION']._serialized_end=1661
-  _globals['_ENTITYREF']._serialized_start=155
-  _globals['_ENTITYREF']._serialized_end=199
-  _globals['_ENTITY']._serialized_start=202
-  _globals['_ENTITY']._serialized_end=563
-  _globals['_RELATIONSHIP']._serialized_start=566
-  _globals['_RELATIONSHIP']._serialized_end=1058
-  _globals['_NEIGHBORENTITY']._serialized_start=1060
-  _globals['_NEIGHBORENTITY']._serialized_end=1138
-  _globals['_ENTITYTYPE']._serialized_start=1140
-  _globals['_ENTITYTYPE']._serialized_end=1187
-  _globals['_RELATIONSHIPTYPE']._serialized_start=1189
-  _globals['_RELATIONSHIPTYPE']._serialized_end=1242
+  _globals['_UPSERTOUTCOME']._serialized_start=1232
+  _globals['_UPSERTOUTCOME']._serialized_end=1368
+  _globals['_PROPERTIESMODE']._serialized_start=1370
+  _globals['_PROPERTIESMODE']._serialized_end=1475
+  _globals['_RELATIONSHIPDIRECTION']._serialized_start=1478
+  _globals['_RELATIONSHIPDIRECTION']._serialized_end=1648
+  _globals['_ENTITY']._serialized_start=189
+  _globals['_ENTITY']._serialized_end=550
+  _globals['_RELATIONSHIP']._serialized_start=553
+  _globals['_RELATIONSHIP']._serialized_end=1045
+  _globals['_NEIGHBORENTITY']._serialized_start=1047
+  _globals['_NEIGHBORENTITY']._serialized_end=1125
+  _globals['_ENTITYTYPE']._serialized_start=1127
+  _globals['_ENTITYTYPE']._serialized_end=1174
+  _globals['_RELATIONSHIPTYPE']._serialized_start=1176
+  _globals['_RELATIONSHIPTYPE']._serialized_end=1229
 # @@protoc_insertion_point(module_scope)

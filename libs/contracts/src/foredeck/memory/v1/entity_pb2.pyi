@@ -3,6 +3,7 @@
 isort:skip_file
 """
 
+from foredeck.common.v1 import memory_pb2 as _memory_pb2
 from foredeck.common.v1 import provenance_pb2 as _provenance_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -105,36 +106,6 @@ RELATIONSHIP_DIRECTION_BOTH: RelationshipDirection.ValueType  # 3
 Global___RelationshipDirection: _TypeAlias = RelationshipDirection  # noqa: Y015
 
 @_typing.final
-class EntityRef(_message.Message):
-    """EntityRef names one entity of the tenant's graph by its type and its id."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TYPE_FIELD_NUMBER: _builtins.int
-    ENTITY_ID_FIELD_NUMBER: _builtins.int
-    type: _builtins.str
-    """The entity's type: one of the configured types (ListEntityTypes), such as `Person` or
-    `Project`. 1-64 characters of `[A-Za-z0-9_]`, starting with a letter; case-sensitive.
-    """
-    entity_id: _builtins.str
-    """The entity's id within its type, chosen by the caller (a natural key such as an email
-    address or a slug): 1-256 characters of UTF-8, case-sensitive.
-    """
-    def __init__(
-        self,
-        *,
-        type: _builtins.str = ...,
-        entity_id: _builtins.str = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["entity_id", b"entity_id", "type", b"type"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___EntityRef: _TypeAlias = EntityRef  # noqa: Y015
-
-@_typing.final
 class Entity(_message.Message):
     """Entity is one version of a node of the tenant's entity graph: a person, project or other
     thing the agents keep facts about.
@@ -158,9 +129,9 @@ class Entity(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     type: _builtins.str
-    """The entity's type, as in EntityRef.type."""
+    """The entity's type, as in foredeck.common.v1.EntityRef.type."""
     entity_id: _builtins.str
-    """The entity's id within its type, as in EntityRef.entity_id."""
+    """The entity's id within its type, as in foredeck.common.v1.EntityRef.entity_id."""
     name: _builtins.str
     """A human-readable name, at most 256 characters; SearchEntities matches its prefix. Defaults
     to `entity_id` when the writer gives none.
@@ -257,11 +228,11 @@ class Relationship(_message.Message):
     retired rather than superseded, or is current.
     """
     @_builtins.property
-    def source(self) -> Global___EntityRef:
+    def source(self) -> _memory_pb2.EntityRef:
         """The entity the edge starts from."""
 
     @_builtins.property
-    def target(self) -> Global___EntityRef:
+    def target(self) -> _memory_pb2.EntityRef:
         """The entity the edge points to."""
 
     @_builtins.property
@@ -296,9 +267,9 @@ class Relationship(_message.Message):
         self,
         *,
         relationship_id: _builtins.str = ...,
-        source: Global___EntityRef | None = ...,
+        source: _memory_pb2.EntityRef | None = ...,
         type: _builtins.str = ...,
-        target: Global___EntityRef | None = ...,
+        target: _memory_pb2.EntityRef | None = ...,
         properties: _struct_pb2.Struct | None = ...,
         provenance: _provenance_pb2.Provenance | None = ...,
         valid_from: _timestamp_pb2.Timestamp | None = ...,

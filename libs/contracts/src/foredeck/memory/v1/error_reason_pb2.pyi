@@ -86,6 +86,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     different parameters; restart from the first page. A `BadRequest` names the `page_token`
     field.
     """
+    ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 14
+    """PERMISSION_DENIED: a gateway-only method (ForgetUser) was called with a principal the
+    orchestrator minted for a run, or such a principal named another run in `run_id`. Nothing was
+    read or written. Metadata `method` (the full RPC name) and `runId` (the principal's run). No
+    extra details.
+    """
     ERROR_REASON_MEMORY_NOT_FOUND: _ErrorReason.ValueType  # 20
     """NOT_FOUND: no memory with the given id exists for the caller's tenant and user (including
     one that was purged or belongs to someone else; the two cases are not told apart).
@@ -106,9 +112,9 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     details.
     """
     ERROR_REASON_ENTITY_TYPE_UNKNOWN: _ErrorReason.ValueType  # 24
-    """INVALID_ARGUMENT: an entity type is not one of the types the service is configured to
-    accept (ListEntityTypes returns them). Metadata: `entityType`, `allowedTypes` (comma
-    separated). A `BadRequest` names every offending field.
+    """INVALID_ARGUMENT: an entity type is not one of the types the service is configured to accept
+    (GetEntitySchema returns them). Metadata: `entityType`, `allowedTypes` (comma separated). A
+    `BadRequest` names every offending field.
     """
     ERROR_REASON_RELATIONSHIP_TYPE_INVALID: _ErrorReason.ValueType  # 25
     """INVALID_ARGUMENT: a relationship type is not UPPER_SNAKE_CASE of 1 to 64 characters, or the
@@ -187,6 +193,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     of long-term memories or entities. Metadata: `quota` (`memories` or `entities`), `limit`.
     A `QuotaFailure` names the tenant or user as the subject.
     """
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 42
+    """ABORTED: UpdateMemory carried an `etag` that is no longer the current version's: a duplicate
+    was merged into it, or its validity ended, since the caller read it. Nothing was written; read
+    the memory again and reapply the change. Metadata: `memoryId`. No extra details.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the catalogue of machine-readable reasons the memory service returns.
@@ -197,8 +208,8 @@ class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     `RetryInfo` and `QuotaFailure` follow where a value says so. Metadata keys are lowerCamelCase
     unless a shared value says otherwise. Clients branch on the reason, never on the message.
 
-    Values 1 to 11 are shared by every Foredeck service with the same names and numbers; 12 to 19
-    are kept for future shared reasons; the memory service's own reasons start at 20.
+    Values 1 to 14 are shared by every Foredeck service with the same names, numbers and codes; 15 to
+    19 are kept for future shared reasons; the memory service's own reasons start at 20.
     """
 
 ERROR_REASON_UNSPECIFIED: ErrorReason.ValueType  # 0
@@ -265,6 +276,12 @@ ERROR_REASON_PAGE_TOKEN_INVALID: ErrorReason.ValueType  # 13
 different parameters; restart from the first page. A `BadRequest` names the `page_token`
 field.
 """
+ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 14
+"""PERMISSION_DENIED: a gateway-only method (ForgetUser) was called with a principal the
+orchestrator minted for a run, or such a principal named another run in `run_id`. Nothing was
+read or written. Metadata `method` (the full RPC name) and `runId` (the principal's run). No
+extra details.
+"""
 ERROR_REASON_MEMORY_NOT_FOUND: ErrorReason.ValueType  # 20
 """NOT_FOUND: no memory with the given id exists for the caller's tenant and user (including
 one that was purged or belongs to someone else; the two cases are not told apart).
@@ -285,9 +302,9 @@ not exist at the requested `as_of` time). Metadata: `entityType`, `entityId`. No
 details.
 """
 ERROR_REASON_ENTITY_TYPE_UNKNOWN: ErrorReason.ValueType  # 24
-"""INVALID_ARGUMENT: an entity type is not one of the types the service is configured to
-accept (ListEntityTypes returns them). Metadata: `entityType`, `allowedTypes` (comma
-separated). A `BadRequest` names every offending field.
+"""INVALID_ARGUMENT: an entity type is not one of the types the service is configured to accept
+(GetEntitySchema returns them). Metadata: `entityType`, `allowedTypes` (comma separated). A
+`BadRequest` names every offending field.
 """
 ERROR_REASON_RELATIONSHIP_TYPE_INVALID: ErrorReason.ValueType  # 25
 """INVALID_ARGUMENT: a relationship type is not UPPER_SNAKE_CASE of 1 to 64 characters, or the
@@ -365,5 +382,10 @@ ERROR_REASON_MEMORY_QUOTA_EXCEEDED: ErrorReason.ValueType  # 41
 """RESOURCE_EXHAUSTED: the tenant (or the user) already holds the configured maximum number
 of long-term memories or entities. Metadata: `quota` (`memories` or `entities`), `limit`.
 A `QuotaFailure` names the tenant or user as the subject.
+"""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 42
+"""ABORTED: UpdateMemory carried an `etag` that is no longer the current version's: a duplicate
+was merged into it, or its validity ended, since the caller read it. Nothing was written; read
+the memory again and reapply the change. Metadata: `memoryId`. No extra details.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

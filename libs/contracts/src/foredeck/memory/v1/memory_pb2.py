@@ -22,29 +22,22 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
-from foredeck.common.v1 import provenance_pb2 as foredeck_dot_common_dot_v1_dot_provenance__pb2
-from foredeck.memory.v1 import entity_pb2 as foredeck_dot_memory_dot_v1_dot_entity__pb2
+from foredeck.common.v1 import memory_pb2 as foredeck_dot_common_dot_v1_dot_memory__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66oredeck/memory/v1/memory.proto\x12\x12\x66oredeck.memory.v1\x1a#foredeck/common/v1/provenance.proto\x1a\x1f\x66oredeck/memory/v1/entity.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd3\x04\n\x06Memory\x12\x11\n\tmemory_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x63\x61tegory\x18\x04 \x01(\t\x12\x32\n\nprovenance\x18\x05 \x01(\x0b\x32\x1e.foredeck.common.v1.Provenance\x12.\n\nvalid_from\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08valid_to\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14supersedes_memory_id\x18\x08 \x01(\t\x12\x1f\n\x17superseded_by_memory_id\x18\t \x01(\t\x12\x11\n\tdedup_key\x18\n \x01(\t\x12\x10\n\x08\x66\x61\x63t_key\x18\x0b \x01(\t\x12\x32\n\x0b\x65ntity_refs\x18\x0c \x03(\x0b\x32\x1d.foredeck.memory.v1.EntityRef\x12\x13\n\x0bmerge_count\x18\r \x01(\x05\x12.\n\x05state\x18\x0e \x01(\x0e\x32\x1f.foredeck.memory.v1.MemoryState\x12\x17\n\x0f\x65mbedding_model\x18\x0f \x01(\t\x12/\n\x0b\x63reate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x0eRecalledMemory\x12*\n\x06memory\x18\x01 \x01(\x0b\x32\x1a.foredeck.memory.v1.Memory\x12\r\n\x05score\x18\x02 \x01(\x01\"\xe0\x01\n\x0cMemoryFilter\x12\x30\n\x0fmetadata_equals\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncategories\x18\x02 \x03(\t\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12include_superseded\x18\x04 \x01(\x08\x12\x32\n\x0b\x65ntity_refs\x18\x05 \x03(\x0b\x32\x1d.foredeck.memory.v1.EntityRef\x12\x0f\n\x07run_ids\x18\x06 \x03(\t*\xb0\x01\n\x0bMemoryState\x12\x1c\n\x18MEMORY_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14MEMORY_STATE_CURRENT\x10\x01\x12\x1b\n\x17MEMORY_STATE_SUPERSEDED\x10\x02\x12\x18\n\x14MEMORY_STATE_RETIRED\x10\x03\x12\x18\n\x14MEMORY_STATE_EXPIRED\x10\x04\x12\x18\n\x14MEMORY_STATE_PENDING\x10\x05*w\n\x0b\x44\x65\x64upPolicy\x12\x1c\n\x18\x44\x45\x44UP_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45\x44UP_POLICY_MERGE\x10\x01\x12\x1b\n\x17\x44\x45\x44UP_POLICY_EXACT_ONLY\x10\x02\x12\x15\n\x11\x44\x45\x44UP_POLICY_NONE\x10\x03*\xcb\x01\n\x0fRememberOutcome\x12 \n\x1cREMEMBER_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18REMEMBER_OUTCOME_CREATED\x10\x01\x12+\n\'REMEMBER_OUTCOME_MERGED_EXACT_DUPLICATE\x10\x02\x12*\n&REMEMBER_OUTCOME_MERGED_NEAR_DUPLICATE\x10\x03\x12\x1f\n\x1bREMEMBER_OUTCOME_SUPERSEDED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66oredeck/memory/v1/memory.proto\x12\x12\x66oredeck.memory.v1\x1a\x1f\x66oredeck/common/v1/memory.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe0\x01\n\x0cMemoryFilter\x12\x30\n\x0fmetadata_equals\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\ncategories\x18\x02 \x03(\t\x12)\n\x05\x61s_of\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1a\n\x12include_superseded\x18\x04 \x01(\x08\x12\x32\n\x0b\x65ntity_refs\x18\x05 \x03(\x0b\x32\x1d.foredeck.common.v1.EntityRef\x12\x0f\n\x07run_ids\x18\x06 \x03(\t*w\n\x0b\x44\x65\x64upPolicy\x12\x1c\n\x18\x44\x45\x44UP_POLICY_UNSPECIFIED\x10\x00\x12\x16\n\x12\x44\x45\x44UP_POLICY_MERGE\x10\x01\x12\x1b\n\x17\x44\x45\x44UP_POLICY_EXACT_ONLY\x10\x02\x12\x15\n\x11\x44\x45\x44UP_POLICY_NONE\x10\x03*\xcb\x01\n\x0fRememberOutcome\x12 \n\x1cREMEMBER_OUTCOME_UNSPECIFIED\x10\x00\x12\x1c\n\x18REMEMBER_OUTCOME_CREATED\x10\x01\x12+\n\'REMEMBER_OUTCOME_MERGED_EXACT_DUPLICATE\x10\x02\x12*\n&REMEMBER_OUTCOME_MERGED_NEAR_DUPLICATE\x10\x03\x12\x1f\n\x1bREMEMBER_OUTCOME_SUPERSEDED\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'foredeck.memory.v1.memory_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMORYSTATE']._serialized_start=1091
-  _globals['_MEMORYSTATE']._serialized_end=1267
-  _globals['_DEDUPPOLICY']._serialized_start=1269
-  _globals['_DEDUPPOLICY']._serialized_end=1388
-  _globals['_REMEMBEROUTCOME']._serialized_start=1391
-  _globals['_REMEMBEROUTCOME']._serialized_end=1594
-  _globals['_MEMORY']._serialized_start=189
-  _globals['_MEMORY']._serialized_end=784
-  _globals['_RECALLEDMEMORY']._serialized_start=786
-  _globals['_RECALLEDMEMORY']._serialized_end=861
-  _globals['_MEMORYFILTER']._serialized_start=864
-  _globals['_MEMORYFILTER']._serialized_end=1088
+  _globals['_DEDUPPOLICY']._serialized_start=378
+  _globals['_DEDUPPOLICY']._serialized_end=497
+  _globals['_REMEMBEROUTCOME']._serialized_start=500
+  _globals['_REMEMBEROUTCOME']._serialized_end=703
+  _globals['_MEMORYFILTER']._serialized_start=152
+  _globals['_MEMORYFILTER']._serialized_end=376
 # @@protoc_insertion_point(module_scope)

@@ -4,8 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
-from foredeck.common.v1 import provenance_pb2 as _provenance_pb2
-from foredeck.memory.v1 import entity_pb2 as _entity_pb2
+from foredeck.common.v1 import memory_pb2 as _memory_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
@@ -22,42 +21,6 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
-
-class _MemoryState:
-    ValueType = _typing.NewType("ValueType", _builtins.int)
-    V: _TypeAlias = ValueType  # noqa: Y015
-
-class _MemoryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MemoryState.ValueType], _builtins.type):
-    DESCRIPTOR: _descriptor.EnumDescriptor
-    MEMORY_STATE_UNSPECIFIED: _MemoryState.ValueType  # 0
-    """Not set; never returned."""
-    MEMORY_STATE_CURRENT: _MemoryState.ValueType  # 1
-    """Valid now: `valid_from` has passed and `valid_to` is unset or in the future."""
-    MEMORY_STATE_SUPERSEDED: _MemoryState.ValueType  # 2
-    """Replaced by a newer version (see `superseded_by_memory_id`)."""
-    MEMORY_STATE_RETIRED: _MemoryState.ValueType  # 3
-    """Ended by DeleteMemory without purge; kept as history."""
-    MEMORY_STATE_EXPIRED: _MemoryState.ValueType  # 4
-    """Its `valid_to`, set by the writer, has passed."""
-    MEMORY_STATE_PENDING: _MemoryState.ValueType  # 5
-    """Its `valid_from` is still in the future."""
-
-class MemoryState(_MemoryState, metaclass=_MemoryStateEnumTypeWrapper):
-    """MemoryState says where a memory version stands in its history."""
-
-MEMORY_STATE_UNSPECIFIED: MemoryState.ValueType  # 0
-"""Not set; never returned."""
-MEMORY_STATE_CURRENT: MemoryState.ValueType  # 1
-"""Valid now: `valid_from` has passed and `valid_to` is unset or in the future."""
-MEMORY_STATE_SUPERSEDED: MemoryState.ValueType  # 2
-"""Replaced by a newer version (see `superseded_by_memory_id`)."""
-MEMORY_STATE_RETIRED: MemoryState.ValueType  # 3
-"""Ended by DeleteMemory without purge; kept as history."""
-MEMORY_STATE_EXPIRED: MemoryState.ValueType  # 4
-"""Its `valid_to`, set by the writer, has passed."""
-MEMORY_STATE_PENDING: MemoryState.ValueType  # 5
-"""Its `valid_from` is still in the future."""
-Global___MemoryState: _TypeAlias = MemoryState  # noqa: Y015
 
 class _DedupPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -132,160 +95,6 @@ REMEMBER_OUTCOME_SUPERSEDED: RememberOutcome.ValueType  # 4
 Global___RememberOutcome: _TypeAlias = RememberOutcome  # noqa: Y015
 
 @_typing.final
-class Memory(_message.Message):
-    """Memory is one version of a long-term memory: a piece of text an agent should be able to
-    recall in later sessions, with its embedding in the vector store and its node in the graph.
-
-    Long-term memories belong to one user of one tenant; no other user, and no other tenant, can
-    read them. Facts are superseded, never overwritten: an update writes a new version with its
-    own `memory_id`, links the two through `supersedes_memory_id` / `superseded_by_memory_id`,
-    and ends the old version's validity. The chain of versions is the memory's history.
-    """
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MEMORY_ID_FIELD_NUMBER: _builtins.int
-    CONTENT_FIELD_NUMBER: _builtins.int
-    METADATA_FIELD_NUMBER: _builtins.int
-    CATEGORY_FIELD_NUMBER: _builtins.int
-    PROVENANCE_FIELD_NUMBER: _builtins.int
-    VALID_FROM_FIELD_NUMBER: _builtins.int
-    VALID_TO_FIELD_NUMBER: _builtins.int
-    SUPERSEDES_MEMORY_ID_FIELD_NUMBER: _builtins.int
-    SUPERSEDED_BY_MEMORY_ID_FIELD_NUMBER: _builtins.int
-    DEDUP_KEY_FIELD_NUMBER: _builtins.int
-    FACT_KEY_FIELD_NUMBER: _builtins.int
-    ENTITY_REFS_FIELD_NUMBER: _builtins.int
-    MERGE_COUNT_FIELD_NUMBER: _builtins.int
-    STATE_FIELD_NUMBER: _builtins.int
-    EMBEDDING_MODEL_FIELD_NUMBER: _builtins.int
-    CREATE_TIME_FIELD_NUMBER: _builtins.int
-    UPDATE_TIME_FIELD_NUMBER: _builtins.int
-    memory_id: _builtins.str
-    """The id of this version: a UUID in canonical text form, assigned by the service."""
-    content: _builtins.str
-    """The remembered text: 1 byte to 32 KiB of UTF-8."""
-    category: _builtins.str
-    """The memory's category, such as `fact`, `preference`, `episode` or `run_summary`: 1-64
-    characters of `[a-z0-9_.-]`. Defaults to `fact` when the writer gives none.
-    """
-    supersedes_memory_id: _builtins.str
-    """The version this one replaced, if any."""
-    superseded_by_memory_id: _builtins.str
-    """The version that replaced this one, if any."""
-    dedup_key: _builtins.str
-    """The deterministic duplicate key, computed by the service: the lowercase hex SHA-256 of the
-    category and the normalised content (Unicode NFC, case-folded, whitespace collapsed).
-    Memories of one user with the same key are exact duplicates.
-    """
-    fact_key: _builtins.str
-    """The caller's name for the fact this memory states, such as `user.home_city`, or empty. At
-    most one current memory per user has a given fact key; remembering a different content
-    under the same key supersedes the current one. 1-128 characters of `[A-Za-z0-9_.:-]`.
-    """
-    merge_count: _builtins.int
-    """How many duplicates were merged into this version instead of being stored apart."""
-    state: Global___MemoryState.ValueType
-    """Where this version stands in its history at the time of the read."""
-    embedding_model: _builtins.str
-    """The embedding model that embedded the content, such as `all-MiniLM-L6-v2`."""
-    @_builtins.property
-    def metadata(self) -> _struct_pb2.Struct:
-        """Free-form metadata: a JSON object of at most 64 top-level keys and 16 KiB of JSON text.
-        Keys are 1-64 characters of `[A-Za-z0-9_-]` (no dots, so a key is never read as a path).
-        Top-level string, number and boolean values can be filtered on in Recall and ListMemories.
-        """
-
-    @_builtins.property
-    def provenance(self) -> _provenance_pb2.Provenance:
-        """Which tenant, user, run and step wrote this version."""
-
-    @_builtins.property
-    def valid_from(self) -> _timestamp_pb2.Timestamp:
-        """From when the fact holds."""
-
-    @_builtins.property
-    def valid_to(self) -> _timestamp_pb2.Timestamp:
-        """Until when the fact holds (exclusive). Unset while open-ended; set by the writer, by a
-        superseding update, or by DeleteMemory without purge.
-        """
-
-    @_builtins.property
-    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_entity_pb2.EntityRef]:
-        """The entities of the tenant's graph this memory is about; the graph links the memory to
-        each of them. At most 32.
-        """
-
-    @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp:
-        """When this version was written."""
-
-    @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp:
-        """When this version last changed in place (a duplicate merged into it, or its validity
-        ended).
-        """
-
-    def __init__(
-        self,
-        *,
-        memory_id: _builtins.str = ...,
-        content: _builtins.str = ...,
-        metadata: _struct_pb2.Struct | None = ...,
-        category: _builtins.str = ...,
-        provenance: _provenance_pb2.Provenance | None = ...,
-        valid_from: _timestamp_pb2.Timestamp | None = ...,
-        valid_to: _timestamp_pb2.Timestamp | None = ...,
-        supersedes_memory_id: _builtins.str = ...,
-        superseded_by_memory_id: _builtins.str = ...,
-        dedup_key: _builtins.str = ...,
-        fact_key: _builtins.str = ...,
-        entity_refs: _abc.Iterable[_entity_pb2.EntityRef] | None = ...,
-        merge_count: _builtins.int = ...,
-        state: Global___MemoryState.ValueType = ...,
-        embedding_model: _builtins.str = ...,
-        create_time: _timestamp_pb2.Timestamp | None = ...,
-        update_time: _timestamp_pb2.Timestamp | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "metadata", b"metadata", "provenance", b"provenance", "update_time", b"update_time", "valid_from", b"valid_from", "valid_to", b"valid_to"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "content", b"content", "create_time", b"create_time", "dedup_key", b"dedup_key", "embedding_model", b"embedding_model", "entity_refs", b"entity_refs", "fact_key", b"fact_key", "memory_id", b"memory_id", "merge_count", b"merge_count", "metadata", b"metadata", "provenance", b"provenance", "state", b"state", "superseded_by_memory_id", b"superseded_by_memory_id", "supersedes_memory_id", b"supersedes_memory_id", "update_time", b"update_time", "valid_from", b"valid_from", "valid_to", b"valid_to"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___Memory: _TypeAlias = Memory  # noqa: Y015
-
-@_typing.final
-class RecalledMemory(_message.Message):
-    """RecalledMemory is a memory returned by Recall, with how closely it matches the query."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    MEMORY_FIELD_NUMBER: _builtins.int
-    SCORE_FIELD_NUMBER: _builtins.int
-    score: _builtins.float
-    """The cosine similarity between the query's embedding and the memory's, from -1 to 1;
-    higher is closer. Comparable only between results embedded by the same model.
-    """
-    @_builtins.property
-    def memory(self) -> Global___Memory:
-        """The memory."""
-
-    def __init__(
-        self,
-        *,
-        memory: Global___Memory | None = ...,
-        score: _builtins.float = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory", "score", b"score"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___RecalledMemory: _TypeAlias = RecalledMemory  # noqa: Y015
-
-@_typing.final
 class MemoryFilter(_message.Message):
     """MemoryFilter narrows which memories Recall and ListMemories consider. Every condition that
     is set must hold (AND); a list condition holds when any of its values matches (OR). The
@@ -323,7 +132,7 @@ class MemoryFilter(_message.Message):
         """
 
     @_builtins.property
-    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_entity_pb2.EntityRef]:
+    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2.EntityRef]:
         """Only memories linked to at least one of these entities. At most 16."""
 
     @_builtins.property
@@ -337,7 +146,7 @@ class MemoryFilter(_message.Message):
         categories: _abc.Iterable[_builtins.str] | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
         include_superseded: _builtins.bool = ...,
-        entity_refs: _abc.Iterable[_entity_pb2.EntityRef] | None = ...,
+        entity_refs: _abc.Iterable[_memory_pb2.EntityRef] | None = ...,
         run_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "metadata_equals", b"metadata_equals"]  # noqa: Y015

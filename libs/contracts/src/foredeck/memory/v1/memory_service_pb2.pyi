@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from foredeck.common.v1 import chat_pb2 as _chat_pb2
+from foredeck.common.v1 import memory_pb2 as _memory_pb2_1
 from foredeck.common.v1 import usage_pb2 as _usage_pb2
 from foredeck.memory.v1 import entity_pb2 as _entity_pb2
 from foredeck.memory.v1 import memory_pb2 as _memory_pb2
@@ -46,7 +47,8 @@ class AppendMessagesRequest(_message.Message):
     """
     request_id: _builtins.str
     """The caller's id for this append, the key that makes retries safe: 1-128 characters of
-    `[A-Za-z0-9_.:-]` (a UUID is recommended). Remembered for 24 hours per tenant and user.
+    `[A-Za-z0-9_.:-]` (a UUID is recommended). Required. Remembered for 24 hours per tenant and
+    user.
     """
     run_id: _builtins.str
     """The run appending the messages, recorded with each message: at most 128 characters."""
@@ -274,10 +276,12 @@ class ListMessagesRequest(_message.Message):
     session_id: _builtins.str
     """The session to list: 1-128 characters of `[A-Za-z0-9_.:-]`."""
     page_size: _builtins.int
-    """The most messages to return: 0 means 100; at most 1,000."""
+    """The most messages to return: 0 means 100, values above 1,000 are treated as 1,000 (AIP-158),
+    and negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of the previous page, or empty for the first page. The other fields
-    must be the same as on the first page.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     after_sequence: _builtins.int
     """List only messages with a sequence number above this one; 0 lists from the start."""
@@ -407,7 +411,8 @@ class RememberRequest(_message.Message):
     ENTITY_REFS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The caller's id for this write, the key that makes retries safe: 1-128 characters of
-    `[A-Za-z0-9_.:-]` (a UUID is recommended). Remembered for 24 hours per tenant and user.
+    `[A-Za-z0-9_.:-]` (a UUID is recommended). Required. Remembered for 24 hours per tenant and
+    user.
     """
     content: _builtins.str
     """The text to remember: not empty or only whitespace, at most 32 KiB of UTF-8."""
@@ -447,7 +452,7 @@ class RememberRequest(_message.Message):
         """
 
     @_builtins.property
-    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_entity_pb2.EntityRef]:
+    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.EntityRef]:
         """The entities the memory is about; each must exist in the tenant's graph. At most 32."""
 
     def __init__(
@@ -464,7 +469,7 @@ class RememberRequest(_message.Message):
         dedup_policy: _memory_pb2.DedupPolicy.ValueType = ...,
         near_duplicate_threshold: _builtins.float = ...,
         fact_key: _builtins.str = ...,
-        entity_refs: _abc.Iterable[_entity_pb2.EntityRef] | None = ...,
+        entity_refs: _abc.Iterable[_memory_pb2_1.EntityRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "valid_from", b"valid_from", "valid_to", b"valid_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -496,13 +501,13 @@ class RememberResponse(_message.Message):
     nothing was written this time.
     """
     @_builtins.property
-    def memory(self) -> _memory_pb2.Memory:
+    def memory(self) -> _memory_pb2_1.Memory:
         """The memory the content now lives in: the new memory, or the existing one a duplicate was
         merged into (its `memory_id` says which).
         """
 
     @_builtins.property
-    def superseded_memory(self) -> _memory_pb2.Memory:
+    def superseded_memory(self) -> _memory_pb2_1.Memory:
         """For SUPERSEDED, the version that was superseded, with its `valid_to` and
         `superseded_by_memory_id` now set; unset otherwise.
         """
@@ -510,10 +515,10 @@ class RememberResponse(_message.Message):
     def __init__(
         self,
         *,
-        memory: _memory_pb2.Memory | None = ...,
+        memory: _memory_pb2_1.Memory | None = ...,
         outcome: _memory_pb2.RememberOutcome.ValueType = ...,
         similarity: _builtins.float = ...,
-        superseded_memory: _memory_pb2.Memory | None = ...,
+        superseded_memory: _memory_pb2_1.Memory | None = ...,
         replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory", "superseded_memory", b"superseded_memory"]  # noqa: Y015
@@ -523,6 +528,191 @@ class RememberResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RememberResponse: _TypeAlias = RememberResponse  # noqa: Y015
+
+@_typing.final
+class RememberItem(_message.Message):
+    """RememberItem is one memory to store in RememberMany. Its fields mean what the same fields of
+    RememberRequest mean.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTENT_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    CATEGORY_FIELD_NUMBER: _builtins.int
+    VALID_FROM_FIELD_NUMBER: _builtins.int
+    VALID_TO_FIELD_NUMBER: _builtins.int
+    FACT_KEY_FIELD_NUMBER: _builtins.int
+    ENTITY_REFS_FIELD_NUMBER: _builtins.int
+    content: _builtins.str
+    """The text to remember: not empty or only whitespace, at most 32 KiB of UTF-8."""
+    category: _builtins.str
+    """The memory's category: 1-64 characters of `[a-z0-9_.-]`. Empty means `fact`."""
+    fact_key: _builtins.str
+    """The caller's name for the fact the memory states, or empty: 1-128 characters of
+    `[A-Za-z0-9_.:-]`.
+    """
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """Free-form metadata: a JSON object of at most 64 top-level keys and 16 KiB of JSON text;
+        keys are 1-64 characters of `[A-Za-z0-9_-]`.
+        """
+
+    @_builtins.property
+    def valid_from(self) -> _timestamp_pb2.Timestamp:
+        """From when the fact holds. Unset means the time of the call."""
+
+    @_builtins.property
+    def valid_to(self) -> _timestamp_pb2.Timestamp:
+        """Until when the fact holds (exclusive); must be after `valid_from`. Unset means
+        open-ended.
+        """
+
+    @_builtins.property
+    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.EntityRef]:
+        """The entities the memory is about; each must exist in the tenant's graph. At most 32."""
+
+    def __init__(
+        self,
+        *,
+        content: _builtins.str = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+        category: _builtins.str = ...,
+        valid_from: _timestamp_pb2.Timestamp | None = ...,
+        valid_to: _timestamp_pb2.Timestamp | None = ...,
+        fact_key: _builtins.str = ...,
+        entity_refs: _abc.Iterable[_memory_pb2_1.EntityRef] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["metadata", b"metadata", "valid_from", b"valid_from", "valid_to", b"valid_to"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "content", b"content", "entity_refs", b"entity_refs", "fact_key", b"fact_key", "metadata", b"metadata", "valid_from", b"valid_from", "valid_to", b"valid_to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RememberItem: _TypeAlias = RememberItem  # noqa: Y015
+
+@_typing.final
+class RememberManyRequest(_message.Message):
+    """RememberManyRequest is the input of LongTermMemoryService.RememberMany. The whole request must be
+    at most 8 MiB.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STEP_ID_FIELD_NUMBER: _builtins.int
+    DEDUP_POLICY_FIELD_NUMBER: _builtins.int
+    NEAR_DUPLICATE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """The caller's id for this write, the key that makes retries safe: 1-128 characters of
+    `[A-Za-z0-9_.:-]` (a UUID is recommended). Required. Remembered for 24 hours per tenant and
+    user.
+    """
+    run_id: _builtins.str
+    """The run writing the memories, recorded in their provenance: at most 128 characters."""
+    step_id: _builtins.str
+    """The step writing the memories, recorded in their provenance: at most 128 characters."""
+    dedup_policy: _memory_pb2.DedupPolicy.ValueType
+    """How duplicates are treated, for every item. Unset means MERGE."""
+    near_duplicate_threshold: _builtins.float
+    """The similarity at or above which a memory counts as a near duplicate, for every item: 0 means
+    the configured threshold; otherwise 0.5 to 1.
+    """
+    @_builtins.property
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___RememberItem]:
+        """The memories to store, in order: 1 to 100."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        items: _abc.Iterable[Global___RememberItem] | None = ...,
+        run_id: _builtins.str = ...,
+        step_id: _builtins.str = ...,
+        dedup_policy: _memory_pb2.DedupPolicy.ValueType = ...,
+        near_duplicate_threshold: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dedup_policy", b"dedup_policy", "items", b"items", "near_duplicate_threshold", b"near_duplicate_threshold", "request_id", b"request_id", "run_id", b"run_id", "step_id", b"step_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RememberManyRequest: _TypeAlias = RememberManyRequest  # noqa: Y015
+
+@_typing.final
+class RememberResult(_message.Message):
+    """RememberResult is what RememberMany did with one item."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMORY_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    SIMILARITY_FIELD_NUMBER: _builtins.int
+    SUPERSEDED_MEMORY_FIELD_NUMBER: _builtins.int
+    outcome: _memory_pb2.RememberOutcome.ValueType
+    """What was done with the content."""
+    similarity: _builtins.float
+    """For a near-duplicate merge, the similarity between the content and the memory it was
+    merged into; 1 for an exact duplicate; 0 otherwise.
+    """
+    @_builtins.property
+    def memory(self) -> _memory_pb2_1.Memory:
+        """The memory the item's content now lives in: a new memory, or the one it was merged into."""
+
+    @_builtins.property
+    def superseded_memory(self) -> _memory_pb2_1.Memory:
+        """For SUPERSEDED, the version that was superseded, with its `valid_to` and
+        `superseded_by_memory_id` now set; unset otherwise.
+        """
+
+    def __init__(
+        self,
+        *,
+        memory: _memory_pb2_1.Memory | None = ...,
+        outcome: _memory_pb2.RememberOutcome.ValueType = ...,
+        similarity: _builtins.float = ...,
+        superseded_memory: _memory_pb2_1.Memory | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory", "superseded_memory", b"superseded_memory"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory", "outcome", b"outcome", "similarity", b"similarity", "superseded_memory", b"superseded_memory"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RememberResult: _TypeAlias = RememberResult  # noqa: Y015
+
+@_typing.final
+class RememberManyResponse(_message.Message):
+    """RememberManyResponse is the output of LongTermMemoryService.RememberMany."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    """Whether this response was recorded by an earlier call with the same `request_id` and
+    nothing was written this time.
+    """
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___RememberResult]:
+        """One result per item, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___RememberResult] | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RememberManyResponse: _TypeAlias = RememberManyResponse  # noqa: Y015
 
 @_typing.final
 class RecallRequest(_message.Message):
@@ -570,13 +760,13 @@ class RecallResponse(_message.Message):
 
     MEMORIES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def memories(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2.RecalledMemory]:
+    def memories(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.RecalledMemory]:
         """The memories found, highest score first."""
 
     def __init__(
         self,
         *,
-        memories: _abc.Iterable[_memory_pb2.RecalledMemory] | None = ...,
+        memories: _abc.Iterable[_memory_pb2_1.RecalledMemory] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -616,13 +806,13 @@ class GetMemoryResponse(_message.Message):
 
     MEMORY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def memory(self) -> _memory_pb2.Memory:
+    def memory(self) -> _memory_pb2_1.Memory:
         """The memory version."""
 
     def __init__(
         self,
         *,
-        memory: _memory_pb2.Memory | None = ...,
+        memory: _memory_pb2_1.Memory | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -642,10 +832,13 @@ class ListMemoriesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most memories to return: 0 means 50; at most 500."""
+    """The most memories to return: 0 means 50, values above 500 are treated as 500 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of the previous page, or empty for the first page. The filter must
-    be the same as on the first page; an unset `as_of` is fixed by the first page.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID. The filter must be the same as on the
+    first page; an unset `as_of` is fixed by the first page.
     """
     @_builtins.property
     def filter(self) -> _memory_pb2.MemoryFilter:
@@ -677,13 +870,13 @@ class ListMemoriesResponse(_message.Message):
     next_page_token: _builtins.str
     """The token for the next page, or empty when this is the last page."""
     @_builtins.property
-    def memories(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2.Memory]:
+    def memories(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.Memory]:
         """The page's memories, newest `create_time` first."""
 
     def __init__(
         self,
         *,
-        memories: _abc.Iterable[_memory_pb2.Memory] | None = ...,
+        memories: _abc.Iterable[_memory_pb2_1.Memory] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -711,16 +904,18 @@ class UpdateMemoryRequest(_message.Message):
     EFFECTIVE_TIME_FIELD_NUMBER: _builtins.int
     RUN_ID_FIELD_NUMBER: _builtins.int
     STEP_ID_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     memory_id: _builtins.str
     """The current version of the memory to change."""
     request_id: _builtins.str
     """The caller's id for this write, the key that makes retries safe: 1-128 characters of
-    `[A-Za-z0-9_.:-]` (a UUID is recommended). Remembered for 24 hours per tenant and user.
+    `[A-Za-z0-9_.:-]` (a UUID is recommended). Required. Remembered for 24 hours per tenant and
+    user.
     """
     content: _builtins.str
-    """The new text, when `content` is in the mask: not empty, at most 32 KiB of UTF-8."""
+    """The new text, when the mask names `content`: not empty, at most 32 KiB of UTF-8."""
     category: _builtins.str
-    """The new category, when `category` is in the mask: 1-64 characters of `[a-z0-9_.-]`."""
+    """The new category, when the mask names `category`: 1-64 characters of `[a-z0-9_.-]`."""
     run_id: _builtins.str
     """The run making the change, recorded in the new version's provenance: at most 128
     characters.
@@ -729,28 +924,36 @@ class UpdateMemoryRequest(_message.Message):
     """The step making the change, recorded in the new version's provenance: at most 128
     characters.
     """
+    etag: _builtins.str
+    """The `etag` of the current version as the caller read it. When set and no longer the current
+    version's etag, the call fails with ABORTED ETAG_MISMATCH and writes nothing; read the memory
+    again and reapply the change. Empty updates unconditionally.
+    """
     @_builtins.property
     def metadata(self) -> _struct_pb2.Struct:
-        """The new metadata, replacing the old as a whole, when `metadata` is in the mask. Same
-        limits as in RememberRequest.
+        """The new metadata, replacing the old as a whole, when the mask names `metadata`. Same limits as
+        in RememberRequest.
         """
 
     @_builtins.property
     def valid_to(self) -> _timestamp_pb2.Timestamp:
-        """The new end of validity, when `valid_to` is in the mask; must be after
-        `effective_time`. Unset with the path in the mask makes the new version open-ended.
+        """The new end of validity, when the mask names `valid_to`; must be after `effective_time`. Unset
+        with the path in the mask makes the new version open-ended.
         """
 
     @_builtins.property
-    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_entity_pb2.EntityRef]:
-        """The new entity links, replacing the old as a whole, when `entity_refs` is in the mask. At
-        most 32; each must exist.
+    def entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.EntityRef]:
+        """The new entity links, replacing the old as a whole, when the mask names `entity_refs`. At most
+        32; each must exist.
         """
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which fields to change: one or more of `content`, `metadata`, `category`, `valid_to` and
-        `entity_refs`. Fields not named keep the current version's values.
+        """Which fields to change, of `content`, `metadata`, `category`, `valid_to` and `entity_refs`;
+        fields not named keep the current version's values. Empty names every field this request
+        populates (AIP-134), so an older client never clears a field it does not know; an empty mask
+        with nothing populated fails with INVALID_REQUEST. `*` names all five, clearing those left
+        unpopulated.
         """
 
     @_builtins.property
@@ -769,15 +972,16 @@ class UpdateMemoryRequest(_message.Message):
         metadata: _struct_pb2.Struct | None = ...,
         category: _builtins.str = ...,
         valid_to: _timestamp_pb2.Timestamp | None = ...,
-        entity_refs: _abc.Iterable[_entity_pb2.EntityRef] | None = ...,
+        entity_refs: _abc.Iterable[_memory_pb2_1.EntityRef] | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
         effective_time: _timestamp_pb2.Timestamp | None = ...,
         run_id: _builtins.str = ...,
         step_id: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["effective_time", b"effective_time", "metadata", b"metadata", "update_mask", b"update_mask", "valid_to", b"valid_to"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "content", b"content", "effective_time", b"effective_time", "entity_refs", b"entity_refs", "memory_id", b"memory_id", "metadata", b"metadata", "request_id", b"request_id", "run_id", b"run_id", "step_id", b"step_id", "update_mask", b"update_mask", "valid_to", b"valid_to"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["category", b"category", "content", b"content", "effective_time", b"effective_time", "entity_refs", b"entity_refs", "etag", b"etag", "memory_id", b"memory_id", "metadata", b"metadata", "request_id", b"request_id", "run_id", b"run_id", "step_id", b"step_id", "update_mask", b"update_mask", "valid_to", b"valid_to"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -797,13 +1001,13 @@ class UpdateMemoryResponse(_message.Message):
     nothing was written this time.
     """
     @_builtins.property
-    def memory(self) -> _memory_pb2.Memory:
+    def memory(self) -> _memory_pb2_1.Memory:
         """The memory's current version after the call: the new version, or the unchanged current
         one when nothing differed.
         """
 
     @_builtins.property
-    def superseded_memory(self) -> _memory_pb2.Memory:
+    def superseded_memory(self) -> _memory_pb2_1.Memory:
         """The version that was superseded, with its `valid_to` and `superseded_by_memory_id` now
         set; unset when nothing changed.
         """
@@ -811,8 +1015,8 @@ class UpdateMemoryResponse(_message.Message):
     def __init__(
         self,
         *,
-        memory: _memory_pb2.Memory | None = ...,
-        superseded_memory: _memory_pb2.Memory | None = ...,
+        memory: _memory_pb2_1.Memory | None = ...,
+        superseded_memory: _memory_pb2_1.Memory | None = ...,
         replayed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory", "superseded_memory", b"superseded_memory"]  # noqa: Y015
@@ -835,10 +1039,12 @@ class GetMemoryHistoryRequest(_message.Message):
     memory_id: _builtins.str
     """Any version of the memory whose history to return."""
     page_size: _builtins.int
-    """The most versions to return: 0 means 50; at most 500."""
+    """The most versions to return: 0 means 50, values above 500 are treated as 500 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of the previous page, or empty for the first page. `memory_id` must
-    be the same as on the first page.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     def __init__(
         self,
@@ -866,13 +1072,13 @@ class GetMemoryHistoryResponse(_message.Message):
     next_page_token: _builtins.str
     """The token for the next page, or empty when this is the last page."""
     @_builtins.property
-    def memories(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2.Memory]:
+    def memories(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.Memory]:
         """The versions, oldest first; each one's `superseded_by_memory_id` names the next."""
 
     def __init__(
         self,
         *,
-        memories: _abc.Iterable[_memory_pb2.Memory] | None = ...,
+        memories: _abc.Iterable[_memory_pb2_1.Memory] | None = ...,
         next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
@@ -926,7 +1132,7 @@ class DeleteMemoryResponse(_message.Message):
     purged_version_count: _builtins.int
     """How many versions were removed; 0 when not purging."""
     @_builtins.property
-    def memory(self) -> _memory_pb2.Memory:
+    def memory(self) -> _memory_pb2_1.Memory:
         """The memory's last version: retired (with `valid_to` set) when not purging, as it was
         before removal when purging; unset when the memory was missing and `allow_missing` was
         set.
@@ -935,7 +1141,7 @@ class DeleteMemoryResponse(_message.Message):
     def __init__(
         self,
         *,
-        memory: _memory_pb2.Memory | None = ...,
+        memory: _memory_pb2_1.Memory | None = ...,
         purged_version_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["memory", b"memory"]  # noqa: Y015
@@ -959,7 +1165,7 @@ class ForgetUserRequest(_message.Message):
     own user; naming another user requires `memory:admin`.
     """
     @_builtins.property
-    def subject_entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_entity_pb2.EntityRef]:
+    def subject_entity_refs(self) -> _containers.RepeatedCompositeFieldContainer[_memory_pb2_1.EntityRef]:
         """The entities that represent the user, such as `Person:alice`, deleted entirely with every
         relationship touching them. At most 100; each must be of a configured type, and ones that
         do not exist are skipped.
@@ -969,7 +1175,7 @@ class ForgetUserRequest(_message.Message):
         self,
         *,
         user_id: _builtins.str = ...,
-        subject_entity_refs: _abc.Iterable[_entity_pb2.EntityRef] | None = ...,
+        subject_entity_refs: _abc.Iterable[_memory_pb2_1.EntityRef] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -1036,7 +1242,7 @@ class EntityUpsert(_message.Message):
     properties_mode: _entity_pb2.PropertiesMode.ValueType
     """How `properties` combine with the current version's. Unset means MERGE."""
     @_builtins.property
-    def entity(self) -> _entity_pb2.EntityRef:
+    def entity(self) -> _memory_pb2_1.EntityRef:
         """The entity to create or update."""
 
     @_builtins.property
@@ -1060,7 +1266,7 @@ class EntityUpsert(_message.Message):
     def __init__(
         self,
         *,
-        entity: _entity_pb2.EntityRef | None = ...,
+        entity: _memory_pb2_1.EntityRef | None = ...,
         name: _builtins.str = ...,
         properties: _struct_pb2.Struct | None = ...,
         properties_mode: _entity_pb2.PropertiesMode.ValueType = ...,
@@ -1115,7 +1321,8 @@ class UpsertEntitiesRequest(_message.Message):
     STEP_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The caller's id for this write, the key that makes retries safe: 1-128 characters of
-    `[A-Za-z0-9_.:-]` (a UUID is recommended). Remembered for 24 hours per tenant and user.
+    `[A-Za-z0-9_.:-]` (a UUID is recommended). Required. Remembered for 24 hours per tenant and
+    user.
     """
     run_id: _builtins.str
     """The run writing the facts, recorded in their provenance: at most 128 characters."""
@@ -1196,11 +1403,11 @@ class RelationshipUpsert(_message.Message):
     other current relationship of this type from the source is superseded at `valid_from`.
     """
     @_builtins.property
-    def source(self) -> _entity_pb2.EntityRef:
+    def source(self) -> _memory_pb2_1.EntityRef:
         """The entity the relationship starts from."""
 
     @_builtins.property
-    def target(self) -> _entity_pb2.EntityRef:
+    def target(self) -> _memory_pb2_1.EntityRef:
         """The entity the relationship points to."""
 
     @_builtins.property
@@ -1224,9 +1431,9 @@ class RelationshipUpsert(_message.Message):
     def __init__(
         self,
         *,
-        source: _entity_pb2.EntityRef | None = ...,
+        source: _memory_pb2_1.EntityRef | None = ...,
         type: _builtins.str = ...,
-        target: _entity_pb2.EntityRef | None = ...,
+        target: _memory_pb2_1.EntityRef | None = ...,
         properties: _struct_pb2.Struct | None = ...,
         properties_mode: _entity_pb2.PropertiesMode.ValueType = ...,
         valid_from: _timestamp_pb2.Timestamp | None = ...,
@@ -1291,7 +1498,8 @@ class UpsertRelationshipsRequest(_message.Message):
     CREATE_MISSING_ENTITIES_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The caller's id for this write, the key that makes retries safe: 1-128 characters of
-    `[A-Za-z0-9_.:-]` (a UUID is recommended). Remembered for 24 hours per tenant and user.
+    `[A-Za-z0-9_.:-]` (a UUID is recommended). Required. Remembered for 24 hours per tenant and
+    user.
     """
     run_id: _builtins.str
     """The run writing the facts, recorded in their provenance: at most 128 characters."""
@@ -1367,7 +1575,7 @@ class GetEntityRequest(_message.Message):
     ENTITY_FIELD_NUMBER: _builtins.int
     AS_OF_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def entity(self) -> _entity_pb2.EntityRef:
+    def entity(self) -> _memory_pb2_1.EntityRef:
         """The entity to return."""
 
     @_builtins.property
@@ -1377,7 +1585,7 @@ class GetEntityRequest(_message.Message):
     def __init__(
         self,
         *,
-        entity: _entity_pb2.EntityRef | None = ...,
+        entity: _memory_pb2_1.EntityRef | None = ...,
         as_of: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["as_of", b"as_of", "entity", b"entity"]  # noqa: Y015
@@ -1431,7 +1639,7 @@ class GetNeighborhoodRequest(_message.Message):
     limit: _builtins.int
     """The most neighbouring entities to return, nearest first: 1 to 500."""
     @_builtins.property
-    def entity(self) -> _entity_pb2.EntityRef:
+    def entity(self) -> _memory_pb2_1.EntityRef:
         """The entity at the centre."""
 
     @_builtins.property
@@ -1447,7 +1655,7 @@ class GetNeighborhoodRequest(_message.Message):
     def __init__(
         self,
         *,
-        entity: _entity_pb2.EntityRef | None = ...,
+        entity: _memory_pb2_1.EntityRef | None = ...,
         depth: _builtins.int = ...,
         relationship_types: _abc.Iterable[_builtins.str] | None = ...,
         direction: _entity_pb2.RelationshipDirection.ValueType = ...,
@@ -1519,10 +1727,12 @@ class SearchEntitiesRequest(_message.Message):
     At most 256 characters.
     """
     page_size: _builtins.int
-    """The most entities to return: 0 means 50; at most 500."""
+    """The most entities to return: 0 means 50, values above 500 are treated as 500 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of the previous page, or empty for the first page. The other fields
-    must be the same as on the first page.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -1590,13 +1800,13 @@ class DeleteEntityRequest(_message.Message):
     failing with ENTITY_NOT_FOUND.
     """
     @_builtins.property
-    def entity(self) -> _entity_pb2.EntityRef:
+    def entity(self) -> _memory_pb2_1.EntityRef:
         """The entity to delete."""
 
     def __init__(
         self,
         *,
-        entity: _entity_pb2.EntityRef | None = ...,
+        entity: _memory_pb2_1.EntityRef | None = ...,
         purge: _builtins.bool = ...,
         allow_missing: _builtins.bool = ...,
     ) -> None: ...
@@ -1642,8 +1852,8 @@ class DeleteEntityResponse(_message.Message):
 Global___DeleteEntityResponse: _TypeAlias = DeleteEntityResponse  # noqa: Y015
 
 @_typing.final
-class ListEntityTypesRequest(_message.Message):
-    """ListEntityTypesRequest is the input of EntityMemoryService.ListEntityTypes. It has no fields."""
+class GetEntitySchemaRequest(_message.Message):
+    """GetEntitySchemaRequest is the input of EntityMemoryService.GetEntitySchema. It has no fields."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1656,11 +1866,11 @@ class ListEntityTypesRequest(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListEntityTypesRequest: _TypeAlias = ListEntityTypesRequest  # noqa: Y015
+Global___GetEntitySchemaRequest: _TypeAlias = GetEntitySchemaRequest  # noqa: Y015
 
 @_typing.final
-class ListEntityTypesResponse(_message.Message):
-    """ListEntityTypesResponse is the output of EntityMemoryService.ListEntityTypes."""
+class GetEntitySchemaResponse(_message.Message):
+    """GetEntitySchemaResponse is the output of EntityMemoryService.GetEntitySchema."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1688,4 +1898,4 @@ class ListEntityTypesResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___ListEntityTypesResponse: _TypeAlias = ListEntityTypesResponse  # noqa: Y015
+Global___GetEntitySchemaResponse: _TypeAlias = GetEntitySchemaResponse  # noqa: Y015

@@ -30,9 +30,12 @@ class WorkingMemoryServiceStub:
     back the part of it that fits a model's token budget, summarising the oldest turns through
     llmrouter when the session has outgrown the budget.
 
-    Every call needs a valid `x-foredeck-principal`; sessions are partitioned by the principal's
-    tenant and user. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); sessions are partitioned by the principal's tenant
+    and user. With an orchestrator-minted principal, a request's `run_id` must be empty or the
+    principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the
+    reasons each RPC lists, any call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID,
+    PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING, DELEGATION_NOT_ALLOWED
     (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
     INTERNAL.
     """
@@ -70,9 +73,12 @@ class WorkingMemoryServiceServicer:
     back the part of it that fits a model's token budget, summarising the oldest turns through
     llmrouter when the session has outgrown the budget.
 
-    Every call needs a valid `x-foredeck-principal`; sessions are partitioned by the principal's
-    tenant and user. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); sessions are partitioned by the principal's tenant
+    and user. With an orchestrator-minted principal, a request's `run_id` must be empty or the
+    principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the
+    reasons each RPC lists, any call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID,
+    PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING, DELEGATION_NOT_ALLOWED
     (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
     INTERNAL.
     """
@@ -136,8 +142,7 @@ class WorkingMemoryServiceServicer:
         Requires `memory:read`. Reads only; idempotent.
 
         Errors: NOT_FOUND with SESSION_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-        INVALID_REQUEST (page size out of range, malformed session id); UNAVAILABLE with
-        STORE_UNAVAILABLE.
+        INVALID_REQUEST (negative page size, malformed session id); UNAVAILABLE with STORE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,10 +152,10 @@ class WorkingMemoryServiceServicer:
         """ClearSession deletes every message and summary of a session for real; the session id may
         then start again from sequence 1.
 
-        Requires `memory:write`. Atomic: the whole session goes at once. Idempotent: clearing a
-        session that does not exist, expired or was already cleared succeeds with zero counts.
-        Append request ids recorded before the clear still return their original response and
-        append nothing.
+        Requires `memory:write`. Atomic: the whole session goes at once. Idempotent by nature, as a
+        delete is: clearing a session that does not exist, expired or was already cleared succeeds with
+        zero counts, so a repeat changes nothing more. Append request ids recorded before the clear
+        still return their original response and append nothing.
 
         Errors: INVALID_ARGUMENT with INVALID_REQUEST (malformed session id); UNAVAILABLE with
         STORE_UNAVAILABLE.
@@ -195,9 +200,12 @@ class WorkingMemoryService:
     back the part of it that fits a model's token budget, summarising the oldest turns through
     llmrouter when the session has outgrown the budget.
 
-    Every call needs a valid `x-foredeck-principal`; sessions are partitioned by the principal's
-    tenant and user. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); sessions are partitioned by the principal's tenant
+    and user. With an orchestrator-minted principal, a request's `run_id` must be empty or the
+    principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the
+    reasons each RPC lists, any call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID,
+    PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING, DELEGATION_NOT_ALLOWED
     (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
     INTERNAL.
     """
@@ -316,12 +324,15 @@ class LongTermMemoryServiceStub:
     the vector store (Qdrant), linked into the entity graph, and recalls it by meaning.
 
     Every call needs a valid `x-foredeck-principal`; memories are partitioned by the principal's
-    tenant and user, and every vector query carries a tenant and user filter the service adds
-    itself. Facts carry provenance and validity in time: updates supersede, history is kept, and
-    duplicates are merged. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
-    (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
-    INTERNAL.
+    tenant and user, and every vector query carries a tenant and user filter the service adds itself.
+    Every RPC accepts principals minted by the gateway and by the orchestrator, except ForgetUser,
+    which is gateway-only. With an orchestrator-minted principal, a request's `run_id` must be empty
+    or the principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED).
+    Facts carry provenance and validity in time: updates supersede, history is kept, and duplicates
+    are merged. Besides the reasons each RPC lists, any call may fail with PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     def __init__(self, channel):
@@ -334,6 +345,11 @@ class LongTermMemoryServiceStub:
                 '/foredeck.memory.v1.LongTermMemoryService/Remember',
                 request_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberRequest.SerializeToString,
                 response_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberResponse.FromString,
+                _registered_method=True)
+        self.RememberMany = channel.unary_unary(
+                '/foredeck.memory.v1.LongTermMemoryService/RememberMany',
+                request_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberManyRequest.SerializeToString,
+                response_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberManyResponse.FromString,
                 _registered_method=True)
         self.Recall = channel.unary_unary(
                 '/foredeck.memory.v1.LongTermMemoryService/Recall',
@@ -377,12 +393,15 @@ class LongTermMemoryServiceServicer:
     the vector store (Qdrant), linked into the entity graph, and recalls it by meaning.
 
     Every call needs a valid `x-foredeck-principal`; memories are partitioned by the principal's
-    tenant and user, and every vector query carries a tenant and user filter the service adds
-    itself. Facts carry provenance and validity in time: updates supersede, history is kept, and
-    duplicates are merged. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
-    (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
-    INTERNAL.
+    tenant and user, and every vector query carries a tenant and user filter the service adds itself.
+    Every RPC accepts principals minted by the gateway and by the orchestrator, except ForgetUser,
+    which is gateway-only. With an orchestrator-minted principal, a request's `run_id` must be empty
+    or the principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED).
+    Facts carry provenance and validity in time: updates supersede, history is kept, and duplicates
+    are merged. Besides the reasons each RPC lists, any call may fail with PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     def Remember(self, request, context):
@@ -411,6 +430,35 @@ class LongTermMemoryServiceServicer:
         ENTITY_NOT_FOUND (an entity in `entity_refs`); FAILED_PRECONDITION with REQUEST_ID_REUSED;
         RESOURCE_EXHAUSTED with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED,
         VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RememberMany(self, request, context):
+        """RememberMany stores up to 100 memories for the caller's user in one call, so ingestion embeds
+        them in batches (one llmrouter Embed call per batch the embedding model allows) instead of one
+        round trip per memory.
+
+        Each item is treated exactly as Remember treats its content, in request order, as if the items
+        were remembered one after another: an item that duplicates an earlier item of the same batch is
+        merged into it, and an item with the `fact_key` of an earlier item supersedes it. The batch
+        shares `dedup_policy`, `near_duplicate_threshold`, `run_id` and `step_id`. Requires
+        `memory:write`.
+
+        Atomic: every item is stored or merged, in both the vector and the graph store, or nothing is.
+        An invalid item fails the whole batch before anything is embedded, with a BadRequest naming it
+        by index (`items[3].content`); a quota the whole batch would exceed fails it with
+        MEMORY_QUOTA_EXCEEDED. The response holds one result per item, in request order. Idempotent by
+        `request_id`: a retry with the same id and the same request writes nothing and returns the
+        original response with `replayed` set; a retry that arrives while the first call is still
+        running waits for it.
+
+        Errors: INVALID_ARGUMENT with CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN,
+        VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or INVALID_REQUEST (no items or more than 100);
+        NOT_FOUND with ENTITY_NOT_FOUND; FAILED_PRECONDITION with REQUEST_ID_REUSED; RESOURCE_EXHAUSTED
+        with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+        GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -452,33 +500,40 @@ class LongTermMemoryServiceServicer:
         Requires `memory:read`. Reads only; idempotent.
 
         Errors: INVALID_ARGUMENT with PAGE_TOKEN_INVALID, ENTITY_TYPE_UNKNOWN or INVALID_REQUEST
-        (page size out of range, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
+        (negative page size, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UpdateMemory(self, request, context):
-        """UpdateMemory changes a current memory by superseding it: it writes a new version holding
-        the current version's fields with the masked fields replaced, ends the current version's
-        validity at the effective time, and links the two both ways. The old version is kept as
-        history.
+        """UpdateMemory changes a current memory by superseding it: it writes a new version holding the
+        current version's fields with the fields named by `update_mask` replaced, ends the current
+        version's validity at the effective time, and links the two both ways. The old version is kept
+        as history.
 
-        Only the current version of a memory can be updated. If the masked fields already hold
-        the given values, nothing is written and the current version is returned. A changed
-        content is embedded again; duplicates are not merged on update. The `fact_key` carries
-        over. Requires `memory:write`.
+        The mask follows AIP-134. An empty mask names every field the request populates (a non-empty
+        string, a set message, a non-empty list), so a client that does not know a newer field never
+        clears it; to clear a field (empty metadata, no entity links, an open-ended validity), name it
+        in the mask. `*` names every updatable field: unpopulated ones are cleared. Only the current
+        version of a memory can be updated. If the masked fields already hold the given values, nothing
+        is written and the current version is returned. A changed content is embedded again; duplicates
+        are not merged on update. The `fact_key` carries over. Requires `memory:write`.
 
-        Atomic: both versions change in the vector and the graph store together, or nothing
-        changes. Idempotent by `request_id`: a retry with the same id and the same request writes
-        nothing and returns the original response with `replayed` set. Two concurrent updates of
-        the same version cannot both succeed: the second gets MEMORY_SUPERSEDED.
+        Atomic: both versions change in the vector and the graph store together, or nothing changes.
+        With `etag`, the update happens only if the current version's etag still matches, so metadata
+        or entity links a concurrent Remember merged in are never overwritten unseen. Idempotent by
+        `request_id`, which is checked first: a retry with the same id and the same request writes
+        nothing and returns the original response with `replayed` set, even though the etag has changed
+        since. Two concurrent updates of the same version cannot both succeed: the second gets
+        MEMORY_SUPERSEDED (or ETAG_MISMATCH).
 
         Errors: NOT_FOUND with MEMORY_NOT_FOUND or ENTITY_NOT_FOUND; FAILED_PRECONDITION with
-        MEMORY_SUPERSEDED or REQUEST_ID_REUSED; INVALID_ARGUMENT with CONTENT_EMPTY,
-        CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or
-        INVALID_REQUEST (empty or unknown mask path); UNAVAILABLE with EMBEDDING_FAILED,
-        VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+        MEMORY_SUPERSEDED or REQUEST_ID_REUSED; ABORTED with ETAG_MISMATCH; INVALID_ARGUMENT with
+        CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID,
+        REQUEST_TOO_LARGE or INVALID_REQUEST (unknown mask path, or an empty mask with nothing
+        populated); UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+        GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -491,7 +546,8 @@ class LongTermMemoryServiceServicer:
         Requires `memory:read`. Reads only; idempotent.
 
         Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-        INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
+        INVALID_REQUEST (negative page size, malformed id); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE
+        or GRAPH_STORE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -505,9 +561,10 @@ class LongTermMemoryServiceServicer:
         every version of the chain is removed from the vector and the graph store for real.
         Either way the memory named may be any version of the chain. Requires `memory:write`.
 
-        Atomic across the vector and the graph store. Idempotent: retiring a memory with no
-        current version succeeds and changes nothing; deleting a purged or unknown memory returns
-        MEMORY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing.
+        Atomic across the vector and the graph store. Idempotent: a retired chain can never become
+        current again, so retiring a memory with no current version succeeds and changes nothing;
+        deleting a purged or unknown memory returns MEMORY_NOT_FOUND unless `allow_missing` is set, in
+        which case it succeeds with nothing (set it when retrying a purge).
 
         Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with INVALID_REQUEST;
         UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
@@ -523,18 +580,20 @@ class LongTermMemoryServiceServicer:
         in `subject_entity_refs`, with every relationship touching them whoever wrote it), their
         working-memory sessions, and the idempotency records holding their requests.
 
-        Entity and relationship versions written by other users stay, with their validity left as
-        it was, so no older fact becomes current again; an entity left with no version at all is
-        removed. Forgetting oneself requires `memory:forget`; naming another user also requires
-        `memory:admin`.
+        Entity and relationship versions written by other users stay, with their validity left as it
+        was, so no older fact becomes current again; an entity left with no version at all is removed.
+        Forgetting oneself requires `memory:forget`; naming another user also requires `memory:admin`.
+        Gateway-only: an orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run can
+        erase a user.
 
         Not atomic across the three stores, but complete: the call returns success only once
         nothing of the user remains, and a failed call can simply be repeated to delete what is
         left. Data written for the user while the call runs may survive it; stop the user's runs
         first. Idempotent: a repeat finds nothing and returns zero counts.
 
-        Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with
-        VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+        Errors: PERMISSION_DENIED with DELEGATION_NOT_ALLOWED; INVALID_ARGUMENT with
+        ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE,
+        GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -547,6 +606,11 @@ def add_LongTermMemoryServiceServicer_to_server(servicer, server):
                     servicer.Remember,
                     request_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberRequest.FromString,
                     response_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberResponse.SerializeToString,
+            ),
+            'RememberMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.RememberMany,
+                    request_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberManyRequest.FromString,
+                    response_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberManyResponse.SerializeToString,
             ),
             'Recall': grpc.unary_unary_rpc_method_handler(
                     servicer.Recall,
@@ -596,12 +660,15 @@ class LongTermMemoryService:
     the vector store (Qdrant), linked into the entity graph, and recalls it by meaning.
 
     Every call needs a valid `x-foredeck-principal`; memories are partitioned by the principal's
-    tenant and user, and every vector query carries a tenant and user filter the service adds
-    itself. Facts carry provenance and validity in time: updates supersede, history is kept, and
-    duplicates are merged. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
-    (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
-    INTERNAL.
+    tenant and user, and every vector query carries a tenant and user filter the service adds itself.
+    Every RPC accepts principals minted by the gateway and by the orchestrator, except ForgetUser,
+    which is gateway-only. With an orchestrator-minted principal, a request's `run_id` must be empty
+    or the principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED).
+    Facts carry provenance and validity in time: updates supersede, history is kept, and duplicates
+    are merged. Besides the reasons each RPC lists, any call may fail with PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     @staticmethod
@@ -621,6 +688,33 @@ class LongTermMemoryService:
             '/foredeck.memory.v1.LongTermMemoryService/Remember',
             foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberRequest.SerializeToString,
             foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RememberMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.memory.v1.LongTermMemoryService/RememberMany',
+            foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberManyRequest.SerializeToString,
+            foredeck_dot_memory_dot_v1_dot_memory__service__pb2.RememberManyResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -826,12 +920,17 @@ class EntityMemoryServiceStub:
     projects and whatever types the service is configured with), typed relationships between
     them, and every fact's provenance and validity in time.
 
-    Every call needs a valid `x-foredeck-principal`; the graph is partitioned by the principal's
-    tenant, and no query the service runs can cross tenants. Entities are shared by the users of
-    a tenant. Facts are superseded, never overwritten. Besides the reasons each RPC lists, any
-    call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED
-    (UNAUTHENTICATED), PERMISSION_MISSING (PERMISSION_DENIED), DEADLINE_TOO_SHORT
-    (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and INTERNAL.
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); the graph is partitioned by the principal's tenant,
+    and no query the service runs can cross tenants. With an orchestrator-minted principal, a
+    request's `run_id` must be empty or the principal's run, else the call fails with
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Entities are shared by the users of a tenant. Facts
+    are superseded, never overwritten. Upserts take no field mask: their properties merge key by key
+    by default (PROPERTIES_MODE_MERGE) and an empty name keeps the current one, so a writer that does
+    not know a property never drops it. Besides the reasons each RPC lists, any call may fail with
+    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     def __init__(self, channel):
@@ -870,10 +969,10 @@ class EntityMemoryServiceStub:
                 request_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.DeleteEntityRequest.SerializeToString,
                 response_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.DeleteEntityResponse.FromString,
                 _registered_method=True)
-        self.ListEntityTypes = channel.unary_unary(
-                '/foredeck.memory.v1.EntityMemoryService/ListEntityTypes',
-                request_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.ListEntityTypesRequest.SerializeToString,
-                response_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.ListEntityTypesResponse.FromString,
+        self.GetEntitySchema = channel.unary_unary(
+                '/foredeck.memory.v1.EntityMemoryService/GetEntitySchema',
+                request_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.GetEntitySchemaRequest.SerializeToString,
+                response_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.GetEntitySchemaResponse.FromString,
                 _registered_method=True)
 
 
@@ -882,12 +981,17 @@ class EntityMemoryServiceServicer:
     projects and whatever types the service is configured with), typed relationships between
     them, and every fact's provenance and validity in time.
 
-    Every call needs a valid `x-foredeck-principal`; the graph is partitioned by the principal's
-    tenant, and no query the service runs can cross tenants. Entities are shared by the users of
-    a tenant. Facts are superseded, never overwritten. Besides the reasons each RPC lists, any
-    call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED
-    (UNAUTHENTICATED), PERMISSION_MISSING (PERMISSION_DENIED), DEADLINE_TOO_SHORT
-    (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and INTERNAL.
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); the graph is partitioned by the principal's tenant,
+    and no query the service runs can cross tenants. With an orchestrator-minted principal, a
+    request's `run_id` must be empty or the principal's run, else the call fails with
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Entities are shared by the users of a tenant. Facts
+    are superseded, never overwritten. Upserts take no field mask: their properties merge key by key
+    by default (PROPERTIES_MODE_MERGE) and an empty name keeps the current one, so a writer that does
+    not know a property never drops it. Besides the reasons each RPC lists, any call may fail with
+    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     def UpsertEntities(self, request, context):
@@ -972,8 +1076,8 @@ class EntityMemoryServiceServicer:
 
         Requires `memory:read`. Reads only; idempotent.
 
-        Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST;
-        UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
+        Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST
+        (negative page size); UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -987,9 +1091,10 @@ class EntityMemoryServiceServicer:
         version of the entity and every version of every relationship touching it are removed for
         real; memories linked to it stay but lose the link. Requires `memory:write`.
 
-        Atomic: one transaction. Idempotent: retiring an entity with no current version succeeds
-        and changes nothing; deleting an unknown or purged entity returns ENTITY_NOT_FOUND unless
-        `allow_missing` is set, in which case it succeeds with nothing.
+        Atomic: one transaction. Idempotent by nature, as a delete is: retiring an entity with no
+        current version succeeds and changes nothing; deleting an unknown or purged entity returns
+        ENTITY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing (set it
+        when retrying a purge).
 
         Errors: NOT_FOUND with ENTITY_NOT_FOUND; INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or
         INVALID_REQUEST; UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
@@ -998,9 +1103,9 @@ class EntityMemoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ListEntityTypes(self, request, context):
-        """ListEntityTypes returns the entity types, and the relationship types, the service is
-        configured to accept.
+    def GetEntitySchema(self, request, context):
+        """GetEntitySchema returns the entity types, and the relationship types, the service is configured
+        to accept: a small, fixed catalogue, returned whole rather than paged.
 
         Requires `memory:read`. Reads only; idempotent; needs no store.
 
@@ -1043,10 +1148,10 @@ def add_EntityMemoryServiceServicer_to_server(servicer, server):
                     request_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.DeleteEntityRequest.FromString,
                     response_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.DeleteEntityResponse.SerializeToString,
             ),
-            'ListEntityTypes': grpc.unary_unary_rpc_method_handler(
-                    servicer.ListEntityTypes,
-                    request_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.ListEntityTypesRequest.FromString,
-                    response_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.ListEntityTypesResponse.SerializeToString,
+            'GetEntitySchema': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEntitySchema,
+                    request_deserializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.GetEntitySchemaRequest.FromString,
+                    response_serializer=foredeck_dot_memory_dot_v1_dot_memory__service__pb2.GetEntitySchemaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1061,12 +1166,17 @@ class EntityMemoryService:
     projects and whatever types the service is configured with), typed relationships between
     them, and every fact's provenance and validity in time.
 
-    Every call needs a valid `x-foredeck-principal`; the graph is partitioned by the principal's
-    tenant, and no query the service runs can cross tenants. Entities are shared by the users of
-    a tenant. Facts are superseded, never overwritten. Besides the reasons each RPC lists, any
-    call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED
-    (UNAUTHENTICATED), PERMISSION_MISSING (PERMISSION_DENIED), DEADLINE_TOO_SHORT
-    (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and INTERNAL.
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); the graph is partitioned by the principal's tenant,
+    and no query the service runs can cross tenants. With an orchestrator-minted principal, a
+    request's `run_id` must be empty or the principal's run, else the call fails with
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Entities are shared by the users of a tenant. Facts
+    are superseded, never overwritten. Upserts take no field mask: their properties merge key by key
+    by default (PROPERTIES_MODE_MERGE) and an empty name keeps the current one, so a writer that does
+    not know a property never drops it. Besides the reasons each RPC lists, any call may fail with
+    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     @staticmethod
@@ -1232,7 +1342,7 @@ class EntityMemoryService:
             _registered_method=True)
 
     @staticmethod
-    def ListEntityTypes(request,
+    def GetEntitySchema(request,
             target,
             options=(),
             channel_credentials=None,
@@ -1245,9 +1355,9 @@ class EntityMemoryService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/foredeck.memory.v1.EntityMemoryService/ListEntityTypes',
-            foredeck_dot_memory_dot_v1_dot_memory__service__pb2.ListEntityTypesRequest.SerializeToString,
-            foredeck_dot_memory_dot_v1_dot_memory__service__pb2.ListEntityTypesResponse.FromString,
+            '/foredeck.memory.v1.EntityMemoryService/GetEntitySchema',
+            foredeck_dot_memory_dot_v1_dot_memory__service__pb2.GetEntitySchemaRequest.SerializeToString,
+            foredeck_dot_memory_dot_v1_dot_memory__service__pb2.GetEntitySchemaResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,9 +31,12 @@ class WorkingMemoryServiceStub:
     back the part of it that fits a model's token budget, summarising the oldest turns through
     llmrouter when the session has outgrown the budget.
 
-    Every call needs a valid `x-foredeck-principal`; sessions are partitioned by the principal's
-    tenant and user. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); sessions are partitioned by the principal's tenant
+    and user. With an orchestrator-minted principal, a request's `run_id` must be empty or the
+    principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the
+    reasons each RPC lists, any call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID,
+    PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING, DELEGATION_NOT_ALLOWED
     (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
     INTERNAL.
     """
@@ -93,17 +96,16 @@ class WorkingMemoryServiceStub:
     Requires `memory:read`. Reads only; idempotent.
 
     Errors: NOT_FOUND with SESSION_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-    INVALID_REQUEST (page size out of range, malformed session id); UNAVAILABLE with
-    STORE_UNAVAILABLE.
+    INVALID_REQUEST (negative page size, malformed session id); UNAVAILABLE with STORE_UNAVAILABLE.
     """
     ClearSession: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.ClearSessionRequest, _memory_service_pb2.ClearSessionResponse]
     """ClearSession deletes every message and summary of a session for real; the session id may
     then start again from sequence 1.
 
-    Requires `memory:write`. Atomic: the whole session goes at once. Idempotent: clearing a
-    session that does not exist, expired or was already cleared succeeds with zero counts.
-    Append request ids recorded before the clear still return their original response and
-    append nothing.
+    Requires `memory:write`. Atomic: the whole session goes at once. Idempotent by nature, as a
+    delete is: clearing a session that does not exist, expired or was already cleared succeeds with
+    zero counts, so a repeat changes nothing more. Append request ids recorded before the clear
+    still return their original response and append nothing.
 
     Errors: INVALID_ARGUMENT with INVALID_REQUEST (malformed session id); UNAVAILABLE with
     STORE_UNAVAILABLE.
@@ -115,9 +117,12 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     back the part of it that fits a model's token budget, summarising the oldest turns through
     llmrouter when the session has outgrown the budget.
 
-    Every call needs a valid `x-foredeck-principal`; sessions are partitioned by the principal's
-    tenant and user. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); sessions are partitioned by the principal's tenant
+    and user. With an orchestrator-minted principal, a request's `run_id` must be empty or the
+    principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the
+    reasons each RPC lists, any call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID,
+    PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING, DELEGATION_NOT_ALLOWED
     (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
     INTERNAL.
     """
@@ -174,17 +179,16 @@ class WorkingMemoryServiceAsyncStub(WorkingMemoryServiceStub):
     Requires `memory:read`. Reads only; idempotent.
 
     Errors: NOT_FOUND with SESSION_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-    INVALID_REQUEST (page size out of range, malformed session id); UNAVAILABLE with
-    STORE_UNAVAILABLE.
+    INVALID_REQUEST (negative page size, malformed session id); UNAVAILABLE with STORE_UNAVAILABLE.
     """
     ClearSession: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.ClearSessionRequest, _memory_service_pb2.ClearSessionResponse]  # type: ignore[assignment]
     """ClearSession deletes every message and summary of a session for real; the session id may
     then start again from sequence 1.
 
-    Requires `memory:write`. Atomic: the whole session goes at once. Idempotent: clearing a
-    session that does not exist, expired or was already cleared succeeds with zero counts.
-    Append request ids recorded before the clear still return their original response and
-    append nothing.
+    Requires `memory:write`. Atomic: the whole session goes at once. Idempotent by nature, as a
+    delete is: clearing a session that does not exist, expired or was already cleared succeeds with
+    zero counts, so a repeat changes nothing more. Append request ids recorded before the clear
+    still return their original response and append nothing.
 
     Errors: INVALID_ARGUMENT with INVALID_REQUEST (malformed session id); UNAVAILABLE with
     STORE_UNAVAILABLE.
@@ -195,9 +199,12 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     back the part of it that fits a model's token budget, summarising the oldest turns through
     llmrouter when the session has outgrown the budget.
 
-    Every call needs a valid `x-foredeck-principal`; sessions are partitioned by the principal's
-    tenant and user. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); sessions are partitioned by the principal's tenant
+    and user. With an orchestrator-minted principal, a request's `run_id` must be empty or the
+    principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the
+    reasons each RPC lists, any call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID,
+    PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING, DELEGATION_NOT_ALLOWED
     (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
     INTERNAL.
     """
@@ -270,8 +277,7 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         Requires `memory:read`. Reads only; idempotent.
 
         Errors: NOT_FOUND with SESSION_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-        INVALID_REQUEST (page size out of range, malformed session id); UNAVAILABLE with
-        STORE_UNAVAILABLE.
+        INVALID_REQUEST (negative page size, malformed session id); UNAVAILABLE with STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -283,10 +289,10 @@ class WorkingMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         """ClearSession deletes every message and summary of a session for real; the session id may
         then start again from sequence 1.
 
-        Requires `memory:write`. Atomic: the whole session goes at once. Idempotent: clearing a
-        session that does not exist, expired or was already cleared succeeds with zero counts.
-        Append request ids recorded before the clear still return their original response and
-        append nothing.
+        Requires `memory:write`. Atomic: the whole session goes at once. Idempotent by nature, as a
+        delete is: clearing a session that does not exist, expired or was already cleared succeeds with
+        zero counts, so a repeat changes nothing more. Append request ids recorded before the clear
+        still return their original response and append nothing.
 
         Errors: INVALID_ARGUMENT with INVALID_REQUEST (malformed session id); UNAVAILABLE with
         STORE_UNAVAILABLE.
@@ -299,12 +305,15 @@ class LongTermMemoryServiceStub:
     the vector store (Qdrant), linked into the entity graph, and recalls it by meaning.
 
     Every call needs a valid `x-foredeck-principal`; memories are partitioned by the principal's
-    tenant and user, and every vector query carries a tenant and user filter the service adds
-    itself. Facts carry provenance and validity in time: updates supersede, history is kept, and
-    duplicates are merged. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
-    (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
-    INTERNAL.
+    tenant and user, and every vector query carries a tenant and user filter the service adds itself.
+    Every RPC accepts principals minted by the gateway and by the orchestrator, except ForgetUser,
+    which is gateway-only. With an orchestrator-minted principal, a request's `run_id` must be empty
+    or the principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED).
+    Facts carry provenance and validity in time: updates supersede, history is kept, and duplicates
+    are merged. Besides the reasons each RPC lists, any call may fail with PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     @_typing.overload
@@ -338,6 +347,31 @@ class LongTermMemoryServiceStub:
     RESOURCE_EXHAUSTED with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED,
     VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
     """
+    RememberMany: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.RememberManyRequest, _memory_service_pb2.RememberManyResponse]
+    """RememberMany stores up to 100 memories for the caller's user in one call, so ingestion embeds
+    them in batches (one llmrouter Embed call per batch the embedding model allows) instead of one
+    round trip per memory.
+
+    Each item is treated exactly as Remember treats its content, in request order, as if the items
+    were remembered one after another: an item that duplicates an earlier item of the same batch is
+    merged into it, and an item with the `fact_key` of an earlier item supersedes it. The batch
+    shares `dedup_policy`, `near_duplicate_threshold`, `run_id` and `step_id`. Requires
+    `memory:write`.
+
+    Atomic: every item is stored or merged, in both the vector and the graph store, or nothing is.
+    An invalid item fails the whole batch before anything is embedded, with a BadRequest naming it
+    by index (`items[3].content`); a quota the whole batch would exceed fails it with
+    MEMORY_QUOTA_EXCEEDED. The response holds one result per item, in request order. Idempotent by
+    `request_id`: a retry with the same id and the same request writes nothing and returns the
+    original response with `replayed` set; a retry that arrives while the first call is still
+    running waits for it.
+
+    Errors: INVALID_ARGUMENT with CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN,
+    VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or INVALID_REQUEST (no items or more than 100);
+    NOT_FOUND with ENTITY_NOT_FOUND; FAILED_PRECONDITION with REQUEST_ID_REUSED; RESOURCE_EXHAUSTED
+    with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+    GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+    """
     Recall: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.RecallRequest, _memory_service_pb2.RecallResponse]
     """Recall returns the caller's memories closest in meaning to a query, ranked by score.
 
@@ -366,29 +400,36 @@ class LongTermMemoryServiceStub:
     Requires `memory:read`. Reads only; idempotent.
 
     Errors: INVALID_ARGUMENT with PAGE_TOKEN_INVALID, ENTITY_TYPE_UNKNOWN or INVALID_REQUEST
-    (page size out of range, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
+    (negative page size, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
     """
     UpdateMemory: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.UpdateMemoryRequest, _memory_service_pb2.UpdateMemoryResponse]
-    """UpdateMemory changes a current memory by superseding it: it writes a new version holding
-    the current version's fields with the masked fields replaced, ends the current version's
-    validity at the effective time, and links the two both ways. The old version is kept as
-    history.
+    """UpdateMemory changes a current memory by superseding it: it writes a new version holding the
+    current version's fields with the fields named by `update_mask` replaced, ends the current
+    version's validity at the effective time, and links the two both ways. The old version is kept
+    as history.
 
-    Only the current version of a memory can be updated. If the masked fields already hold
-    the given values, nothing is written and the current version is returned. A changed
-    content is embedded again; duplicates are not merged on update. The `fact_key` carries
-    over. Requires `memory:write`.
+    The mask follows AIP-134. An empty mask names every field the request populates (a non-empty
+    string, a set message, a non-empty list), so a client that does not know a newer field never
+    clears it; to clear a field (empty metadata, no entity links, an open-ended validity), name it
+    in the mask. `*` names every updatable field: unpopulated ones are cleared. Only the current
+    version of a memory can be updated. If the masked fields already hold the given values, nothing
+    is written and the current version is returned. A changed content is embedded again; duplicates
+    are not merged on update. The `fact_key` carries over. Requires `memory:write`.
 
-    Atomic: both versions change in the vector and the graph store together, or nothing
-    changes. Idempotent by `request_id`: a retry with the same id and the same request writes
-    nothing and returns the original response with `replayed` set. Two concurrent updates of
-    the same version cannot both succeed: the second gets MEMORY_SUPERSEDED.
+    Atomic: both versions change in the vector and the graph store together, or nothing changes.
+    With `etag`, the update happens only if the current version's etag still matches, so metadata
+    or entity links a concurrent Remember merged in are never overwritten unseen. Idempotent by
+    `request_id`, which is checked first: a retry with the same id and the same request writes
+    nothing and returns the original response with `replayed` set, even though the etag has changed
+    since. Two concurrent updates of the same version cannot both succeed: the second gets
+    MEMORY_SUPERSEDED (or ETAG_MISMATCH).
 
     Errors: NOT_FOUND with MEMORY_NOT_FOUND or ENTITY_NOT_FOUND; FAILED_PRECONDITION with
-    MEMORY_SUPERSEDED or REQUEST_ID_REUSED; INVALID_ARGUMENT with CONTENT_EMPTY,
-    CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or
-    INVALID_REQUEST (empty or unknown mask path); UNAVAILABLE with EMBEDDING_FAILED,
-    VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+    MEMORY_SUPERSEDED or REQUEST_ID_REUSED; ABORTED with ETAG_MISMATCH; INVALID_ARGUMENT with
+    CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID,
+    REQUEST_TOO_LARGE or INVALID_REQUEST (unknown mask path, or an empty mask with nothing
+    populated); UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+    GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
     """
     GetMemoryHistory: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.GetMemoryHistoryRequest, _memory_service_pb2.GetMemoryHistoryResponse]
     """GetMemoryHistory returns every version of the memory that a given version belongs to,
@@ -397,7 +438,8 @@ class LongTermMemoryServiceStub:
     Requires `memory:read`. Reads only; idempotent.
 
     Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-    INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
+    INVALID_REQUEST (negative page size, malformed id); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE
+    or GRAPH_STORE_UNAVAILABLE.
     """
     DeleteMemory: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.DeleteMemoryRequest, _memory_service_pb2.DeleteMemoryResponse]
     """DeleteMemory retires a memory, or purges it.
@@ -407,9 +449,10 @@ class LongTermMemoryServiceStub:
     every version of the chain is removed from the vector and the graph store for real.
     Either way the memory named may be any version of the chain. Requires `memory:write`.
 
-    Atomic across the vector and the graph store. Idempotent: retiring a memory with no
-    current version succeeds and changes nothing; deleting a purged or unknown memory returns
-    MEMORY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing.
+    Atomic across the vector and the graph store. Idempotent: a retired chain can never become
+    current again, so retiring a memory with no current version succeeds and changes nothing;
+    deleting a purged or unknown memory returns MEMORY_NOT_FOUND unless `allow_missing` is set, in
+    which case it succeeds with nothing (set it when retrying a purge).
 
     Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with INVALID_REQUEST;
     UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
@@ -421,18 +464,20 @@ class LongTermMemoryServiceStub:
     in `subject_entity_refs`, with every relationship touching them whoever wrote it), their
     working-memory sessions, and the idempotency records holding their requests.
 
-    Entity and relationship versions written by other users stay, with their validity left as
-    it was, so no older fact becomes current again; an entity left with no version at all is
-    removed. Forgetting oneself requires `memory:forget`; naming another user also requires
-    `memory:admin`.
+    Entity and relationship versions written by other users stay, with their validity left as it
+    was, so no older fact becomes current again; an entity left with no version at all is removed.
+    Forgetting oneself requires `memory:forget`; naming another user also requires `memory:admin`.
+    Gateway-only: an orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run can
+    erase a user.
 
     Not atomic across the three stores, but complete: the call returns success only once
     nothing of the user remains, and a failed call can simply be repeated to delete what is
     left. Data written for the user while the call runs may survive it; stop the user's runs
     first. Idempotent: a repeat finds nothing and returns zero counts.
 
-    Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with
-    VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+    Errors: PERMISSION_DENIED with DELEGATION_NOT_ALLOWED; INVALID_ARGUMENT with
+    ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE,
+    GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
     """
 
 @_typing.type_check_only
@@ -441,12 +486,15 @@ class LongTermMemoryServiceAsyncStub(LongTermMemoryServiceStub):
     the vector store (Qdrant), linked into the entity graph, and recalls it by meaning.
 
     Every call needs a valid `x-foredeck-principal`; memories are partitioned by the principal's
-    tenant and user, and every vector query carries a tenant and user filter the service adds
-    itself. Facts carry provenance and validity in time: updates supersede, history is kept, and
-    duplicates are merged. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
-    (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
-    INTERNAL.
+    tenant and user, and every vector query carries a tenant and user filter the service adds itself.
+    Every RPC accepts principals minted by the gateway and by the orchestrator, except ForgetUser,
+    which is gateway-only. With an orchestrator-minted principal, a request's `run_id` must be empty
+    or the principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED).
+    Facts carry provenance and validity in time: updates supersede, history is kept, and duplicates
+    are merged. Besides the reasons each RPC lists, any call may fail with PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -477,6 +525,31 @@ class LongTermMemoryServiceAsyncStub(LongTermMemoryServiceStub):
     RESOURCE_EXHAUSTED with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED,
     VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
     """
+    RememberMany: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.RememberManyRequest, _memory_service_pb2.RememberManyResponse]  # type: ignore[assignment]
+    """RememberMany stores up to 100 memories for the caller's user in one call, so ingestion embeds
+    them in batches (one llmrouter Embed call per batch the embedding model allows) instead of one
+    round trip per memory.
+
+    Each item is treated exactly as Remember treats its content, in request order, as if the items
+    were remembered one after another: an item that duplicates an earlier item of the same batch is
+    merged into it, and an item with the `fact_key` of an earlier item supersedes it. The batch
+    shares `dedup_policy`, `near_duplicate_threshold`, `run_id` and `step_id`. Requires
+    `memory:write`.
+
+    Atomic: every item is stored or merged, in both the vector and the graph store, or nothing is.
+    An invalid item fails the whole batch before anything is embedded, with a BadRequest naming it
+    by index (`items[3].content`); a quota the whole batch would exceed fails it with
+    MEMORY_QUOTA_EXCEEDED. The response holds one result per item, in request order. Idempotent by
+    `request_id`: a retry with the same id and the same request writes nothing and returns the
+    original response with `replayed` set; a retry that arrives while the first call is still
+    running waits for it.
+
+    Errors: INVALID_ARGUMENT with CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN,
+    VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or INVALID_REQUEST (no items or more than 100);
+    NOT_FOUND with ENTITY_NOT_FOUND; FAILED_PRECONDITION with REQUEST_ID_REUSED; RESOURCE_EXHAUSTED
+    with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+    GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+    """
     Recall: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.RecallRequest, _memory_service_pb2.RecallResponse]  # type: ignore[assignment]
     """Recall returns the caller's memories closest in meaning to a query, ranked by score.
 
@@ -505,29 +578,36 @@ class LongTermMemoryServiceAsyncStub(LongTermMemoryServiceStub):
     Requires `memory:read`. Reads only; idempotent.
 
     Errors: INVALID_ARGUMENT with PAGE_TOKEN_INVALID, ENTITY_TYPE_UNKNOWN or INVALID_REQUEST
-    (page size out of range, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
+    (negative page size, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
     """
     UpdateMemory: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.UpdateMemoryRequest, _memory_service_pb2.UpdateMemoryResponse]  # type: ignore[assignment]
-    """UpdateMemory changes a current memory by superseding it: it writes a new version holding
-    the current version's fields with the masked fields replaced, ends the current version's
-    validity at the effective time, and links the two both ways. The old version is kept as
-    history.
+    """UpdateMemory changes a current memory by superseding it: it writes a new version holding the
+    current version's fields with the fields named by `update_mask` replaced, ends the current
+    version's validity at the effective time, and links the two both ways. The old version is kept
+    as history.
 
-    Only the current version of a memory can be updated. If the masked fields already hold
-    the given values, nothing is written and the current version is returned. A changed
-    content is embedded again; duplicates are not merged on update. The `fact_key` carries
-    over. Requires `memory:write`.
+    The mask follows AIP-134. An empty mask names every field the request populates (a non-empty
+    string, a set message, a non-empty list), so a client that does not know a newer field never
+    clears it; to clear a field (empty metadata, no entity links, an open-ended validity), name it
+    in the mask. `*` names every updatable field: unpopulated ones are cleared. Only the current
+    version of a memory can be updated. If the masked fields already hold the given values, nothing
+    is written and the current version is returned. A changed content is embedded again; duplicates
+    are not merged on update. The `fact_key` carries over. Requires `memory:write`.
 
-    Atomic: both versions change in the vector and the graph store together, or nothing
-    changes. Idempotent by `request_id`: a retry with the same id and the same request writes
-    nothing and returns the original response with `replayed` set. Two concurrent updates of
-    the same version cannot both succeed: the second gets MEMORY_SUPERSEDED.
+    Atomic: both versions change in the vector and the graph store together, or nothing changes.
+    With `etag`, the update happens only if the current version's etag still matches, so metadata
+    or entity links a concurrent Remember merged in are never overwritten unseen. Idempotent by
+    `request_id`, which is checked first: a retry with the same id and the same request writes
+    nothing and returns the original response with `replayed` set, even though the etag has changed
+    since. Two concurrent updates of the same version cannot both succeed: the second gets
+    MEMORY_SUPERSEDED (or ETAG_MISMATCH).
 
     Errors: NOT_FOUND with MEMORY_NOT_FOUND or ENTITY_NOT_FOUND; FAILED_PRECONDITION with
-    MEMORY_SUPERSEDED or REQUEST_ID_REUSED; INVALID_ARGUMENT with CONTENT_EMPTY,
-    CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or
-    INVALID_REQUEST (empty or unknown mask path); UNAVAILABLE with EMBEDDING_FAILED,
-    VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+    MEMORY_SUPERSEDED or REQUEST_ID_REUSED; ABORTED with ETAG_MISMATCH; INVALID_ARGUMENT with
+    CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID,
+    REQUEST_TOO_LARGE or INVALID_REQUEST (unknown mask path, or an empty mask with nothing
+    populated); UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+    GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
     """
     GetMemoryHistory: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.GetMemoryHistoryRequest, _memory_service_pb2.GetMemoryHistoryResponse]  # type: ignore[assignment]
     """GetMemoryHistory returns every version of the memory that a given version belongs to,
@@ -536,7 +616,8 @@ class LongTermMemoryServiceAsyncStub(LongTermMemoryServiceStub):
     Requires `memory:read`. Reads only; idempotent.
 
     Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-    INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
+    INVALID_REQUEST (negative page size, malformed id); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE
+    or GRAPH_STORE_UNAVAILABLE.
     """
     DeleteMemory: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.DeleteMemoryRequest, _memory_service_pb2.DeleteMemoryResponse]  # type: ignore[assignment]
     """DeleteMemory retires a memory, or purges it.
@@ -546,9 +627,10 @@ class LongTermMemoryServiceAsyncStub(LongTermMemoryServiceStub):
     every version of the chain is removed from the vector and the graph store for real.
     Either way the memory named may be any version of the chain. Requires `memory:write`.
 
-    Atomic across the vector and the graph store. Idempotent: retiring a memory with no
-    current version succeeds and changes nothing; deleting a purged or unknown memory returns
-    MEMORY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing.
+    Atomic across the vector and the graph store. Idempotent: a retired chain can never become
+    current again, so retiring a memory with no current version succeeds and changes nothing;
+    deleting a purged or unknown memory returns MEMORY_NOT_FOUND unless `allow_missing` is set, in
+    which case it succeeds with nothing (set it when retrying a purge).
 
     Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with INVALID_REQUEST;
     UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
@@ -560,18 +642,20 @@ class LongTermMemoryServiceAsyncStub(LongTermMemoryServiceStub):
     in `subject_entity_refs`, with every relationship touching them whoever wrote it), their
     working-memory sessions, and the idempotency records holding their requests.
 
-    Entity and relationship versions written by other users stay, with their validity left as
-    it was, so no older fact becomes current again; an entity left with no version at all is
-    removed. Forgetting oneself requires `memory:forget`; naming another user also requires
-    `memory:admin`.
+    Entity and relationship versions written by other users stay, with their validity left as it
+    was, so no older fact becomes current again; an entity left with no version at all is removed.
+    Forgetting oneself requires `memory:forget`; naming another user also requires `memory:admin`.
+    Gateway-only: an orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run can
+    erase a user.
 
     Not atomic across the three stores, but complete: the call returns success only once
     nothing of the user remains, and a failed call can simply be repeated to delete what is
     left. Data written for the user while the call runs may survive it; stop the user's runs
     first. Idempotent: a repeat finds nothing and returns zero counts.
 
-    Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with
-    VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+    Errors: PERMISSION_DENIED with DELEGATION_NOT_ALLOWED; INVALID_ARGUMENT with
+    ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE,
+    GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
     """
 
 class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -579,12 +663,15 @@ class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     the vector store (Qdrant), linked into the entity graph, and recalls it by meaning.
 
     Every call needs a valid `x-foredeck-principal`; memories are partitioned by the principal's
-    tenant and user, and every vector query carries a tenant and user filter the service adds
-    itself. Facts carry provenance and validity in time: updates supersede, history is kept, and
-    duplicates are merged. Besides the reasons each RPC lists, any call may fail with
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING
-    (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and
-    INTERNAL.
+    tenant and user, and every vector query carries a tenant and user filter the service adds itself.
+    Every RPC accepts principals minted by the gateway and by the orchestrator, except ForgetUser,
+    which is gateway-only. With an orchestrator-minted principal, a request's `run_id` must be empty
+    or the principal's run, else the call fails with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED).
+    Facts carry provenance and validity in time: updates supersede, history is kept, and duplicates
+    are merged. Besides the reasons each RPC lists, any call may fail with PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     @_abc_1.abstractmethod
@@ -618,6 +705,37 @@ class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         ENTITY_NOT_FOUND (an entity in `entity_refs`); FAILED_PRECONDITION with REQUEST_ID_REUSED;
         RESOURCE_EXHAUSTED with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED,
         VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def RememberMany(
+        self,
+        request: _memory_service_pb2.RememberManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_memory_service_pb2.RememberManyResponse, _abc.Awaitable[_memory_service_pb2.RememberManyResponse]]:
+        """RememberMany stores up to 100 memories for the caller's user in one call, so ingestion embeds
+        them in batches (one llmrouter Embed call per batch the embedding model allows) instead of one
+        round trip per memory.
+
+        Each item is treated exactly as Remember treats its content, in request order, as if the items
+        were remembered one after another: an item that duplicates an earlier item of the same batch is
+        merged into it, and an item with the `fact_key` of an earlier item supersedes it. The batch
+        shares `dedup_policy`, `near_duplicate_threshold`, `run_id` and `step_id`. Requires
+        `memory:write`.
+
+        Atomic: every item is stored or merged, in both the vector and the graph store, or nothing is.
+        An invalid item fails the whole batch before anything is embedded, with a BadRequest naming it
+        by index (`items[3].content`); a quota the whole batch would exceed fails it with
+        MEMORY_QUOTA_EXCEEDED. The response holds one result per item, in request order. Idempotent by
+        `request_id`: a retry with the same id and the same request writes nothing and returns the
+        original response with `replayed` set; a retry that arrives while the first call is still
+        running waits for it.
+
+        Errors: INVALID_ARGUMENT with CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN,
+        VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or INVALID_REQUEST (no items or more than 100);
+        NOT_FOUND with ENTITY_NOT_FOUND; FAILED_PRECONDITION with REQUEST_ID_REUSED; RESOURCE_EXHAUSTED
+        with MEMORY_QUOTA_EXCEEDED; UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+        GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -665,7 +783,7 @@ class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         Requires `memory:read`. Reads only; idempotent.
 
         Errors: INVALID_ARGUMENT with PAGE_TOKEN_INVALID, ENTITY_TYPE_UNKNOWN or INVALID_REQUEST
-        (page size out of range, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
+        (negative page size, malformed filter); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -674,26 +792,33 @@ class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _memory_service_pb2.UpdateMemoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_memory_service_pb2.UpdateMemoryResponse, _abc.Awaitable[_memory_service_pb2.UpdateMemoryResponse]]:
-        """UpdateMemory changes a current memory by superseding it: it writes a new version holding
-        the current version's fields with the masked fields replaced, ends the current version's
-        validity at the effective time, and links the two both ways. The old version is kept as
-        history.
+        """UpdateMemory changes a current memory by superseding it: it writes a new version holding the
+        current version's fields with the fields named by `update_mask` replaced, ends the current
+        version's validity at the effective time, and links the two both ways. The old version is kept
+        as history.
 
-        Only the current version of a memory can be updated. If the masked fields already hold
-        the given values, nothing is written and the current version is returned. A changed
-        content is embedded again; duplicates are not merged on update. The `fact_key` carries
-        over. Requires `memory:write`.
+        The mask follows AIP-134. An empty mask names every field the request populates (a non-empty
+        string, a set message, a non-empty list), so a client that does not know a newer field never
+        clears it; to clear a field (empty metadata, no entity links, an open-ended validity), name it
+        in the mask. `*` names every updatable field: unpopulated ones are cleared. Only the current
+        version of a memory can be updated. If the masked fields already hold the given values, nothing
+        is written and the current version is returned. A changed content is embedded again; duplicates
+        are not merged on update. The `fact_key` carries over. Requires `memory:write`.
 
-        Atomic: both versions change in the vector and the graph store together, or nothing
-        changes. Idempotent by `request_id`: a retry with the same id and the same request writes
-        nothing and returns the original response with `replayed` set. Two concurrent updates of
-        the same version cannot both succeed: the second gets MEMORY_SUPERSEDED.
+        Atomic: both versions change in the vector and the graph store together, or nothing changes.
+        With `etag`, the update happens only if the current version's etag still matches, so metadata
+        or entity links a concurrent Remember merged in are never overwritten unseen. Idempotent by
+        `request_id`, which is checked first: a retry with the same id and the same request writes
+        nothing and returns the original response with `replayed` set, even though the etag has changed
+        since. Two concurrent updates of the same version cannot both succeed: the second gets
+        MEMORY_SUPERSEDED (or ETAG_MISMATCH).
 
         Errors: NOT_FOUND with MEMORY_NOT_FOUND or ENTITY_NOT_FOUND; FAILED_PRECONDITION with
-        MEMORY_SUPERSEDED or REQUEST_ID_REUSED; INVALID_ARGUMENT with CONTENT_EMPTY,
-        CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID, REQUEST_TOO_LARGE or
-        INVALID_REQUEST (empty or unknown mask path); UNAVAILABLE with EMBEDDING_FAILED,
-        VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+        MEMORY_SUPERSEDED or REQUEST_ID_REUSED; ABORTED with ETAG_MISMATCH; INVALID_ARGUMENT with
+        CONTENT_EMPTY, CONTENT_TOO_LARGE, ENTITY_TYPE_UNKNOWN, VALIDITY_RANGE_INVALID,
+        REQUEST_TOO_LARGE or INVALID_REQUEST (unknown mask path, or an empty mask with nothing
+        populated); UNAVAILABLE with EMBEDDING_FAILED, VECTOR_STORE_UNAVAILABLE,
+        GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -708,7 +833,8 @@ class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         Requires `memory:read`. Reads only; idempotent.
 
         Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with PAGE_TOKEN_INVALID or
-        INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
+        INVALID_REQUEST (negative page size, malformed id); UNAVAILABLE with VECTOR_STORE_UNAVAILABLE
+        or GRAPH_STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -724,9 +850,10 @@ class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         every version of the chain is removed from the vector and the graph store for real.
         Either way the memory named may be any version of the chain. Requires `memory:write`.
 
-        Atomic across the vector and the graph store. Idempotent: retiring a memory with no
-        current version succeeds and changes nothing; deleting a purged or unknown memory returns
-        MEMORY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing.
+        Atomic across the vector and the graph store. Idempotent: a retired chain can never become
+        current again, so retiring a memory with no current version succeeds and changes nothing;
+        deleting a purged or unknown memory returns MEMORY_NOT_FOUND unless `allow_missing` is set, in
+        which case it succeeds with nothing (set it when retrying a purge).
 
         Errors: NOT_FOUND with MEMORY_NOT_FOUND; INVALID_ARGUMENT with INVALID_REQUEST;
         UNAVAILABLE with VECTOR_STORE_UNAVAILABLE or GRAPH_STORE_UNAVAILABLE.
@@ -744,18 +871,20 @@ class LongTermMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         in `subject_entity_refs`, with every relationship touching them whoever wrote it), their
         working-memory sessions, and the idempotency records holding their requests.
 
-        Entity and relationship versions written by other users stay, with their validity left as
-        it was, so no older fact becomes current again; an entity left with no version at all is
-        removed. Forgetting oneself requires `memory:forget`; naming another user also requires
-        `memory:admin`.
+        Entity and relationship versions written by other users stay, with their validity left as it
+        was, so no older fact becomes current again; an entity left with no version at all is removed.
+        Forgetting oneself requires `memory:forget`; naming another user also requires `memory:admin`.
+        Gateway-only: an orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run can
+        erase a user.
 
         Not atomic across the three stores, but complete: the call returns success only once
         nothing of the user remains, and a failed call can simply be repeated to delete what is
         left. Data written for the user while the call runs may survive it; stop the user's runs
         first. Idempotent: a repeat finds nothing and returns zero counts.
 
-        Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with
-        VECTOR_STORE_UNAVAILABLE, GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
+        Errors: PERMISSION_DENIED with DELEGATION_NOT_ALLOWED; INVALID_ARGUMENT with
+        ENTITY_TYPE_UNKNOWN or INVALID_REQUEST; UNAVAILABLE with VECTOR_STORE_UNAVAILABLE,
+        GRAPH_STORE_UNAVAILABLE or STORE_UNAVAILABLE.
         """
 
 def add_LongTermMemoryServiceServicer_to_server(servicer: LongTermMemoryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -765,12 +894,17 @@ class EntityMemoryServiceStub:
     projects and whatever types the service is configured with), typed relationships between
     them, and every fact's provenance and validity in time.
 
-    Every call needs a valid `x-foredeck-principal`; the graph is partitioned by the principal's
-    tenant, and no query the service runs can cross tenants. Entities are shared by the users of
-    a tenant. Facts are superseded, never overwritten. Besides the reasons each RPC lists, any
-    call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED
-    (UNAUTHENTICATED), PERMISSION_MISSING (PERMISSION_DENIED), DEADLINE_TOO_SHORT
-    (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and INTERNAL.
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); the graph is partitioned by the principal's tenant,
+    and no query the service runs can cross tenants. With an orchestrator-minted principal, a
+    request's `run_id` must be empty or the principal's run, else the call fails with
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Entities are shared by the users of a tenant. Facts
+    are superseded, never overwritten. Upserts take no field mask: their properties merge key by key
+    by default (PROPERTIES_MODE_MERGE) and an empty name keeps the current one, so a writer that does
+    not know a property never drops it. Besides the reasons each RPC lists, any call may fail with
+    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     @_typing.overload
@@ -843,8 +977,8 @@ class EntityMemoryServiceStub:
 
     Requires `memory:read`. Reads only; idempotent.
 
-    Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST;
-    UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
+    Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST
+    (negative page size); UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
     """
     DeleteEntity: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.DeleteEntityRequest, _memory_service_pb2.DeleteEntityResponse]
     """DeleteEntity retires an entity, or purges it.
@@ -854,16 +988,17 @@ class EntityMemoryServiceStub:
     version of the entity and every version of every relationship touching it are removed for
     real; memories linked to it stay but lose the link. Requires `memory:write`.
 
-    Atomic: one transaction. Idempotent: retiring an entity with no current version succeeds
-    and changes nothing; deleting an unknown or purged entity returns ENTITY_NOT_FOUND unless
-    `allow_missing` is set, in which case it succeeds with nothing.
+    Atomic: one transaction. Idempotent by nature, as a delete is: retiring an entity with no
+    current version succeeds and changes nothing; deleting an unknown or purged entity returns
+    ENTITY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing (set it
+    when retrying a purge).
 
     Errors: NOT_FOUND with ENTITY_NOT_FOUND; INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or
     INVALID_REQUEST; UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
     """
-    ListEntityTypes: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.ListEntityTypesRequest, _memory_service_pb2.ListEntityTypesResponse]
-    """ListEntityTypes returns the entity types, and the relationship types, the service is
-    configured to accept.
+    GetEntitySchema: _grpc.UnaryUnaryMultiCallable[_memory_service_pb2.GetEntitySchemaRequest, _memory_service_pb2.GetEntitySchemaResponse]
+    """GetEntitySchema returns the entity types, and the relationship types, the service is configured
+    to accept: a small, fixed catalogue, returned whole rather than paged.
 
     Requires `memory:read`. Reads only; idempotent; needs no store.
 
@@ -876,12 +1011,17 @@ class EntityMemoryServiceAsyncStub(EntityMemoryServiceStub):
     projects and whatever types the service is configured with), typed relationships between
     them, and every fact's provenance and validity in time.
 
-    Every call needs a valid `x-foredeck-principal`; the graph is partitioned by the principal's
-    tenant, and no query the service runs can cross tenants. Entities are shared by the users of
-    a tenant. Facts are superseded, never overwritten. Besides the reasons each RPC lists, any
-    call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED
-    (UNAUTHENTICATED), PERMISSION_MISSING (PERMISSION_DENIED), DEADLINE_TOO_SHORT
-    (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and INTERNAL.
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); the graph is partitioned by the principal's tenant,
+    and no query the service runs can cross tenants. With an orchestrator-minted principal, a
+    request's `run_id` must be empty or the principal's run, else the call fails with
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Entities are shared by the users of a tenant. Facts
+    are superseded, never overwritten. Upserts take no field mask: their properties merge key by key
+    by default (PROPERTIES_MODE_MERGE) and an empty name keeps the current one, so a writer that does
+    not know a property never drops it. Besides the reasons each RPC lists, any call may fail with
+    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -951,8 +1091,8 @@ class EntityMemoryServiceAsyncStub(EntityMemoryServiceStub):
 
     Requires `memory:read`. Reads only; idempotent.
 
-    Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST;
-    UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
+    Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST
+    (negative page size); UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
     """
     DeleteEntity: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.DeleteEntityRequest, _memory_service_pb2.DeleteEntityResponse]  # type: ignore[assignment]
     """DeleteEntity retires an entity, or purges it.
@@ -962,16 +1102,17 @@ class EntityMemoryServiceAsyncStub(EntityMemoryServiceStub):
     version of the entity and every version of every relationship touching it are removed for
     real; memories linked to it stay but lose the link. Requires `memory:write`.
 
-    Atomic: one transaction. Idempotent: retiring an entity with no current version succeeds
-    and changes nothing; deleting an unknown or purged entity returns ENTITY_NOT_FOUND unless
-    `allow_missing` is set, in which case it succeeds with nothing.
+    Atomic: one transaction. Idempotent by nature, as a delete is: retiring an entity with no
+    current version succeeds and changes nothing; deleting an unknown or purged entity returns
+    ENTITY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing (set it
+    when retrying a purge).
 
     Errors: NOT_FOUND with ENTITY_NOT_FOUND; INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or
     INVALID_REQUEST; UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
     """
-    ListEntityTypes: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.ListEntityTypesRequest, _memory_service_pb2.ListEntityTypesResponse]  # type: ignore[assignment]
-    """ListEntityTypes returns the entity types, and the relationship types, the service is
-    configured to accept.
+    GetEntitySchema: _aio.UnaryUnaryMultiCallable[_memory_service_pb2.GetEntitySchemaRequest, _memory_service_pb2.GetEntitySchemaResponse]  # type: ignore[assignment]
+    """GetEntitySchema returns the entity types, and the relationship types, the service is configured
+    to accept: a small, fixed catalogue, returned whole rather than paged.
 
     Requires `memory:read`. Reads only; idempotent; needs no store.
 
@@ -983,12 +1124,17 @@ class EntityMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
     projects and whatever types the service is configured with), typed relationships between
     them, and every fact's provenance and validity in time.
 
-    Every call needs a valid `x-foredeck-principal`; the graph is partitioned by the principal's
-    tenant, and no query the service runs can cross tenants. Entities are shared by the users of
-    a tenant. Facts are superseded, never overwritten. Besides the reasons each RPC lists, any
-    call may fail with PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED
-    (UNAUTHENTICATED), PERMISSION_MISSING (PERMISSION_DENIED), DEADLINE_TOO_SHORT
-    (DEADLINE_EXCEEDED), SHUTTING_DOWN (UNAVAILABLE) and INTERNAL.
+    Every call needs a valid `x-foredeck-principal`, minted by the gateway or by the orchestrator for
+    a run (both are accepted by every RPC here); the graph is partitioned by the principal's tenant,
+    and no query the service runs can cross tenants. With an orchestrator-minted principal, a
+    request's `run_id` must be empty or the principal's run, else the call fails with
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Entities are shared by the users of a tenant. Facts
+    are superseded, never overwritten. Upserts take no field mask: their properties merge key by key
+    by default (PROPERTIES_MODE_MERGE) and an empty name keeps the current one, so a writer that does
+    not know a property never drops it. Besides the reasons each RPC lists, any call may fail with
+    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED (UNAUTHENTICATED), PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED (PERMISSION_DENIED), DEADLINE_TOO_SHORT (DEADLINE_EXCEEDED), SHUTTING_DOWN
+    (UNAVAILABLE) and INTERNAL.
     """
 
     @_abc_1.abstractmethod
@@ -1086,8 +1232,8 @@ class EntityMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
 
         Requires `memory:read`. Reads only; idempotent.
 
-        Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST;
-        UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
+        Errors: INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN, PAGE_TOKEN_INVALID or INVALID_REQUEST
+        (negative page size); UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
@@ -1103,22 +1249,23 @@ class EntityMemoryServiceServicer(metaclass=_abc_1.ABCMeta):
         version of the entity and every version of every relationship touching it are removed for
         real; memories linked to it stay but lose the link. Requires `memory:write`.
 
-        Atomic: one transaction. Idempotent: retiring an entity with no current version succeeds
-        and changes nothing; deleting an unknown or purged entity returns ENTITY_NOT_FOUND unless
-        `allow_missing` is set, in which case it succeeds with nothing.
+        Atomic: one transaction. Idempotent by nature, as a delete is: retiring an entity with no
+        current version succeeds and changes nothing; deleting an unknown or purged entity returns
+        ENTITY_NOT_FOUND unless `allow_missing` is set, in which case it succeeds with nothing (set it
+        when retrying a purge).
 
         Errors: NOT_FOUND with ENTITY_NOT_FOUND; INVALID_ARGUMENT with ENTITY_TYPE_UNKNOWN or
         INVALID_REQUEST; UNAVAILABLE with GRAPH_STORE_UNAVAILABLE.
         """
 
     @_abc_1.abstractmethod
-    def ListEntityTypes(
+    def GetEntitySchema(
         self,
-        request: _memory_service_pb2.ListEntityTypesRequest,
+        request: _memory_service_pb2.GetEntitySchemaRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_memory_service_pb2.ListEntityTypesResponse, _abc.Awaitable[_memory_service_pb2.ListEntityTypesResponse]]:
-        """ListEntityTypes returns the entity types, and the relationship types, the service is
-        configured to accept.
+    ) -> _typing.Union[_memory_service_pb2.GetEntitySchemaResponse, _abc.Awaitable[_memory_service_pb2.GetEntitySchemaResponse]]:
+        """GetEntitySchema returns the entity types, and the relationship types, the service is configured
+        to accept: a small, fixed catalogue, returned whole rather than paged.
 
         Requires `memory:read`. Reads only; idempotent; needs no store.
 

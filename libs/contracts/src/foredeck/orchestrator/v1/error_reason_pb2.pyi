@@ -83,6 +83,13 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     different parameters; restart from the first page. A `BadRequest` names the `page_token`
     field.
     """
+    ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 14
+    """PERMISSION_DENIED. A gateway-only method (agent writes, CancelRun, ResolveApproval, ReplayRun,
+    ForkRun) was called with a principal the orchestrator minted for a run, or SubmitRun paired a
+    principal with a run it may not submit: a top-level run with a minted principal, or a sub-agent
+    whose `parent_run_id` is not the principal's run. Metadata `method` (the full RPC name) and,
+    for a minted principal, `runId` (its run). No extra details.
+    """
     ERROR_REASON_AGENT_NOT_FOUND: _ErrorReason.ValueType  # 20
     """NOT_FOUND. No agent of that name exists in the caller's tenant. Metadata `agentName`. No
     extra details.
@@ -94,11 +101,6 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_AGENT_ALREADY_EXISTS: _ErrorReason.ValueType  # 22
     """ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived
     (names are never reused). Metadata `agentName`. No extra details.
-    """
-    ERROR_REASON_AGENT_VERSION_CONFLICT: _ErrorReason.ValueType  # 23
-    """ABORTED. CreateAgentVersion carried an expected current version that is no longer the
-    latest: someone else wrote a version first. Read the latest and retry. Metadata
-    `agentName`, `expectedVersion` and `latestVersion`. No extra details.
     """
     ERROR_REASON_AGENT_ARCHIVED: _ErrorReason.ValueType  # 24
     """FAILED_PRECONDITION. The agent is archived: it takes no new versions and no new runs.
@@ -224,6 +226,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     """ABORTED, in a run's error. The run was delivered to workers the configured number of times
     without finishing and was moved to the dead-letter stream. Metadata `deliveries`.
     """
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 51
+    """ABORTED. CreateAgentVersion carried an `etag` that is not the latest version's: someone else
+    wrote a version first. Nothing was written; read the latest and reapply the change. Metadata
+    `agentName` and `latestVersion`. No extra details.
+    """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
     """ErrorReason is the catalogue of reasons the orchestrator reports, in the domain
@@ -303,6 +310,13 @@ ERROR_REASON_PAGE_TOKEN_INVALID: ErrorReason.ValueType  # 13
 different parameters; restart from the first page. A `BadRequest` names the `page_token`
 field.
 """
+ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 14
+"""PERMISSION_DENIED. A gateway-only method (agent writes, CancelRun, ResolveApproval, ReplayRun,
+ForkRun) was called with a principal the orchestrator minted for a run, or SubmitRun paired a
+principal with a run it may not submit: a top-level run with a minted principal, or a sub-agent
+whose `parent_run_id` is not the principal's run. Metadata `method` (the full RPC name) and,
+for a minted principal, `runId` (its run). No extra details.
+"""
 ERROR_REASON_AGENT_NOT_FOUND: ErrorReason.ValueType  # 20
 """NOT_FOUND. No agent of that name exists in the caller's tenant. Metadata `agentName`. No
 extra details.
@@ -314,11 +328,6 @@ ERROR_REASON_AGENT_VERSION_NOT_FOUND: ErrorReason.ValueType  # 21
 ERROR_REASON_AGENT_ALREADY_EXISTS: ErrorReason.ValueType  # 22
 """ALREADY_EXISTS. CreateAgent named an agent that exists, or once existed and was archived
 (names are never reused). Metadata `agentName`. No extra details.
-"""
-ERROR_REASON_AGENT_VERSION_CONFLICT: ErrorReason.ValueType  # 23
-"""ABORTED. CreateAgentVersion carried an expected current version that is no longer the
-latest: someone else wrote a version first. Read the latest and retry. Metadata
-`agentName`, `expectedVersion` and `latestVersion`. No extra details.
 """
 ERROR_REASON_AGENT_ARCHIVED: ErrorReason.ValueType  # 24
 """FAILED_PRECONDITION. The agent is archived: it takes no new versions and no new runs.
@@ -443,5 +452,10 @@ and, when given, `cancelReason`.
 ERROR_REASON_DELIVERY_LIMIT: ErrorReason.ValueType  # 50
 """ABORTED, in a run's error. The run was delivered to workers the configured number of times
 without finishing and was moved to the dead-letter stream. Metadata `deliveries`.
+"""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 51
+"""ABORTED. CreateAgentVersion carried an `etag` that is not the latest version's: someone else
+wrote a version first. Nothing was written; read the latest and reapply the change. Metadata
+`agentName` and `latestVersion`. No extra details.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

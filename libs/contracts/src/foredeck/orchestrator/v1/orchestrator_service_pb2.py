@@ -22,17 +22,18 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from foredeck.common.v1 import agent_pb2 as foredeck_dot_common_dot_v1_dot_agent__pb2
 from foredeck.common.v1 import approval_pb2 as foredeck_dot_common_dot_v1_dot_approval__pb2
 from foredeck.common.v1 import error_pb2 as foredeck_dot_common_dot_v1_dot_error__pb2
 from foredeck.common.v1 import journal_pb2 as foredeck_dot_common_dot_v1_dot_journal__pb2
 from foredeck.common.v1 import run_pb2 as foredeck_dot_common_dot_v1_dot_run__pb2
 from foredeck.common.v1 import run_event_pb2 as foredeck_dot_common_dot_v1_dot_run__event__pb2
 from foredeck.common.v1 import usage_pb2 as foredeck_dot_common_dot_v1_dot_usage__pb2
-from foredeck.orchestrator.v1 import agent_pb2 as foredeck_dot_orchestrator_dot_v1_dot_agent__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3foredeck/orchestrator/v1/orchestrator_service.proto\x12\x18\x66oredeck.orchestrator.v1\x1a!foredeck/common/v1/approval.proto\x1a\x1e\x66oredeck/common/v1/error.proto\x1a foredeck/common/v1/journal.proto\x1a\x1c\x66oredeck/common/v1/run.proto\x1a\"foredeck/common/v1/run_event.proto\x1a\x1e\x66oredeck/common/v1/usage.proto\x1a$foredeck/orchestrator/v1/agent.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"X\n\x12\x43reateAgentRequest\x12.\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"E\n\x13\x43reateAgentResponse\x12.\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\"\x81\x01\n\x19\x43reateAgentVersionRequest\x12.\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\x12 \n\x18\x65xpected_current_version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"L\n\x1a\x43reateAgentVersionResponse\x12.\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\"<\n\x0fGetAgentRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\x03\"B\n\x10GetAgentResponse\x12.\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\"\xcc\x01\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_archived\x18\x03 \x01(\x08\x12G\n\x06labels\x18\x04 \x03(\x0b\x32\x37.foredeck.orchestrator.v1.ListAgentsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"^\n\x12ListAgentsResponse\x12/\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x18ListAgentVersionsRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"e\n\x19ListAgentVersionsResponse\x12/\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12\x44\x65leteAgentRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\"E\n\x13\x44\x65leteAgentResponse\x12.\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x1f.foredeck.orchestrator.v1.Agent\"\xe2\x02\n\x10SubmitRunRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\x03\x12\r\n\x05input\x18\x03 \x01(\t\x12.\n\x08priority\x18\x04 \x01(\x0e\x32\x1c.foredeck.common.v1.Priority\x12\x46\n\x06labels\x18\x05 \x03(\x0b\x32\x36.foredeck.orchestrator.v1.SubmitRunRequest.LabelsEntry\x12*\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x1a.foredeck.common.v1.Budget\x12\x15\n\rparent_run_id\x18\x07 \x01(\t\x12\x16\n\x0eparent_step_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x11SubmitRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"6\n\x0eGetRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\"\xdc\x02\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x08statuses\x18\x03 \x03(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x12\n\nagent_name\x18\x04 \x01(\t\x12\x45\n\x06labels\x18\x05 \x03(\x0b\x32\x35.foredeck.orchestrator.v1.ListRunsRequest.LabelsEntry\x12\x35\n\x11\x63reate_time_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rparent_run_id\x18\x07 \x01(\t\x12\x19\n\x11include_all_users\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x10ListRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.foredeck.common.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"N\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x13\n\x0b\x65vent_types\x18\x03 \x03(\t\"?\n\x10WatchRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.foredeck.common.v1.RunEvent\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x11\x43\x61ncelRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\"\x9e\x01\n\x14ListApprovalsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x34\n\x08statuses\x18\x02 \x03(\x0e\x32\".foredeck.common.v1.ApprovalStatus\x12\x19\n\x11include_all_users\x18\x03 \x01(\x08\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"a\n\x15ListApprovalsResponse\x12/\n\tapprovals\x18\x01 \x03(\x0b\x32\x1c.foredeck.common.v1.Approval\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x16ResolveApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x36\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32$.foredeck.common.v1.ApprovalDecision\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x17ResolveApprovalResponse\x12.\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1c.foredeck.common.v1.Approval\"\x81\x01\n\x19ListJournalEntriesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12-\n\x04view\x18\x02 \x01(\x0e\x32\x1f.foredeck.common.v1.JournalView\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"h\n\x1aListJournalEntriesResponse\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .foredeck.common.v1.JournalEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10ReplayRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"\xaa\x02\n\x11ReplayRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x0e\n\x06output\x18\x03 \x01(\t\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.foredeck.common.v1.Error\x12\x11\n\tidentical\x18\x05 \x01(\x08\x12\x38\n\ndivergence\x18\x06 \x01(\x0b\x32$.foredeck.common.v1.ReplayDivergence\x12\x1c\n\x14replayed_entry_count\x18\x07 \x01(\x03\x12\x31\n\x0erecorded_usage\x18\x08 \x01(\x0b\x32\x19.foredeck.common.v1.Usage\"\xd3\x02\n\x0e\x46orkRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_step_index\x18\x02 \x01(\x05\x12\x12\n\x05input\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\ragent_version\x18\x04 \x01(\x03\x12.\n\x08priority\x18\x05 \x01(\x0e\x32\x1c.foredeck.common.v1.Priority\x12\x44\n\x06labels\x18\x06 \x03(\x0b\x32\x34.foredeck.orchestrator.v1.ForkRunRequest.LabelsEntry\x12*\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x1a.foredeck.common.v1.Budget\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_input\"H\n\x0f\x46orkRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x32\xd1\x05\n\x0c\x41gentService\x12o\n\x0b\x43reateAgent\x12,.foredeck.orchestrator.v1.CreateAgentRequest\x1a-.foredeck.orchestrator.v1.CreateAgentResponse\"\x03\x90\x02\x02\x12\x84\x01\n\x12\x43reateAgentVersion\x12\x33.foredeck.orchestrator.v1.CreateAgentVersionRequest\x1a\x34.foredeck.orchestrator.v1.CreateAgentVersionResponse\"\x03\x90\x02\x02\x12\x66\n\x08GetAgent\x12).foredeck.orchestrator.v1.GetAgentRequest\x1a*.foredeck.orchestrator.v1.GetAgentResponse\"\x03\x90\x02\x01\x12l\n\nListAgents\x12+.foredeck.orchestrator.v1.ListAgentsRequest\x1a,.foredeck.orchestrator.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12\x81\x01\n\x11ListAgentVersions\x12\x32.foredeck.orchestrator.v1.ListAgentVersionsRequest\x1a\x33.foredeck.orchestrator.v1.ListAgentVersionsResponse\"\x03\x90\x02\x01\x12o\n\x0b\x44\x65leteAgent\x12,.foredeck.orchestrator.v1.DeleteAgentRequest\x1a-.foredeck.orchestrator.v1.DeleteAgentResponse\"\x03\x90\x02\x02\x32\xe1\x08\n\nRunService\x12i\n\tSubmitRun\x12*.foredeck.orchestrator.v1.SubmitRunRequest\x1a+.foredeck.orchestrator.v1.SubmitRunResponse\"\x03\x90\x02\x02\x12`\n\x06GetRun\x12\'.foredeck.orchestrator.v1.GetRunRequest\x1a(.foredeck.orchestrator.v1.GetRunResponse\"\x03\x90\x02\x01\x12\x66\n\x08ListRuns\x12).foredeck.orchestrator.v1.ListRunsRequest\x1a*.foredeck.orchestrator.v1.ListRunsResponse\"\x03\x90\x02\x01\x12h\n\x08WatchRun\x12).foredeck.orchestrator.v1.WatchRunRequest\x1a*.foredeck.orchestrator.v1.WatchRunResponse\"\x03\x90\x02\x01\x30\x01\x12i\n\tCancelRun\x12*.foredeck.orchestrator.v1.CancelRunRequest\x1a+.foredeck.orchestrator.v1.CancelRunResponse\"\x03\x90\x02\x02\x12u\n\rListApprovals\x12..foredeck.orchestrator.v1.ListApprovalsRequest\x1a/.foredeck.orchestrator.v1.ListApprovalsResponse\"\x03\x90\x02\x01\x12{\n\x0fResolveApproval\x12\x30.foredeck.orchestrator.v1.ResolveApprovalRequest\x1a\x31.foredeck.orchestrator.v1.ResolveApprovalResponse\"\x03\x90\x02\x02\x12\x84\x01\n\x12ListJournalEntries\x12\x33.foredeck.orchestrator.v1.ListJournalEntriesRequest\x1a\x34.foredeck.orchestrator.v1.ListJournalEntriesResponse\"\x03\x90\x02\x01\x12i\n\tReplayRun\x12*.foredeck.orchestrator.v1.ReplayRunRequest\x1a+.foredeck.orchestrator.v1.ReplayRunResponse\"\x03\x90\x02\x01\x12\x63\n\x07\x46orkRun\x12(.foredeck.orchestrator.v1.ForkRunRequest\x1a).foredeck.orchestrator.v1.ForkRunResponse\"\x03\x90\x02\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n3foredeck/orchestrator/v1/orchestrator_service.proto\x12\x18\x66oredeck.orchestrator.v1\x1a\x1e\x66oredeck/common/v1/agent.proto\x1a!foredeck/common/v1/approval.proto\x1a\x1e\x66oredeck/common/v1/error.proto\x1a foredeck/common/v1/journal.proto\x1a\x1c\x66oredeck/common/v1/run.proto\x1a\"foredeck/common/v1/run_event.proto\x1a\x1e\x66oredeck/common/v1/usage.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x12\x43reateAgentRequest\x12(\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x19.foredeck.common.v1.Agent\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"?\n\x13\x43reateAgentResponse\x12(\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x19.foredeck.common.v1.Agent\"\xb8\x01\n\x19\x43reateAgentVersionRequest\x12(\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x19.foredeck.common.v1.Agent\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12/\n\x0bupdate_mask\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x05 \x01(\tJ\x04\x08\x02\x10\x03R\x18\x65xpected_current_version\"F\n\x1a\x43reateAgentVersionResponse\x12(\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x19.foredeck.common.v1.Agent\"<\n\x0fGetAgentRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\x03\"<\n\x10GetAgentResponse\x12(\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x19.foredeck.common.v1.Agent\"\xcc\x01\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x18\n\x10include_archived\x18\x03 \x01(\x08\x12G\n\x06labels\x18\x04 \x03(\x0b\x32\x37.foredeck.orchestrator.v1.ListAgentsRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x12ListAgentsResponse\x12)\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x19.foredeck.common.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"U\n\x18ListAgentVersionsRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x19ListAgentVersionsResponse\x12)\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x19.foredeck.common.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x12\x44\x65leteAgentRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\"?\n\x13\x44\x65leteAgentResponse\x12(\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x19.foredeck.common.v1.Agent\"\xe2\x02\n\x10SubmitRunRequest\x12\x12\n\nagent_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\x03\x12\r\n\x05input\x18\x03 \x01(\t\x12.\n\x08priority\x18\x04 \x01(\x0e\x32\x1c.foredeck.common.v1.Priority\x12\x46\n\x06labels\x18\x05 \x03(\x0b\x32\x36.foredeck.orchestrator.v1.SubmitRunRequest.LabelsEntry\x12*\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x1a.foredeck.common.v1.Budget\x12\x15\n\rparent_run_id\x18\x07 \x01(\t\x12\x16\n\x0eparent_step_id\x18\x08 \x01(\t\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x11SubmitRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"6\n\x0eGetRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\"\xdc\x02\n\x0fListRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x08statuses\x18\x03 \x03(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x12\n\nagent_name\x18\x04 \x01(\t\x12\x45\n\x06labels\x18\x05 \x03(\x0b\x32\x35.foredeck.orchestrator.v1.ListRunsRequest.LabelsEntry\x12\x35\n\x11\x63reate_time_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rparent_run_id\x18\x07 \x01(\t\x12\x19\n\x11include_all_users\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x10ListRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.foredeck.common.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x11GetRunTreeRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\"N\n\x12GetRunTreeResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.foredeck.common.v1.Run\x12\x11\n\ttruncated\x18\x02 \x01(\x08\"p\n\x0fWatchRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61\x66ter_event_id\x18\x02 \x01(\t\x12\x35\n\x0b\x65vent_types\x18\x03 \x03(\x0e\x32 .foredeck.common.v1.RunEventType\"?\n\x10WatchRunResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.foredeck.common.v1.RunEvent\"2\n\x10\x43\x61ncelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"9\n\x11\x43\x61ncelRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\"\x9e\x01\n\x14ListApprovalsRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x34\n\x08statuses\x18\x02 \x03(\x0e\x32\".foredeck.common.v1.ApprovalStatus\x12\x19\n\x11include_all_users\x18\x03 \x01(\x08\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"a\n\x15ListApprovalsResponse\x12/\n\tapprovals\x18\x01 \x03(\x0b\x32\x1c.foredeck.common.v1.Approval\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x16ResolveApprovalRequest\x12\x13\n\x0b\x61pproval_id\x18\x01 \x01(\t\x12\x36\n\x08\x64\x65\x63ision\x18\x02 \x01(\x0e\x32$.foredeck.common.v1.ApprovalDecision\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x17ResolveApprovalResponse\x12.\n\x08\x61pproval\x18\x01 \x01(\x0b\x32\x1c.foredeck.common.v1.Approval\"\x81\x01\n\x19ListJournalEntriesRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12-\n\x04view\x18\x02 \x01(\x0e\x32\x1f.foredeck.common.v1.JournalView\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"h\n\x1aListJournalEntriesResponse\x12\x31\n\x07\x65ntries\x18\x01 \x03(\x0b\x32 .foredeck.common.v1.JournalEntry\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"2\n\x10ReplayRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0e\n\x06strict\x18\x02 \x01(\x08\"\xaa\x02\n\x11ReplayRunResponse\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12-\n\x06status\x18\x02 \x01(\x0e\x32\x1d.foredeck.common.v1.RunStatus\x12\x0e\n\x06output\x18\x03 \x01(\t\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x19.foredeck.common.v1.Error\x12\x11\n\tidentical\x18\x05 \x01(\x08\x12\x38\n\ndivergence\x18\x06 \x01(\x0b\x32$.foredeck.common.v1.ReplayDivergence\x12\x1c\n\x14replayed_entry_count\x18\x07 \x01(\x03\x12\x31\n\x0erecorded_usage\x18\x08 \x01(\x0b\x32\x19.foredeck.common.v1.Usage\"\xd3\x02\n\x0e\x46orkRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x17\n\x0f\x66rom_step_index\x18\x02 \x01(\x05\x12\x12\n\x05input\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x15\n\ragent_version\x18\x04 \x01(\x03\x12.\n\x08priority\x18\x05 \x01(\x0e\x32\x1c.foredeck.common.v1.Priority\x12\x44\n\x06labels\x18\x06 \x03(\x0b\x32\x34.foredeck.orchestrator.v1.ForkRunRequest.LabelsEntry\x12*\n\x06\x62udget\x18\x07 \x01(\x0b\x32\x1a.foredeck.common.v1.Budget\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_input\"H\n\x0f\x46orkRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.foredeck.common.v1.Run\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x32\xd1\x05\n\x0c\x41gentService\x12o\n\x0b\x43reateAgent\x12,.foredeck.orchestrator.v1.CreateAgentRequest\x1a-.foredeck.orchestrator.v1.CreateAgentResponse\"\x03\x90\x02\x02\x12\x84\x01\n\x12\x43reateAgentVersion\x12\x33.foredeck.orchestrator.v1.CreateAgentVersionRequest\x1a\x34.foredeck.orchestrator.v1.CreateAgentVersionResponse\"\x03\x90\x02\x02\x12\x66\n\x08GetAgent\x12).foredeck.orchestrator.v1.GetAgentRequest\x1a*.foredeck.orchestrator.v1.GetAgentResponse\"\x03\x90\x02\x01\x12l\n\nListAgents\x12+.foredeck.orchestrator.v1.ListAgentsRequest\x1a,.foredeck.orchestrator.v1.ListAgentsResponse\"\x03\x90\x02\x01\x12\x81\x01\n\x11ListAgentVersions\x12\x32.foredeck.orchestrator.v1.ListAgentVersionsRequest\x1a\x33.foredeck.orchestrator.v1.ListAgentVersionsResponse\"\x03\x90\x02\x01\x12o\n\x0b\x44\x65leteAgent\x12,.foredeck.orchestrator.v1.DeleteAgentRequest\x1a-.foredeck.orchestrator.v1.DeleteAgentResponse\"\x03\x90\x02\x02\x32\xcf\t\n\nRunService\x12i\n\tSubmitRun\x12*.foredeck.orchestrator.v1.SubmitRunRequest\x1a+.foredeck.orchestrator.v1.SubmitRunResponse\"\x03\x90\x02\x02\x12`\n\x06GetRun\x12\'.foredeck.orchestrator.v1.GetRunRequest\x1a(.foredeck.orchestrator.v1.GetRunResponse\"\x03\x90\x02\x01\x12\x66\n\x08ListRuns\x12).foredeck.orchestrator.v1.ListRunsRequest\x1a*.foredeck.orchestrator.v1.ListRunsResponse\"\x03\x90\x02\x01\x12l\n\nGetRunTree\x12+.foredeck.orchestrator.v1.GetRunTreeRequest\x1a,.foredeck.orchestrator.v1.GetRunTreeResponse\"\x03\x90\x02\x01\x12h\n\x08WatchRun\x12).foredeck.orchestrator.v1.WatchRunRequest\x1a*.foredeck.orchestrator.v1.WatchRunResponse\"\x03\x90\x02\x01\x30\x01\x12i\n\tCancelRun\x12*.foredeck.orchestrator.v1.CancelRunRequest\x1a+.foredeck.orchestrator.v1.CancelRunResponse\"\x03\x90\x02\x02\x12u\n\rListApprovals\x12..foredeck.orchestrator.v1.ListApprovalsRequest\x1a/.foredeck.orchestrator.v1.ListApprovalsResponse\"\x03\x90\x02\x01\x12{\n\x0fResolveApproval\x12\x30.foredeck.orchestrator.v1.ResolveApprovalRequest\x1a\x31.foredeck.orchestrator.v1.ResolveApprovalResponse\"\x03\x90\x02\x02\x12\x84\x01\n\x12ListJournalEntries\x12\x33.foredeck.orchestrator.v1.ListJournalEntriesRequest\x1a\x34.foredeck.orchestrator.v1.ListJournalEntriesResponse\"\x03\x90\x02\x01\x12i\n\tReplayRun\x12*.foredeck.orchestrator.v1.ReplayRunRequest\x1a+.foredeck.orchestrator.v1.ReplayRunResponse\"\x03\x90\x02\x01\x12\x63\n\x07\x46orkRun\x12(.foredeck.orchestrator.v1.ForkRunRequest\x1a).foredeck.orchestrator.v1.ForkRunResponse\"\x03\x90\x02\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -65,6 +66,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSERVICE'].methods_by_name['GetRun']._serialized_options = b'\220\002\001'
   _globals['_RUNSERVICE'].methods_by_name['ListRuns']._loaded_options = None
   _globals['_RUNSERVICE'].methods_by_name['ListRuns']._serialized_options = b'\220\002\001'
+  _globals['_RUNSERVICE'].methods_by_name['GetRunTree']._loaded_options = None
+  _globals['_RUNSERVICE'].methods_by_name['GetRunTree']._serialized_options = b'\220\002\001'
   _globals['_RUNSERVICE'].methods_by_name['WatchRun']._loaded_options = None
   _globals['_RUNSERVICE'].methods_by_name['WatchRun']._serialized_options = b'\220\002\001'
   _globals['_RUNSERVICE'].methods_by_name['CancelRun']._loaded_options = None
@@ -79,80 +82,84 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSERVICE'].methods_by_name['ReplayRun']._serialized_options = b'\220\002\001'
   _globals['_RUNSERVICE'].methods_by_name['ForkRun']._loaded_options = None
   _globals['_RUNSERVICE'].methods_by_name['ForkRun']._serialized_options = b'\220\002\002'
-  _globals['_CREATEAGENTREQUEST']._serialized_start=351
-  _globals['_CREATEAGENTREQUEST']._serialized_end=439
-  _globals['_CREATEAGENTRESPONSE']._serialized_start=441
-  _globals['_CREATEAGENTRESPONSE']._serialized_end=510
-  _globals['_CREATEAGENTVERSIONREQUEST']._serialized_start=513
-  _globals['_CREATEAGENTVERSIONREQUEST']._serialized_end=642
-  _globals['_CREATEAGENTVERSIONRESPONSE']._serialized_start=644
-  _globals['_CREATEAGENTVERSIONRESPONSE']._serialized_end=720
-  _globals['_GETAGENTREQUEST']._serialized_start=722
-  _globals['_GETAGENTREQUEST']._serialized_end=782
-  _globals['_GETAGENTRESPONSE']._serialized_start=784
-  _globals['_GETAGENTRESPONSE']._serialized_end=850
-  _globals['_LISTAGENTSREQUEST']._serialized_start=853
-  _globals['_LISTAGENTSREQUEST']._serialized_end=1057
-  _globals['_LISTAGENTSREQUEST_LABELSENTRY']._serialized_start=1012
-  _globals['_LISTAGENTSREQUEST_LABELSENTRY']._serialized_end=1057
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=1059
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=1153
-  _globals['_LISTAGENTVERSIONSREQUEST']._serialized_start=1155
-  _globals['_LISTAGENTVERSIONSREQUEST']._serialized_end=1240
-  _globals['_LISTAGENTVERSIONSRESPONSE']._serialized_start=1242
-  _globals['_LISTAGENTVERSIONSRESPONSE']._serialized_end=1343
-  _globals['_DELETEAGENTREQUEST']._serialized_start=1345
-  _globals['_DELETEAGENTREQUEST']._serialized_end=1385
-  _globals['_DELETEAGENTRESPONSE']._serialized_start=1387
-  _globals['_DELETEAGENTRESPONSE']._serialized_end=1456
-  _globals['_SUBMITRUNREQUEST']._serialized_start=1459
-  _globals['_SUBMITRUNREQUEST']._serialized_end=1813
-  _globals['_SUBMITRUNREQUEST_LABELSENTRY']._serialized_start=1012
-  _globals['_SUBMITRUNREQUEST_LABELSENTRY']._serialized_end=1057
-  _globals['_SUBMITRUNRESPONSE']._serialized_start=1815
-  _globals['_SUBMITRUNRESPONSE']._serialized_end=1889
-  _globals['_GETRUNREQUEST']._serialized_start=1891
-  _globals['_GETRUNREQUEST']._serialized_end=1922
-  _globals['_GETRUNRESPONSE']._serialized_start=1924
-  _globals['_GETRUNRESPONSE']._serialized_end=1978
-  _globals['_LISTRUNSREQUEST']._serialized_start=1981
-  _globals['_LISTRUNSREQUEST']._serialized_end=2329
-  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_start=1012
-  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_end=1057
-  _globals['_LISTRUNSRESPONSE']._serialized_start=2331
-  _globals['_LISTRUNSRESPONSE']._serialized_end=2413
-  _globals['_WATCHRUNREQUEST']._serialized_start=2415
-  _globals['_WATCHRUNREQUEST']._serialized_end=2493
-  _globals['_WATCHRUNRESPONSE']._serialized_start=2495
-  _globals['_WATCHRUNRESPONSE']._serialized_end=2558
-  _globals['_CANCELRUNREQUEST']._serialized_start=2560
-  _globals['_CANCELRUNREQUEST']._serialized_end=2610
-  _globals['_CANCELRUNRESPONSE']._serialized_start=2612
-  _globals['_CANCELRUNRESPONSE']._serialized_end=2669
-  _globals['_LISTAPPROVALSREQUEST']._serialized_start=2672
-  _globals['_LISTAPPROVALSREQUEST']._serialized_end=2830
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=2832
-  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=2929
-  _globals['_RESOLVEAPPROVALREQUEST']._serialized_start=2931
-  _globals['_RESOLVEAPPROVALREQUEST']._serialized_end=3048
-  _globals['_RESOLVEAPPROVALRESPONSE']._serialized_start=3050
-  _globals['_RESOLVEAPPROVALRESPONSE']._serialized_end=3123
-  _globals['_LISTJOURNALENTRIESREQUEST']._serialized_start=3126
-  _globals['_LISTJOURNALENTRIESREQUEST']._serialized_end=3255
-  _globals['_LISTJOURNALENTRIESRESPONSE']._serialized_start=3257
-  _globals['_LISTJOURNALENTRIESRESPONSE']._serialized_end=3361
-  _globals['_REPLAYRUNREQUEST']._serialized_start=3363
-  _globals['_REPLAYRUNREQUEST']._serialized_end=3413
-  _globals['_REPLAYRUNRESPONSE']._serialized_start=3416
-  _globals['_REPLAYRUNRESPONSE']._serialized_end=3714
-  _globals['_FORKRUNREQUEST']._serialized_start=3717
-  _globals['_FORKRUNREQUEST']._serialized_end=4056
-  _globals['_FORKRUNREQUEST_LABELSENTRY']._serialized_start=1012
-  _globals['_FORKRUNREQUEST_LABELSENTRY']._serialized_end=1057
-  _globals['_FORKRUNRESPONSE']._serialized_start=4058
-  _globals['_FORKRUNRESPONSE']._serialized_end=4130
-  _globals['_AGENTSERVICE']._serialized_start=4133
-  _globals['_AGENTSERVICE']._serialized_end=4854
-  _globals['_RUNSERVICE']._serialized_start=4857
-  _globals['_RUNSERVICE']._serialized_end=5978
+  _globals['_CREATEAGENTREQUEST']._serialized_start=379
+  _globals['_CREATEAGENTREQUEST']._serialized_end=461
+  _globals['_CREATEAGENTRESPONSE']._serialized_start=463
+  _globals['_CREATEAGENTRESPONSE']._serialized_end=526
+  _globals['_CREATEAGENTVERSIONREQUEST']._serialized_start=529
+  _globals['_CREATEAGENTVERSIONREQUEST']._serialized_end=713
+  _globals['_CREATEAGENTVERSIONRESPONSE']._serialized_start=715
+  _globals['_CREATEAGENTVERSIONRESPONSE']._serialized_end=785
+  _globals['_GETAGENTREQUEST']._serialized_start=787
+  _globals['_GETAGENTREQUEST']._serialized_end=847
+  _globals['_GETAGENTRESPONSE']._serialized_start=849
+  _globals['_GETAGENTRESPONSE']._serialized_end=909
+  _globals['_LISTAGENTSREQUEST']._serialized_start=912
+  _globals['_LISTAGENTSREQUEST']._serialized_end=1116
+  _globals['_LISTAGENTSREQUEST_LABELSENTRY']._serialized_start=1071
+  _globals['_LISTAGENTSREQUEST_LABELSENTRY']._serialized_end=1116
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=1118
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=1206
+  _globals['_LISTAGENTVERSIONSREQUEST']._serialized_start=1208
+  _globals['_LISTAGENTVERSIONSREQUEST']._serialized_end=1293
+  _globals['_LISTAGENTVERSIONSRESPONSE']._serialized_start=1295
+  _globals['_LISTAGENTVERSIONSRESPONSE']._serialized_end=1390
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1392
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1432
+  _globals['_DELETEAGENTRESPONSE']._serialized_start=1434
+  _globals['_DELETEAGENTRESPONSE']._serialized_end=1497
+  _globals['_SUBMITRUNREQUEST']._serialized_start=1500
+  _globals['_SUBMITRUNREQUEST']._serialized_end=1854
+  _globals['_SUBMITRUNREQUEST_LABELSENTRY']._serialized_start=1071
+  _globals['_SUBMITRUNREQUEST_LABELSENTRY']._serialized_end=1116
+  _globals['_SUBMITRUNRESPONSE']._serialized_start=1856
+  _globals['_SUBMITRUNRESPONSE']._serialized_end=1930
+  _globals['_GETRUNREQUEST']._serialized_start=1932
+  _globals['_GETRUNREQUEST']._serialized_end=1963
+  _globals['_GETRUNRESPONSE']._serialized_start=1965
+  _globals['_GETRUNRESPONSE']._serialized_end=2019
+  _globals['_LISTRUNSREQUEST']._serialized_start=2022
+  _globals['_LISTRUNSREQUEST']._serialized_end=2370
+  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_start=1071
+  _globals['_LISTRUNSREQUEST_LABELSENTRY']._serialized_end=1116
+  _globals['_LISTRUNSRESPONSE']._serialized_start=2372
+  _globals['_LISTRUNSRESPONSE']._serialized_end=2454
+  _globals['_GETRUNTREEREQUEST']._serialized_start=2456
+  _globals['_GETRUNTREEREQUEST']._serialized_end=2491
+  _globals['_GETRUNTREERESPONSE']._serialized_start=2493
+  _globals['_GETRUNTREERESPONSE']._serialized_end=2571
+  _globals['_WATCHRUNREQUEST']._serialized_start=2573
+  _globals['_WATCHRUNREQUEST']._serialized_end=2685
+  _globals['_WATCHRUNRESPONSE']._serialized_start=2687
+  _globals['_WATCHRUNRESPONSE']._serialized_end=2750
+  _globals['_CANCELRUNREQUEST']._serialized_start=2752
+  _globals['_CANCELRUNREQUEST']._serialized_end=2802
+  _globals['_CANCELRUNRESPONSE']._serialized_start=2804
+  _globals['_CANCELRUNRESPONSE']._serialized_end=2861
+  _globals['_LISTAPPROVALSREQUEST']._serialized_start=2864
+  _globals['_LISTAPPROVALSREQUEST']._serialized_end=3022
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=3024
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=3121
+  _globals['_RESOLVEAPPROVALREQUEST']._serialized_start=3123
+  _globals['_RESOLVEAPPROVALREQUEST']._serialized_end=3240
+  _globals['_RESOLVEAPPROVALRESPONSE']._serialized_start=3242
+  _globals['_RESOLVEAPPROVALRESPONSE']._serialized_end=3315
+  _globals['_LISTJOURNALENTRIESREQUEST']._serialized_start=3318
+  _globals['_LISTJOURNALENTRIESREQUEST']._serialized_end=3447
+  _globals['_LISTJOURNALENTRIESRESPONSE']._serialized_start=3449
+  _globals['_LISTJOURNALENTRIESRESPONSE']._serialized_end=3553
+  _globals['_REPLAYRUNREQUEST']._serialized_start=3555
+  _globals['_REPLAYRUNREQUEST']._serialized_end=3605
+  _globals['_REPLAYRUNRESPONSE']._serialized_start=3608
+  _globals['_REPLAYRUNRESPONSE']._serialized_end=3906
+  _globals['_FORKRUNREQUEST']._serialized_start=3909
+  _globals['_FORKRUNREQUEST']._serialized_end=4248
+  _globals['_FORKRUNREQUEST_LABELSENTRY']._serialized_start=1071
+  _globals['_FORKRUNREQUEST_LABELSENTRY']._serialized_end=1116
+  _globals['_FORKRUNRESPONSE']._serialized_start=4250
+  _globals['_FORKRUNRESPONSE']._serialized_end=4322
+  _globals['_AGENTSERVICE']._serialized_start=4325
+  _globals['_AGENTSERVICE']._serialized_end=5046
+  _globals['_RUNSERVICE']._serialized_start=5049
+  _globals['_RUNSERVICE']._serialized_end=6280
 # @@protoc_insertion_point(module_scope)

@@ -4,14 +4,15 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from foredeck.common.v1 import agent_pb2 as _agent_pb2
 from foredeck.common.v1 import approval_pb2 as _approval_pb2
 from foredeck.common.v1 import error_pb2 as _error_pb2
 from foredeck.common.v1 import journal_pb2 as _journal_pb2
 from foredeck.common.v1 import run_event_pb2 as _run_event_pb2
 from foredeck.common.v1 import run_pb2 as _run_pb2
 from foredeck.common.v1 import usage_pb2 as _usage_pb2
-from foredeck.orchestrator.v1 import agent_pb2 as _agent_pb2
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -87,32 +88,44 @@ class CreateAgentVersionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_FIELD_NUMBER: _builtins.int
-    EXPECTED_CURRENT_VERSION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
-    expected_current_version: _builtins.int
-    """The version the caller based its change on. When non-zero and not the agent's latest
-    version, the call fails with AGENT_VERSION_CONFLICT. Zero writes without the check.
-    """
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """A client-chosen id that makes the call idempotent: 1-64 characters of `[A-Za-z0-9._:-]`.
     Required. Remembered for 24 hours.
     """
+    etag: _builtins.str
+    """The `etag` of the version the caller based its change on. When set and not the latest version's
+    etag, the call fails with ABORTED ETAG_MISMATCH. Empty writes without the check.
+    """
     @_builtins.property
     def agent(self) -> _agent_pb2.Agent:
-        """The new version's content, complete (nothing is merged from the previous version). `name`
-        picks the agent; fields marked output only are ignored.
+        """The new version's values for the fields `update_mask` names. `name` picks the agent; fields
+        marked output only are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields of `agent` the new version takes from the request; the others are copied from the
+        latest version. Paths are the settable fields of Agent and, one level down, of its
+        `memory_policy`, `planner`, `budget` and `approval_policy` (a path to a message replaces it
+        whole). Empty names every field `agent` populates (AIP-134), so an older client never clears a
+        field it does not know; to set a field to its zero value, name it. `*` makes `agent` the whole
+        content. An unknown path, or `name`, fails with INVALID_REQUEST.
         """
 
     def __init__(
         self,
         *,
         agent: _agent_pb2.Agent | None = ...,
-        expected_current_version: _builtins.int = ...,
         request_id: _builtins.str = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "expected_current_version", b"expected_current_version", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "etag", b"etag", "request_id", b"request_id", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,10 +236,12 @@ class ListAgentsRequest(_message.Message):
     INCLUDE_ARCHIVED_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most agents to return, from 1 to 200. Zero means 50."""
+    """The most agents to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     include_archived: _builtins.bool
     """Whether archived agents are listed too."""
@@ -290,10 +305,12 @@ class ListAgentVersionsRequest(_message.Message):
     agent_name: _builtins.str
     """The agent's name. Required."""
     page_size: _builtins.int
-    """The most versions to return, from 1 to 200. Zero means 50."""
+    """The most versions to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     def __init__(
         self,
@@ -430,8 +447,9 @@ class SubmitRunRequest(_message.Message):
     priority: _run_pb2.Priority.ValueType
     """The queue priority. Unset means PRIORITY_NORMAL."""
     parent_run_id: _builtins.str
-    """The running run that starts this one as a sub-agent; empty for a top-level run. The parent
-    must belong to the caller's tenant and its agent must allow this agent as a sub-agent.
+    """The running run that starts this one as a sub-agent; empty for a top-level run. Set only by the
+    parent's worker, with the principal the orchestrator minted for the parent (its `rid` equals
+    this id). The parent's agent must allow this agent as a sub-agent.
     """
     parent_step_id: _builtins.str
     """The parent's step that starts this run; required with `parent_run_id`."""
@@ -587,10 +605,12 @@ class ListRunsRequest(_message.Message):
     PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     INCLUDE_ALL_USERS_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most runs to return, from 1 to 200. Zero means 50."""
+    """The most runs to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     agent_name: _builtins.str
     """Only runs of this agent."""
@@ -661,6 +681,62 @@ class ListRunsResponse(_message.Message):
 Global___ListRunsResponse: _TypeAlias = ListRunsResponse  # noqa: Y015
 
 @_typing.final
+class GetRunTreeRequest(_message.Message):
+    """GetRunTreeRequest is the input of RunService.GetRunTree."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """The run whose tree to return: usually a top-level run, but any run's subtree can be read.
+    Required.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunTreeRequest: _TypeAlias = GetRunTreeRequest  # noqa: Y015
+
+@_typing.final
+class GetRunTreeResponse(_message.Message):
+    """GetRunTreeResponse is the output of RunService.GetRunTree."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUNS_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    truncated: _builtins.bool
+    """Whether the tree holds more than the 1,000 runs returned; the missing ones come last in the
+    depth-first order.
+    """
+    @_builtins.property
+    def runs(self) -> _containers.RepeatedCompositeFieldContainer[_run_pb2.Run]:
+        """The named run first, then its sub-agent runs depth first, children in creation order. Each
+        run's `parent_run_id` and `parent_step_id` place it under its parent's step.
+        """
+
+    def __init__(
+        self,
+        *,
+        runs: _abc.Iterable[_run_pb2.Run] | None = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["runs", b"runs", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRunTreeResponse: _TypeAlias = GetRunTreeResponse  # noqa: Y015
+
+@_typing.final
 class WatchRunRequest(_message.Message):
     """WatchRunRequest is the input of RunService.WatchRun."""
 
@@ -676,10 +752,9 @@ class WatchRunRequest(_message.Message):
     starts at the run's first event.
     """
     @_builtins.property
-    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only events whose payload is one of these, named as the fields of the RunEvent `payload`
-        oneof (such as `token_delta` or `step_finished`): at most 16, each a known name. Empty
-        sends every event. RunFinished is always sent, so the stream can end.
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_run_event_pb2.RunEventType.ValueType]:
+        """Only events whose payload is one of these types: at most 16, none unspecified. Empty sends
+        every event. RunFinished is always sent, so the stream can end.
         """
 
     def __init__(
@@ -687,7 +762,7 @@ class WatchRunRequest(_message.Message):
         *,
         run_id: _builtins.str = ...,
         after_event_id: _builtins.str = ...,
-        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        event_types: _abc.Iterable[_run_event_pb2.RunEventType.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -789,10 +864,12 @@ class ListApprovalsRequest(_message.Message):
     caller's. Needs `runs:all_users`.
     """
     page_size: _builtins.int
-    """The most approvals to return, from 1 to 200. Zero means 50."""
+    """The most approvals to return: 0 means 50, values above 200 are treated as 200 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     @_builtins.property
     def statuses(self) -> _containers.RepeatedScalarFieldContainer[_approval_pb2.ApprovalStatus.ValueType]:
@@ -914,12 +991,13 @@ class ListJournalEntriesRequest(_message.Message):
     view: _journal_pb2.JournalView.ValueType
     """How much of each entry to return. Unset means JOURNAL_VIEW_BASIC."""
     page_size: _builtins.int
-    """The most entries to return, from 1 to 500 in the BASIC view and 1 to 100 in the FULL view.
-    Zero means 100 (BASIC) or 20 (FULL).
+    """The most entries to return: 0 means 100 in the BASIC view and 20 in the FULL view, values above
+    500 (BASIC) or 100 (FULL) are treated as those maxima (AIP-158), and negative values fail with
+    INVALID_REQUEST.
     """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same other fields; empty for the first
-    page. Opaque.
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
     """
     def __init__(
         self,

@@ -29,10 +29,13 @@ class AgentServiceStub:
     """AgentService stores versioned agent definitions for the caller's tenant.
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
-    comes only from it. Reads need the permission `agents:read`, writes `agents:write`. Besides
-    the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
-    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST, REQUEST_TOO_LARGE,
-    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
+    comes only from it. Reads need the permission `agents:read` and accept principals minted by the
+    gateway or by the orchestrator; writes need `agents:write` and are gateway-only: an
+    orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run changes an agent.
+    Besides the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, DELEGATION_NOT_ALLOWED,
+    INVALID_REQUEST, REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and
+    INTERNAL (see ErrorReason).
     """
 
     def __init__(self, channel):
@@ -77,14 +80,17 @@ class AgentServiceServicer:
     """AgentService stores versioned agent definitions for the caller's tenant.
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
-    comes only from it. Reads need the permission `agents:read`, writes `agents:write`. Besides
-    the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
-    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST, REQUEST_TOO_LARGE,
-    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
+    comes only from it. Reads need the permission `agents:read` and accept principals minted by the
+    gateway or by the orchestrator; writes need `agents:write` and are gateway-only: an
+    orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run changes an agent.
+    Besides the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, DELEGATION_NOT_ALLOWED,
+    INVALID_REQUEST, REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and
+    INTERNAL (see ErrorReason).
     """
 
     def CreateAgent(self, request, context):
-        """CreateAgent writes version 1 of a new agent.
+        """CreateAgent writes version 1 of a new agent. Gateway-only.
 
         Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived
         agent); INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any
@@ -100,17 +106,22 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CreateAgentVersion(self, request, context):
-        """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above
-        its latest. Runs already submitted keep the version they were pinned to.
+        """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above its
+        latest: the latest version's content with the fields `update_mask` names taken from the
+        request. Runs already submitted keep the version they were pinned to. Gateway-only.
 
-        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED
-        AGENT_VERSION_CONFLICT when `expected_current_version` is set and is not the latest;
-        INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST for bad fields; FAILED_PRECONDITION
-        REQUEST_ID_REUSED.
+        The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+        client built before a field existed carries that field over instead of clearing it; `*` makes
+        the request the whole content, clearing what it leaves unset.
 
-        Atomic: the version check and the write happen in one step, so two concurrent writers with
-        the same expected version cannot both succeed. Idempotent by `request_id`: a retry returns
-        the version the first call wrote and writes no second version.
+        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH
+        when `etag` is set and is not the latest version's; INVALID_ARGUMENT BUDGET_INVALID or
+        INVALID_REQUEST for bad fields or mask paths; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic: the etag check and the write happen in one step, so two concurrent writers with the
+        same etag cannot both succeed. Idempotent by `request_id`, which is checked first: a retry
+        returns the version the first call wrote, even though the etag has changed since, and writes no
+        second version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,8 +142,8 @@ class AgentServiceServicer:
     def ListAgents(self, request, context):
         """ListAgents returns the latest version of each agent of the tenant, ordered by name.
 
-        Errors: INVALID_REQUEST for a bad page size or a page token that does not belong to this
-        query.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for a negative page size or a bad filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -144,7 +155,8 @@ class AgentServiceServicer:
     def ListAgentVersions(self, request, context):
         """ListAgentVersions returns every version of one agent, newest first.
 
-        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_REQUEST for bad paging fields.
+        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+        a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -154,9 +166,9 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAgent(self, request, context):
-        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay
-        readable, and runs already submitted finish on their pinned version. Nothing is erased, and
-        the name is never reused.
+        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+        and runs already submitted finish on their pinned version. Nothing is erased, and the name is
+        never reused. Gateway-only.
 
         Errors: NOT_FOUND AGENT_NOT_FOUND.
 
@@ -211,10 +223,13 @@ class AgentService:
     """AgentService stores versioned agent definitions for the caller's tenant.
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
-    comes only from it. Reads need the permission `agents:read`, writes `agents:write`. Besides
-    the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
-    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST, REQUEST_TOO_LARGE,
-    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
+    comes only from it. Reads need the permission `agents:read` and accept principals minted by the
+    gateway or by the orchestrator; writes need `agents:write` and are gateway-only: an
+    orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run changes an agent.
+    Besides the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, DELEGATION_NOT_ALLOWED,
+    INVALID_REQUEST, REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and
+    INTERNAL (see ErrorReason).
     """
 
     @staticmethod
@@ -386,11 +401,14 @@ class RunServiceStub:
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
     and user come only from it. A caller sees and acts on the runs it started; with the permission
-    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as
-    not found. Besides the reasons each RPC lists, any RPC may fail with the shared reasons
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST,
-    REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see
-    ErrorReason).
+    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as not
+    found. The reads accept principals minted by the gateway or by the orchestrator; CancelRun,
+    ResolveApproval, ReplayRun and ForkRun are gateway-only; SubmitRun accepts an orchestrator-minted
+    principal only for a sub-agent of that principal's own run. A refused delegated principal fails
+    with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the reasons each RPC lists, any RPC may
+    fail with the shared reasons PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED,
+    PERMISSION_MISSING, DELEGATION_NOT_ALLOWED, INVALID_REQUEST, REQUEST_TOO_LARGE,
+    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
     """
 
     def __init__(self, channel):
@@ -413,6 +431,11 @@ class RunServiceStub:
                 '/foredeck.orchestrator.v1.RunService/ListRuns',
                 request_serializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListRunsResponse.FromString,
+                _registered_method=True)
+        self.GetRunTree = channel.unary_unary(
+                '/foredeck.orchestrator.v1.RunService/GetRunTree',
+                request_serializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetRunTreeRequest.SerializeToString,
+                response_deserializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetRunTreeResponse.FromString,
                 _registered_method=True)
         self.WatchRun = channel.unary_stream(
                 '/foredeck.orchestrator.v1.RunService/WatchRun',
@@ -457,11 +480,14 @@ class RunServiceServicer:
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
     and user come only from it. A caller sees and acts on the runs it started; with the permission
-    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as
-    not found. Besides the reasons each RPC lists, any RPC may fail with the shared reasons
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST,
-    REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see
-    ErrorReason).
+    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as not
+    found. The reads accept principals minted by the gateway or by the orchestrator; CancelRun,
+    ResolveApproval, ReplayRun and ForkRun are gateway-only; SubmitRun accepts an orchestrator-minted
+    principal only for a sub-agent of that principal's own run. A refused delegated principal fails
+    with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the reasons each RPC lists, any RPC may
+    fail with the shared reasons PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED,
+    PERMISSION_MISSING, DELEGATION_NOT_ALLOWED, INVALID_REQUEST, REQUEST_TOO_LARGE,
+    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
     """
 
     def SubmitRun(self, request, context):
@@ -471,6 +497,10 @@ class RunServiceServicer:
         are durably written, so an accepted run is never lost; a worker then picks it up. The run is
         pinned to the agent version resolved here. With `parent_run_id` the run is a sub-agent of
         a running run, limited by that run's budget.
+
+        A top-level run needs a gateway-minted principal. A sub-agent run needs the principal the
+        orchestrator minted for the parent run (its `rid` is `parent_run_id`); the gateway never sets
+        `parent_run_id`. Any other pairing fails with DELEGATION_NOT_ALLOWED.
 
         Errors: NOT_FOUND AGENT_NOT_FOUND, AGENT_VERSION_NOT_FOUND or RUN_NOT_FOUND (the parent);
         FAILED_PRECONDITION AGENT_ARCHIVED or RUN_NOT_ACTIVE (the parent finished);
@@ -501,11 +531,27 @@ class RunServiceServicer:
         """ListRuns returns runs, newest first, filtered by status, agent, labels, parent and creation
         time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-        Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-        belong to this query.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for bad filters or a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRunTree(self, request, context):
+        """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+        `parent_step_id`, so a client can draw the whole tree of a run (what `foredeck trace` draws)
+        and open any run's journal. Needs `runs:read`.
+
+        Runs come depth first: the named run, then each child in creation order followed by its own
+        descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND.
+
+        Read-only and idempotent: it changes nothing and reads one consistent state.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -520,9 +566,9 @@ class RunServiceServicer:
         event exactly once. For a finished run the stream sends the remaining events and ends. The
         stream has no deadline of its own; set none, or one long enough for the run.
 
-        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-        or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when resuming
-        from an event past retention.
+        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+        INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when
+        resuming from an event past retention.
 
         Read-only and idempotent: it changes nothing, and resuming from the same event id
         yields the same events.
@@ -540,6 +586,9 @@ class RunServiceServicer:
         run become APPROVAL_STATUS_CANCELLED. A tool call already running may still complete; its
         result is recorded but not acted on.
 
+        Gateway-only: a worker stops its own sub-agent runs inside the orchestrator, not through this
+        RPC.
+
         Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_ALREADY_FINISHED when the run
         succeeded, failed or was dead-lettered.
 
@@ -554,7 +603,8 @@ class RunServiceServicer:
         ones by default, oldest request first. Needs `runs:read`.
 
         Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-        INVALID_REQUEST for bad paging fields.
+        INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+        filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -567,8 +617,10 @@ class RunServiceServicer:
         """ResolveApproval approves or denies a pending tool call and resumes its run. Needs
         `approvals:resolve`, and the approval's run must be visible to the caller.
 
-        The decision is journaled before the run resumes, so it survives any restart. An approved
-        call runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+        The decision is journaled before the run resumes, so it survives any restart. An approved call
+        runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+        Gateway-only: only a person, through the gateway, decides, so a run can never approve its own
+        tool calls.
 
         Errors: NOT_FOUND APPROVAL_NOT_FOUND; FAILED_PRECONDITION APPROVAL_NOT_PENDING when the
         approval was decided differently, expired or was cancelled.
@@ -585,8 +637,8 @@ class RunServiceServicer:
         the recorded model, tool and memory exchanges in the FULL view. Works while the run is live
         (entries written so far) and after it finished. Needs `runs:read`.
 
-        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-        bad paging fields.
+        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+        PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -600,8 +652,8 @@ class RunServiceServicer:
         model, tool and memory results instead of calling llmrouter, toolrunner or memory, and
         reports the result and whether it is identical to the recorded one. Needs `runs:read`.
 
-        Nothing is written: the replay creates no run, no events and no journal entries, and makes
-        no downstream call.
+        Nothing is written: the replay creates no run, no events and no journal entries, and makes no
+        downstream call. Gateway-only.
 
         Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
         REPLAY_DIVERGED when `strict` is set and the replay diverged.
@@ -613,10 +665,11 @@ class RunServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ForkRun(self, request, context):
-        """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to
-        N-1 are copied into the new run and reused as recorded, and execution continues live at
-        step N, optionally with a changed input or agent version. Needs `runs:create` and visibility
-        of the source run.
+        """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
+        are copied into the new run and reused as recorded, and execution continues live at step N,
+        optionally with a changed input or agent version. Needs `runs:create` and visibility of the
+        source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
+        tool effect keys and run their tools again.
 
         Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND;
         FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT
@@ -648,6 +701,11 @@ def add_RunServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListRunsRequest.FromString,
                     response_serializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'GetRunTree': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunTree,
+                    request_deserializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetRunTreeRequest.FromString,
+                    response_serializer=foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetRunTreeResponse.SerializeToString,
             ),
             'WatchRun': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchRun,
@@ -698,11 +756,14 @@ class RunService:
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
     and user come only from it. A caller sees and acts on the runs it started; with the permission
-    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as
-    not found. Besides the reasons each RPC lists, any RPC may fail with the shared reasons
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST,
-    REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see
-    ErrorReason).
+    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as not
+    found. The reads accept principals minted by the gateway or by the orchestrator; CancelRun,
+    ResolveApproval, ReplayRun and ForkRun are gateway-only; SubmitRun accepts an orchestrator-minted
+    principal only for a sub-agent of that principal's own run. A refused delegated principal fails
+    with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the reasons each RPC lists, any RPC may
+    fail with the shared reasons PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED,
+    PERMISSION_MISSING, DELEGATION_NOT_ALLOWED, INVALID_REQUEST, REQUEST_TOO_LARGE,
+    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
     """
 
     @staticmethod
@@ -776,6 +837,33 @@ class RunService:
             '/foredeck.orchestrator.v1.RunService/ListRuns',
             foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListRunsRequest.SerializeToString,
             foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunTree(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/foredeck.orchestrator.v1.RunService/GetRunTree',
+            foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetRunTreeRequest.SerializeToString,
+            foredeck_dot_orchestrator_dot_v1_dot_orchestrator__service__pb2.GetRunTreeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,10 +30,13 @@ class AgentServiceStub:
     """AgentService stores versioned agent definitions for the caller's tenant.
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
-    comes only from it. Reads need the permission `agents:read`, writes `agents:write`. Besides
-    the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
-    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST, REQUEST_TOO_LARGE,
-    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
+    comes only from it. Reads need the permission `agents:read` and accept principals minted by the
+    gateway or by the orchestrator; writes need `agents:write` and are gateway-only: an
+    orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run changes an agent.
+    Besides the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, DELEGATION_NOT_ALLOWED,
+    INVALID_REQUEST, REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and
+    INTERNAL (see ErrorReason).
     """
 
     @_typing.overload
@@ -41,7 +44,7 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CreateAgentRequest, _orchestrator_service_pb2.CreateAgentResponse]
-    """CreateAgent writes version 1 of a new agent.
+    """CreateAgent writes version 1 of a new agent. Gateway-only.
 
     Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived
     agent); INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any
@@ -53,17 +56,22 @@ class AgentServiceStub:
     first call created, without writing again, even if the first response was lost.
     """
     CreateAgentVersion: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CreateAgentVersionRequest, _orchestrator_service_pb2.CreateAgentVersionResponse]
-    """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above
-    its latest. Runs already submitted keep the version they were pinned to.
+    """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above its
+    latest: the latest version's content with the fields `update_mask` names taken from the
+    request. Runs already submitted keep the version they were pinned to. Gateway-only.
 
-    Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED
-    AGENT_VERSION_CONFLICT when `expected_current_version` is set and is not the latest;
-    INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST for bad fields; FAILED_PRECONDITION
-    REQUEST_ID_REUSED.
+    The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+    client built before a field existed carries that field over instead of clearing it; `*` makes
+    the request the whole content, clearing what it leaves unset.
 
-    Atomic: the version check and the write happen in one step, so two concurrent writers with
-    the same expected version cannot both succeed. Idempotent by `request_id`: a retry returns
-    the version the first call wrote and writes no second version.
+    Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH
+    when `etag` is set and is not the latest version's; INVALID_ARGUMENT BUDGET_INVALID or
+    INVALID_REQUEST for bad fields or mask paths; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic: the etag check and the write happen in one step, so two concurrent writers with the
+    same etag cannot both succeed. Idempotent by `request_id`, which is checked first: a retry
+    returns the version the first call wrote, even though the etag has changed since, and writes no
+    second version.
     """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetAgentRequest, _orchestrator_service_pb2.GetAgentResponse]
     """GetAgent returns one version of an agent: the latest unless a version is given. Archived
@@ -76,8 +84,8 @@ class AgentServiceStub:
     ListAgents: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListAgentsRequest, _orchestrator_service_pb2.ListAgentsResponse]
     """ListAgents returns the latest version of each agent of the tenant, ordered by name.
 
-    Errors: INVALID_REQUEST for a bad page size or a page token that does not belong to this
-    query.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for a negative page size or a bad filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -85,15 +93,16 @@ class AgentServiceStub:
     ListAgentVersions: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListAgentVersionsRequest, _orchestrator_service_pb2.ListAgentVersionsResponse]
     """ListAgentVersions returns every version of one agent, newest first.
 
-    Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_REQUEST for bad paging fields.
+    Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+    a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
     """
     DeleteAgent: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.DeleteAgentRequest, _orchestrator_service_pb2.DeleteAgentResponse]
-    """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay
-    readable, and runs already submitted finish on their pinned version. Nothing is erased, and
-    the name is never reused.
+    """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+    and runs already submitted finish on their pinned version. Nothing is erased, and the name is
+    never reused. Gateway-only.
 
     Errors: NOT_FOUND AGENT_NOT_FOUND.
 
@@ -105,15 +114,18 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """AgentService stores versioned agent definitions for the caller's tenant.
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
-    comes only from it. Reads need the permission `agents:read`, writes `agents:write`. Besides
-    the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
-    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST, REQUEST_TOO_LARGE,
-    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
+    comes only from it. Reads need the permission `agents:read` and accept principals minted by the
+    gateway or by the orchestrator; writes need `agents:write` and are gateway-only: an
+    orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run changes an agent.
+    Besides the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, DELEGATION_NOT_ALLOWED,
+    INVALID_REQUEST, REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and
+    INTERNAL (see ErrorReason).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateAgent: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CreateAgentRequest, _orchestrator_service_pb2.CreateAgentResponse]  # type: ignore[assignment]
-    """CreateAgent writes version 1 of a new agent.
+    """CreateAgent writes version 1 of a new agent. Gateway-only.
 
     Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived
     agent); INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any
@@ -125,17 +137,22 @@ class AgentServiceAsyncStub(AgentServiceStub):
     first call created, without writing again, even if the first response was lost.
     """
     CreateAgentVersion: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CreateAgentVersionRequest, _orchestrator_service_pb2.CreateAgentVersionResponse]  # type: ignore[assignment]
-    """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above
-    its latest. Runs already submitted keep the version they were pinned to.
+    """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above its
+    latest: the latest version's content with the fields `update_mask` names taken from the
+    request. Runs already submitted keep the version they were pinned to. Gateway-only.
 
-    Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED
-    AGENT_VERSION_CONFLICT when `expected_current_version` is set and is not the latest;
-    INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST for bad fields; FAILED_PRECONDITION
-    REQUEST_ID_REUSED.
+    The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+    client built before a field existed carries that field over instead of clearing it; `*` makes
+    the request the whole content, clearing what it leaves unset.
 
-    Atomic: the version check and the write happen in one step, so two concurrent writers with
-    the same expected version cannot both succeed. Idempotent by `request_id`: a retry returns
-    the version the first call wrote and writes no second version.
+    Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH
+    when `etag` is set and is not the latest version's; INVALID_ARGUMENT BUDGET_INVALID or
+    INVALID_REQUEST for bad fields or mask paths; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+    Atomic: the etag check and the write happen in one step, so two concurrent writers with the
+    same etag cannot both succeed. Idempotent by `request_id`, which is checked first: a retry
+    returns the version the first call wrote, even though the etag has changed since, and writes no
+    second version.
     """
     GetAgent: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetAgentRequest, _orchestrator_service_pb2.GetAgentResponse]  # type: ignore[assignment]
     """GetAgent returns one version of an agent: the latest unless a version is given. Archived
@@ -148,8 +165,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     ListAgents: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListAgentsRequest, _orchestrator_service_pb2.ListAgentsResponse]  # type: ignore[assignment]
     """ListAgents returns the latest version of each agent of the tenant, ordered by name.
 
-    Errors: INVALID_REQUEST for a bad page size or a page token that does not belong to this
-    query.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for a negative page size or a bad filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -157,15 +174,16 @@ class AgentServiceAsyncStub(AgentServiceStub):
     ListAgentVersions: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ListAgentVersionsRequest, _orchestrator_service_pb2.ListAgentVersionsResponse]  # type: ignore[assignment]
     """ListAgentVersions returns every version of one agent, newest first.
 
-    Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_REQUEST for bad paging fields.
+    Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+    a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
     """
     DeleteAgent: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.DeleteAgentRequest, _orchestrator_service_pb2.DeleteAgentResponse]  # type: ignore[assignment]
-    """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay
-    readable, and runs already submitted finish on their pinned version. Nothing is erased, and
-    the name is never reused.
+    """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+    and runs already submitted finish on their pinned version. Nothing is erased, and the name is
+    never reused. Gateway-only.
 
     Errors: NOT_FOUND AGENT_NOT_FOUND.
 
@@ -176,10 +194,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService stores versioned agent definitions for the caller's tenant.
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
-    comes only from it. Reads need the permission `agents:read`, writes `agents:write`. Besides
-    the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
-    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST, REQUEST_TOO_LARGE,
-    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
+    comes only from it. Reads need the permission `agents:read` and accept principals minted by the
+    gateway or by the orchestrator; writes need `agents:write` and are gateway-only: an
+    orchestrator-minted principal fails with DELEGATION_NOT_ALLOWED, so no run changes an agent.
+    Besides the reasons each RPC lists, any RPC may fail with the shared reasons PRINCIPAL_MISSING,
+    PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, DELEGATION_NOT_ALLOWED,
+    INVALID_REQUEST, REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and
+    INTERNAL (see ErrorReason).
     """
 
     @_abc_1.abstractmethod
@@ -188,7 +209,7 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.CreateAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.CreateAgentResponse, _abc.Awaitable[_orchestrator_service_pb2.CreateAgentResponse]]:
-        """CreateAgent writes version 1 of a new agent.
+        """CreateAgent writes version 1 of a new agent. Gateway-only.
 
         Errors: ALREADY_EXISTS AGENT_ALREADY_EXISTS when the name is taken (also by an archived
         agent); INVALID_ARGUMENT BUDGET_INVALID for a negative budget field, INVALID_REQUEST for any
@@ -206,17 +227,22 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.CreateAgentVersionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.CreateAgentVersionResponse, _abc.Awaitable[_orchestrator_service_pb2.CreateAgentVersionResponse]]:
-        """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above
-        its latest. Runs already submitted keep the version they were pinned to.
+        """CreateAgentVersion writes a new immutable version of an existing agent, numbered one above its
+        latest: the latest version's content with the fields `update_mask` names taken from the
+        request. Runs already submitted keep the version they were pinned to. Gateway-only.
 
-        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED
-        AGENT_VERSION_CONFLICT when `expected_current_version` is set and is not the latest;
-        INVALID_ARGUMENT BUDGET_INVALID or INVALID_REQUEST for bad fields; FAILED_PRECONDITION
-        REQUEST_ID_REUSED.
+        The mask follows AIP-134: an empty mask names every field the request's agent populates, so a
+        client built before a field existed carries that field over instead of clearing it; `*` makes
+        the request the whole content, clearing what it leaves unset.
 
-        Atomic: the version check and the write happen in one step, so two concurrent writers with
-        the same expected version cannot both succeed. Idempotent by `request_id`: a retry returns
-        the version the first call wrote and writes no second version.
+        Errors: NOT_FOUND AGENT_NOT_FOUND; FAILED_PRECONDITION AGENT_ARCHIVED; ABORTED ETAG_MISMATCH
+        when `etag` is set and is not the latest version's; INVALID_ARGUMENT BUDGET_INVALID or
+        INVALID_REQUEST for bad fields or mask paths; FAILED_PRECONDITION REQUEST_ID_REUSED.
+
+        Atomic: the etag check and the write happen in one step, so two concurrent writers with the
+        same etag cannot both succeed. Idempotent by `request_id`, which is checked first: a retry
+        returns the version the first call wrote, even though the etag has changed since, and writes no
+        second version.
         """
 
     @_abc_1.abstractmethod
@@ -241,8 +267,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orchestrator_service_pb2.ListAgentsResponse, _abc.Awaitable[_orchestrator_service_pb2.ListAgentsResponse]]:
         """ListAgents returns the latest version of each agent of the tenant, ordered by name.
 
-        Errors: INVALID_REQUEST for a bad page size or a page token that does not belong to this
-        query.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for a negative page size or a bad filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -256,7 +282,8 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_orchestrator_service_pb2.ListAgentVersionsResponse, _abc.Awaitable[_orchestrator_service_pb2.ListAgentVersionsResponse]]:
         """ListAgentVersions returns every version of one agent, newest first.
 
-        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_REQUEST for bad paging fields.
+        Errors: NOT_FOUND AGENT_NOT_FOUND; INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for
+        a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -268,9 +295,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.DeleteAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.DeleteAgentResponse, _abc.Awaitable[_orchestrator_service_pb2.DeleteAgentResponse]]:
-        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay
-        readable, and runs already submitted finish on their pinned version. Nothing is erased, and
-        the name is never reused.
+        """DeleteAgent archives an agent: it accepts no new runs or versions, its versions stay readable,
+        and runs already submitted finish on their pinned version. Nothing is erased, and the name is
+        never reused. Gateway-only.
 
         Errors: NOT_FOUND AGENT_NOT_FOUND.
 
@@ -285,11 +312,14 @@ class RunServiceStub:
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
     and user come only from it. A caller sees and acts on the runs it started; with the permission
-    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as
-    not found. Besides the reasons each RPC lists, any RPC may fail with the shared reasons
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST,
-    REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see
-    ErrorReason).
+    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as not
+    found. The reads accept principals minted by the gateway or by the orchestrator; CancelRun,
+    ResolveApproval, ReplayRun and ForkRun are gateway-only; SubmitRun accepts an orchestrator-minted
+    principal only for a sub-agent of that principal's own run. A refused delegated principal fails
+    with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the reasons each RPC lists, any RPC may
+    fail with the shared reasons PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED,
+    PERMISSION_MISSING, DELEGATION_NOT_ALLOWED, INVALID_REQUEST, REQUEST_TOO_LARGE,
+    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
     """
 
     @_typing.overload
@@ -303,6 +333,10 @@ class RunServiceStub:
     are durably written, so an accepted run is never lost; a worker then picks it up. The run is
     pinned to the agent version resolved here. With `parent_run_id` the run is a sub-agent of
     a running run, limited by that run's budget.
+
+    A top-level run needs a gateway-minted principal. A sub-agent run needs the principal the
+    orchestrator minted for the parent run (its `rid` is `parent_run_id`); the gateway never sets
+    `parent_run_id`. Any other pairing fails with DELEGATION_NOT_ALLOWED.
 
     Errors: NOT_FOUND AGENT_NOT_FOUND, AGENT_VERSION_NOT_FOUND or RUN_NOT_FOUND (the parent);
     FAILED_PRECONDITION AGENT_ARCHIVED or RUN_NOT_ACTIVE (the parent finished);
@@ -325,11 +359,23 @@ class RunServiceStub:
     """ListRuns returns runs, newest first, filtered by status, agent, labels, parent and creation
     time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-    Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-    belong to this query.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for bad filters or a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
+    """
+    GetRunTree: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunTreeRequest, _orchestrator_service_pb2.GetRunTreeResponse]
+    """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+    `parent_step_id`, so a client can draw the whole tree of a run (what `foredeck trace` draws)
+    and open any run's journal. Needs `runs:read`.
+
+    Runs come depth first: the named run, then each child in creation order followed by its own
+    descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND.
+
+    Read-only and idempotent: it changes nothing and reads one consistent state.
     """
     WatchRun: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchRunRequest, _orchestrator_service_pb2.WatchRunResponse]
     """WatchRun streams a run's events in order, live, and ends after the RunFinished event.
@@ -340,9 +386,9 @@ class RunServiceStub:
     event exactly once. For a finished run the stream sends the remaining events and ends. The
     stream has no deadline of its own; set none, or one long enough for the run.
 
-    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-    or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when resuming
-    from an event past retention.
+    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+    INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when
+    resuming from an event past retention.
 
     Read-only and idempotent: it changes nothing, and resuming from the same event id
     yields the same events.
@@ -356,6 +402,9 @@ class RunServiceStub:
     run become APPROVAL_STATUS_CANCELLED. A tool call already running may still complete; its
     result is recorded but not acted on.
 
+    Gateway-only: a worker stops its own sub-agent runs inside the orchestrator, not through this
+    RPC.
+
     Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_ALREADY_FINISHED when the run
     succeeded, failed or was dead-lettered.
 
@@ -366,7 +415,8 @@ class RunServiceStub:
     ones by default, oldest request first. Needs `runs:read`.
 
     Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-    INVALID_REQUEST for bad paging fields.
+    INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+    filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -375,8 +425,10 @@ class RunServiceStub:
     """ResolveApproval approves or denies a pending tool call and resumes its run. Needs
     `approvals:resolve`, and the approval's run must be visible to the caller.
 
-    The decision is journaled before the run resumes, so it survives any restart. An approved
-    call runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+    The decision is journaled before the run resumes, so it survives any restart. An approved call
+    runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+    Gateway-only: only a person, through the gateway, decides, so a run can never approve its own
+    tool calls.
 
     Errors: NOT_FOUND APPROVAL_NOT_FOUND; FAILED_PRECONDITION APPROVAL_NOT_PENDING when the
     approval was decided differently, expired or was cancelled.
@@ -389,8 +441,8 @@ class RunServiceStub:
     the recorded model, tool and memory exchanges in the FULL view. Works while the run is live
     (entries written so far) and after it finished. Needs `runs:read`.
 
-    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-    bad paging fields.
+    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -400,8 +452,8 @@ class RunServiceStub:
     model, tool and memory results instead of calling llmrouter, toolrunner or memory, and
     reports the result and whether it is identical to the recorded one. Needs `runs:read`.
 
-    Nothing is written: the replay creates no run, no events and no journal entries, and makes
-    no downstream call.
+    Nothing is written: the replay creates no run, no events and no journal entries, and makes no
+    downstream call. Gateway-only.
 
     Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
     REPLAY_DIVERGED when `strict` is set and the replay diverged.
@@ -409,10 +461,11 @@ class RunServiceStub:
     Read-only and idempotent: it changes nothing, and replaying again gives the same result.
     """
     ForkRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ForkRunRequest, _orchestrator_service_pb2.ForkRunResponse]
-    """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to
-    N-1 are copied into the new run and reused as recorded, and execution continues live at
-    step N, optionally with a changed input or agent version. Needs `runs:create` and visibility
-    of the source run.
+    """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
+    are copied into the new run and reused as recorded, and execution continues live at step N,
+    optionally with a changed input or agent version. Needs `runs:create` and visibility of the
+    source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
+    tool effect keys and run their tools again.
 
     Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND;
     FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT
@@ -431,11 +484,14 @@ class RunServiceAsyncStub(RunServiceStub):
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
     and user come only from it. A caller sees and acts on the runs it started; with the permission
-    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as
-    not found. Besides the reasons each RPC lists, any RPC may fail with the shared reasons
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST,
-    REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see
-    ErrorReason).
+    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as not
+    found. The reads accept principals minted by the gateway or by the orchestrator; CancelRun,
+    ResolveApproval, ReplayRun and ForkRun are gateway-only; SubmitRun accepts an orchestrator-minted
+    principal only for a sub-agent of that principal's own run. A refused delegated principal fails
+    with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the reasons each RPC lists, any RPC may
+    fail with the shared reasons PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED,
+    PERMISSION_MISSING, DELEGATION_NOT_ALLOWED, INVALID_REQUEST, REQUEST_TOO_LARGE,
+    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -446,6 +502,10 @@ class RunServiceAsyncStub(RunServiceStub):
     are durably written, so an accepted run is never lost; a worker then picks it up. The run is
     pinned to the agent version resolved here. With `parent_run_id` the run is a sub-agent of
     a running run, limited by that run's budget.
+
+    A top-level run needs a gateway-minted principal. A sub-agent run needs the principal the
+    orchestrator minted for the parent run (its `rid` is `parent_run_id`); the gateway never sets
+    `parent_run_id`. Any other pairing fails with DELEGATION_NOT_ALLOWED.
 
     Errors: NOT_FOUND AGENT_NOT_FOUND, AGENT_VERSION_NOT_FOUND or RUN_NOT_FOUND (the parent);
     FAILED_PRECONDITION AGENT_ARCHIVED or RUN_NOT_ACTIVE (the parent finished);
@@ -468,11 +528,23 @@ class RunServiceAsyncStub(RunServiceStub):
     """ListRuns returns runs, newest first, filtered by status, agent, labels, parent and creation
     time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-    Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-    belong to this query.
+    Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+    INVALID_REQUEST for bad filters or a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
+    """
+    GetRunTree: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetRunTreeRequest, _orchestrator_service_pb2.GetRunTreeResponse]  # type: ignore[assignment]
+    """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+    `parent_step_id`, so a client can draw the whole tree of a run (what `foredeck trace` draws)
+    and open any run's journal. Needs `runs:read`.
+
+    Runs come depth first: the named run, then each child in creation order followed by its own
+    descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+    Errors: NOT_FOUND RUN_NOT_FOUND.
+
+    Read-only and idempotent: it changes nothing and reads one consistent state.
     """
     WatchRun: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchRunRequest, _orchestrator_service_pb2.WatchRunResponse]  # type: ignore[assignment]
     """WatchRun streams a run's events in order, live, and ends after the RunFinished event.
@@ -483,9 +555,9 @@ class RunServiceAsyncStub(RunServiceStub):
     event exactly once. For a finished run the stream sends the remaining events and ends. The
     stream has no deadline of its own; set none, or one long enough for the run.
 
-    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-    or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when resuming
-    from an event past retention.
+    Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+    INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when
+    resuming from an event past retention.
 
     Read-only and idempotent: it changes nothing, and resuming from the same event id
     yields the same events.
@@ -499,6 +571,9 @@ class RunServiceAsyncStub(RunServiceStub):
     run become APPROVAL_STATUS_CANCELLED. A tool call already running may still complete; its
     result is recorded but not acted on.
 
+    Gateway-only: a worker stops its own sub-agent runs inside the orchestrator, not through this
+    RPC.
+
     Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_ALREADY_FINISHED when the run
     succeeded, failed or was dead-lettered.
 
@@ -509,7 +584,8 @@ class RunServiceAsyncStub(RunServiceStub):
     ones by default, oldest request first. Needs `runs:read`.
 
     Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-    INVALID_REQUEST for bad paging fields.
+    INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+    filter.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -518,8 +594,10 @@ class RunServiceAsyncStub(RunServiceStub):
     """ResolveApproval approves or denies a pending tool call and resumes its run. Needs
     `approvals:resolve`, and the approval's run must be visible to the caller.
 
-    The decision is journaled before the run resumes, so it survives any restart. An approved
-    call runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+    The decision is journaled before the run resumes, so it survives any restart. An approved call
+    runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+    Gateway-only: only a person, through the gateway, decides, so a run can never approve its own
+    tool calls.
 
     Errors: NOT_FOUND APPROVAL_NOT_FOUND; FAILED_PRECONDITION APPROVAL_NOT_PENDING when the
     approval was decided differently, expired or was cancelled.
@@ -532,8 +610,8 @@ class RunServiceAsyncStub(RunServiceStub):
     the recorded model, tool and memory exchanges in the FULL view. Works while the run is live
     (entries written so far) and after it finished. Needs `runs:read`.
 
-    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-    bad paging fields.
+    Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+    PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
     Read-only and idempotent: it changes nothing; each page is read consistently, though
     pages are not one snapshot.
@@ -543,8 +621,8 @@ class RunServiceAsyncStub(RunServiceStub):
     model, tool and memory results instead of calling llmrouter, toolrunner or memory, and
     reports the result and whether it is identical to the recorded one. Needs `runs:read`.
 
-    Nothing is written: the replay creates no run, no events and no journal entries, and makes
-    no downstream call.
+    Nothing is written: the replay creates no run, no events and no journal entries, and makes no
+    downstream call. Gateway-only.
 
     Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
     REPLAY_DIVERGED when `strict` is set and the replay diverged.
@@ -552,10 +630,11 @@ class RunServiceAsyncStub(RunServiceStub):
     Read-only and idempotent: it changes nothing, and replaying again gives the same result.
     """
     ForkRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ForkRunRequest, _orchestrator_service_pb2.ForkRunResponse]  # type: ignore[assignment]
-    """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to
-    N-1 are copied into the new run and reused as recorded, and execution continues live at
-    step N, optionally with a changed input or agent version. Needs `runs:create` and visibility
-    of the source run.
+    """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
+    are copied into the new run and reused as recorded, and execution continues live at step N,
+    optionally with a changed input or agent version. Needs `runs:create` and visibility of the
+    source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
+    tool effect keys and run their tools again.
 
     Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND;
     FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT
@@ -573,11 +652,14 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
 
     Every call needs a verified principal in the `x-foredeck-principal` metadata entry; the tenant
     and user come only from it. A caller sees and acts on the runs it started; with the permission
-    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as
-    not found. Besides the reasons each RPC lists, any RPC may fail with the shared reasons
-    PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED, PERMISSION_MISSING, INVALID_REQUEST,
-    REQUEST_TOO_LARGE, DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see
-    ErrorReason).
+    `runs:all_users` also on every run of its tenant. A run the caller may not see is reported as not
+    found. The reads accept principals minted by the gateway or by the orchestrator; CancelRun,
+    ResolveApproval, ReplayRun and ForkRun are gateway-only; SubmitRun accepts an orchestrator-minted
+    principal only for a sub-agent of that principal's own run. A refused delegated principal fails
+    with DELEGATION_NOT_ALLOWED (PERMISSION_DENIED). Besides the reasons each RPC lists, any RPC may
+    fail with the shared reasons PRINCIPAL_MISSING, PRINCIPAL_INVALID, PRINCIPAL_EXPIRED,
+    PERMISSION_MISSING, DELEGATION_NOT_ALLOWED, INVALID_REQUEST, REQUEST_TOO_LARGE,
+    DEADLINE_TOO_SHORT, STORE_UNAVAILABLE, SHUTTING_DOWN and INTERNAL (see ErrorReason).
     """
 
     @_abc_1.abstractmethod
@@ -592,6 +674,10 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         are durably written, so an accepted run is never lost; a worker then picks it up. The run is
         pinned to the agent version resolved here. With `parent_run_id` the run is a sub-agent of
         a running run, limited by that run's budget.
+
+        A top-level run needs a gateway-minted principal. A sub-agent run needs the principal the
+        orchestrator minted for the parent run (its `rid` is `parent_run_id`); the gateway never sets
+        `parent_run_id`. Any other pairing fails with DELEGATION_NOT_ALLOWED.
 
         Errors: NOT_FOUND AGENT_NOT_FOUND, AGENT_VERSION_NOT_FOUND or RUN_NOT_FOUND (the parent);
         FAILED_PRECONDITION AGENT_ARCHIVED or RUN_NOT_ACTIVE (the parent finished);
@@ -626,11 +712,29 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListRuns returns runs, newest first, filtered by status, agent, labels, parent and creation
         time. Needs `runs:read`; `include_all_users` also needs `runs:all_users`.
 
-        Errors: INVALID_REQUEST for bad filters, a bad page size or a page token that does not
-        belong to this query.
+        Errors: INVALID_ARGUMENT PAGE_TOKEN_INVALID for a page token that is not one of this query's;
+        INVALID_REQUEST for bad filters or a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRunTree(
+        self,
+        request: _orchestrator_service_pb2.GetRunTreeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_orchestrator_service_pb2.GetRunTreeResponse, _abc.Awaitable[_orchestrator_service_pb2.GetRunTreeResponse]]:
+        """GetRunTree returns a run and every sub-agent run below it, each with `parent_run_id` and
+        `parent_step_id`, so a client can draw the whole tree of a run (what `foredeck trace` draws)
+        and open any run's journal. Needs `runs:read`.
+
+        Runs come depth first: the named run, then each child in creation order followed by its own
+        descendants. At most 1,000 runs are returned; `truncated` says whether there were more.
+
+        Errors: NOT_FOUND RUN_NOT_FOUND.
+
+        Read-only and idempotent: it changes nothing and reads one consistent state.
         """
 
     @_abc_1.abstractmethod
@@ -647,9 +751,9 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         event exactly once. For a finished run the stream sends the remaining events and ends. The
         stream has no deadline of its own; set none, or one long enough for the run.
 
-        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID,
-        or INVALID_REQUEST for an unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when resuming
-        from an event past retention.
+        Errors (as the stream's status): NOT_FOUND RUN_NOT_FOUND; INVALID_ARGUMENT EVENT_ID_INVALID, or
+        INVALID_REQUEST for an unspecified or unknown event type; OUT_OF_RANGE EVENTS_TRIMMED when
+        resuming from an event past retention.
 
         Read-only and idempotent: it changes nothing, and resuming from the same event id
         yields the same events.
@@ -669,6 +773,9 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         run become APPROVAL_STATUS_CANCELLED. A tool call already running may still complete; its
         result is recorded but not acted on.
 
+        Gateway-only: a worker stops its own sub-agent runs inside the orchestrator, not through this
+        RPC.
+
         Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_ALREADY_FINISHED when the run
         succeeded, failed or was dead-lettered.
 
@@ -685,7 +792,8 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         ones by default, oldest request first. Needs `runs:read`.
 
         Errors: NOT_FOUND RUN_NOT_FOUND when `run_id` names a run the caller may not see;
-        INVALID_REQUEST for bad paging fields.
+        INVALID_ARGUMENT PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size or a bad
+        filter.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -700,8 +808,10 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         """ResolveApproval approves or denies a pending tool call and resumes its run. Needs
         `approvals:resolve`, and the approval's run must be visible to the caller.
 
-        The decision is journaled before the run resumes, so it survives any restart. An approved
-        call runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+        The decision is journaled before the run resumes, so it survives any restart. An approved call
+        runs once; a denied call fails its step with APPROVAL_DENIED and the run may replan.
+        Gateway-only: only a person, through the gateway, decides, so a run can never approve its own
+        tool calls.
 
         Errors: NOT_FOUND APPROVAL_NOT_FOUND; FAILED_PRECONDITION APPROVAL_NOT_PENDING when the
         approval was decided differently, expired or was cancelled.
@@ -720,8 +830,8 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         the recorded model, tool and memory exchanges in the FULL view. Works while the run is live
         (entries written so far) and after it finished. Needs `runs:read`.
 
-        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_REQUEST for
-        bad paging fields.
+        Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION JOURNAL_EXPIRED; INVALID_ARGUMENT
+        PAGE_TOKEN_INVALID, or INVALID_REQUEST for a negative page size.
 
         Read-only and idempotent: it changes nothing; each page is read consistently, though
         pages are not one snapshot.
@@ -737,8 +847,8 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         model, tool and memory results instead of calling llmrouter, toolrunner or memory, and
         reports the result and whether it is identical to the recorded one. Needs `runs:read`.
 
-        Nothing is written: the replay creates no run, no events and no journal entries, and makes
-        no downstream call.
+        Nothing is written: the replay creates no run, no events and no journal entries, and makes no
+        downstream call. Gateway-only.
 
         Errors: NOT_FOUND RUN_NOT_FOUND; FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED, or
         REPLAY_DIVERGED when `strict` is set and the replay diverged.
@@ -752,10 +862,11 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _orchestrator_service_pb2.ForkRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.ForkRunResponse, _abc.Awaitable[_orchestrator_service_pb2.ForkRunResponse]]:
-        """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to
-        N-1 are copied into the new run and reused as recorded, and execution continues live at
-        step N, optionally with a changed input or agent version. Needs `runs:create` and visibility
-        of the source run.
+        """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
+        are copied into the new run and reused as recorded, and execution continues live at step N,
+        optionally with a changed input or agent version. Needs `runs:create` and visibility of the
+        source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
+        tool effect keys and run their tools again.
 
         Errors: NOT_FOUND RUN_NOT_FOUND, STEP_NOT_FOUND or AGENT_VERSION_NOT_FOUND;
         FAILED_PRECONDITION RUN_NOT_FINISHED, JOURNAL_EXPIRED or AGENT_ARCHIVED; INVALID_ARGUMENT

@@ -42,10 +42,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     details. Permissions of a particular tool are TOOL_PERMISSION_DENIED instead.
     """
     ERROR_REASON_INVALID_REQUEST: _ErrorReason.ValueType  # 5
-    """INVALID_ARGUMENT: one or more request fields are malformed or out of range (for example a
-    bad tool name, a timeout over 15 minutes, an unknown enum value, a page token from another
-    query). Comes with a `BadRequest` holding one field violation per bad field, named by its
-    path such as `tool.policy.timeout`. No metadata.
+    """INVALID_ARGUMENT: one or more request fields are malformed or out of range (for example a bad
+    tool name, a timeout over 15 minutes, an unknown enum value, an unknown mask path, an
+    idempotency key that is not `<run_id>:<step_id>` of the request's run and step). Comes with a
+    `BadRequest` holding one field violation per bad field, named by its path such as
+    `tool.policy.timeout`. No metadata.
     """
     ERROR_REASON_REQUEST_TOO_LARGE: _ErrorReason.ValueType  # 6
     """INVALID_ARGUMENT: a field is over its documented size limit (for example `arguments_json`
@@ -83,6 +84,12 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     different parameters; restart from the first page. A `BadRequest` names the `page_token`
     field.
     """
+    ERROR_REASON_DELEGATION_NOT_ALLOWED: _ErrorReason.ValueType  # 14
+    """PERMISSION_DENIED: a gateway-only method (a registry write) was called with a principal the
+    orchestrator minted for a run, or ExecuteTool was called with such a principal for another run
+    than its own. Metadata `method` (the full RPC name) and `runId` (the principal's run). No extra
+    details.
+    """
     ERROR_REASON_TOOL_NOT_FOUND: _ErrorReason.ValueType  # 20
     """NOT_FOUND: no tool has this name (never registered, or deregistered). Returned only to
     callers that hold `tools:<name>`, `toolregistry:read` or `toolregistry:write`; others get
@@ -97,11 +104,6 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_TOOL_ALREADY_EXISTS: _ErrorReason.ValueType  # 22
     """ALREADY_EXISTS: a tool with this name is already registered. Metadata `toolName` and
     `version` (the existing one). No extra details.
-    """
-    ERROR_REASON_TOOL_VERSION_CONFLICT: _ErrorReason.ValueType  # 23
-    """ABORTED: the update's `expected_version` is not the tool's current version; someone else
-    changed the tool first. Read it again and reapply the change. Metadata `toolName`,
-    `expectedVersion` and `currentVersion`. No extra details.
     """
     ERROR_REASON_TOOL_ARGUMENTS_INVALID: _ErrorReason.ValueType  # 24
     """INVALID_ARGUMENT: the call's arguments are not a JSON object or do not satisfy the tool's
@@ -163,9 +165,10 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     token. Nothing ran. Metadata `toolName`. No extra details.
     """
     ERROR_REASON_APPROVAL_INVALID: _ErrorReason.ValueType  # 34
-    """PERMISSION_DENIED: the call's approval token is not valid: bad signature, expired, or issued
-    for another tool, other arguments or another idempotency key. Nothing ran. Metadata
-    `toolName`. No extra details.
+    """PERMISSION_DENIED: the call's approval token is not valid: bad signature or key id, wrong
+    issuer or audience, expired, or issued for another tenant, run, step, tool or arguments.
+    Nothing ran. Metadata `toolName` and `check` (the first failed check: `signature`, `issuer`,
+    `audience`, `expiry`, `tenant`, `run`, `step`, `tool` or `arguments`). No extra details.
     """
     ERROR_REASON_BUILTIN_TOOL_UNKNOWN: _ErrorReason.ValueType  # 36
     """INVALID_ARGUMENT: a registration names a built-in the runner does not have. Metadata
@@ -181,6 +184,11 @@ class _ErrorReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ErrorReas
     ERROR_REASON_MCP_SERVER_PROTOCOL_ERROR: _ErrorReason.ValueType  # 38
     """FAILED_PRECONDITION: during ImportMcpServer the MCP server answered but broke the protocol
     (failed initialization, malformed tool list). Metadata `server`. No extra details.
+    """
+    ERROR_REASON_ETAG_MISMATCH: _ErrorReason.ValueType  # 39
+    """ABORTED: UpdateTool or DeregisterTool carried an `etag` that is no longer the tool's: someone
+    else changed the tool first. Nothing was written; read the tool again and reapply the change.
+    Metadata `toolName`, `etag` (the one sent) and `currentVersion`. No extra details.
     """
 
 class ErrorReason(_ErrorReason, metaclass=_ErrorReasonEnumTypeWrapper):
@@ -217,10 +225,11 @@ ERROR_REASON_PERMISSION_MISSING: ErrorReason.ValueType  # 4
 details. Permissions of a particular tool are TOOL_PERMISSION_DENIED instead.
 """
 ERROR_REASON_INVALID_REQUEST: ErrorReason.ValueType  # 5
-"""INVALID_ARGUMENT: one or more request fields are malformed or out of range (for example a
-bad tool name, a timeout over 15 minutes, an unknown enum value, a page token from another
-query). Comes with a `BadRequest` holding one field violation per bad field, named by its
-path such as `tool.policy.timeout`. No metadata.
+"""INVALID_ARGUMENT: one or more request fields are malformed or out of range (for example a bad
+tool name, a timeout over 15 minutes, an unknown enum value, an unknown mask path, an
+idempotency key that is not `<run_id>:<step_id>` of the request's run and step). Comes with a
+`BadRequest` holding one field violation per bad field, named by its path such as
+`tool.policy.timeout`. No metadata.
 """
 ERROR_REASON_REQUEST_TOO_LARGE: ErrorReason.ValueType  # 6
 """INVALID_ARGUMENT: a field is over its documented size limit (for example `arguments_json`
@@ -258,6 +267,12 @@ ERROR_REASON_PAGE_TOKEN_INVALID: ErrorReason.ValueType  # 13
 different parameters; restart from the first page. A `BadRequest` names the `page_token`
 field.
 """
+ERROR_REASON_DELEGATION_NOT_ALLOWED: ErrorReason.ValueType  # 14
+"""PERMISSION_DENIED: a gateway-only method (a registry write) was called with a principal the
+orchestrator minted for a run, or ExecuteTool was called with such a principal for another run
+than its own. Metadata `method` (the full RPC name) and `runId` (the principal's run). No extra
+details.
+"""
 ERROR_REASON_TOOL_NOT_FOUND: ErrorReason.ValueType  # 20
 """NOT_FOUND: no tool has this name (never registered, or deregistered). Returned only to
 callers that hold `tools:<name>`, `toolregistry:read` or `toolregistry:write`; others get
@@ -272,11 +287,6 @@ again). Metadata `toolName`, `version` and `currentVersion`. No extra details.
 ERROR_REASON_TOOL_ALREADY_EXISTS: ErrorReason.ValueType  # 22
 """ALREADY_EXISTS: a tool with this name is already registered. Metadata `toolName` and
 `version` (the existing one). No extra details.
-"""
-ERROR_REASON_TOOL_VERSION_CONFLICT: ErrorReason.ValueType  # 23
-"""ABORTED: the update's `expected_version` is not the tool's current version; someone else
-changed the tool first. Read it again and reapply the change. Metadata `toolName`,
-`expectedVersion` and `currentVersion`. No extra details.
 """
 ERROR_REASON_TOOL_ARGUMENTS_INVALID: ErrorReason.ValueType  # 24
 """INVALID_ARGUMENT: the call's arguments are not a JSON object or do not satisfy the tool's
@@ -338,9 +348,10 @@ ERROR_REASON_APPROVAL_REQUIRED: ErrorReason.ValueType  # 33
 token. Nothing ran. Metadata `toolName`. No extra details.
 """
 ERROR_REASON_APPROVAL_INVALID: ErrorReason.ValueType  # 34
-"""PERMISSION_DENIED: the call's approval token is not valid: bad signature, expired, or issued
-for another tool, other arguments or another idempotency key. Nothing ran. Metadata
-`toolName`. No extra details.
+"""PERMISSION_DENIED: the call's approval token is not valid: bad signature or key id, wrong
+issuer or audience, expired, or issued for another tenant, run, step, tool or arguments.
+Nothing ran. Metadata `toolName` and `check` (the first failed check: `signature`, `issuer`,
+`audience`, `expiry`, `tenant`, `run`, `step`, `tool` or `arguments`). No extra details.
 """
 ERROR_REASON_BUILTIN_TOOL_UNKNOWN: ErrorReason.ValueType  # 36
 """INVALID_ARGUMENT: a registration names a built-in the runner does not have. Metadata
@@ -356,5 +367,10 @@ or URL host). No extra details.
 ERROR_REASON_MCP_SERVER_PROTOCOL_ERROR: ErrorReason.ValueType  # 38
 """FAILED_PRECONDITION: during ImportMcpServer the MCP server answered but broke the protocol
 (failed initialization, malformed tool list). Metadata `server`. No extra details.
+"""
+ERROR_REASON_ETAG_MISMATCH: ErrorReason.ValueType  # 39
+"""ABORTED: UpdateTool or DeregisterTool carried an `etag` that is no longer the tool's: someone
+else changed the tool first. Nothing was written; read the tool again and reapply the change.
+Metadata `toolName`, `etag` (the one sent) and `currentVersion`. No extra details.
 """
 Global___ErrorReason: _TypeAlias = ErrorReason  # noqa: Y015

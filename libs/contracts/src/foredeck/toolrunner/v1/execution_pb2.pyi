@@ -211,8 +211,10 @@ class ToolError(_message.Message):
     code of a script): at most 64 KiB.
     """
     retryable: _builtins.bool
-    """Whether calling again (with a new idempotency key) may succeed, for example after a
-    timeout or a remote error; false when the same arguments will fail the same way.
+    """Whether calling again may succeed, for example after a timeout or a remote error; false when
+    the same arguments will fail the same way. The outcome is recorded under its idempotency key,
+    so a repeat with the same key returns this error again: the orchestrator retries in a new step,
+    whose key `<run_id>:<step_id>` is new.
     """
     def __init__(
         self,

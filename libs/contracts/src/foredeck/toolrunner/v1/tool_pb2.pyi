@@ -97,6 +97,7 @@ class Tool(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     UPDATED_BY_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Output only. The version: 1 at the first registration, one more on every update and on every
     registration after a deregistration, so a version number never names two different tools.
@@ -110,6 +111,10 @@ class Tool(_message.Message):
     """Output only. The user id of the principal that registered the tool."""
     updated_by: _builtins.str
     """Output only. The user id of the principal that wrote this version."""
+    etag: _builtins.str
+    """Output only. An opaque value naming the tool's current version; it changes with every update.
+    UpdateTool and DeregisterTool given a stale one fail with ABORTED ETAG_MISMATCH.
+    """
     @_builtins.property
     def definition(self) -> _tool_pb2.ToolDefinition:
         """The tool as a model sees it: its name (1-64 characters of `[a-zA-Z0-9_-]`, unique in the
@@ -155,10 +160,11 @@ class Tool(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
         updated_by: _builtins.str = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "definition", b"definition", "grpc_host", b"grpc_host", "mcp_server", b"mcp_server", "policy", b"policy", "runtime", b"runtime", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "created_by", b"created_by", "definition", b"definition", "grpc_host", b"grpc_host", "mcp_server", b"mcp_server", "output_json_schema", b"output_json_schema", "policy", b"policy", "runtime", b"runtime", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["builtin", b"builtin", "create_time", b"create_time", "created_by", b"created_by", "definition", b"definition", "etag", b"etag", "grpc_host", b"grpc_host", "mcp_server", b"mcp_server", "output_json_schema", b"output_json_schema", "policy", b"policy", "runtime", b"runtime", "update_time", b"update_time", "updated_by", b"updated_by", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_runtime: _TypeAlias = _typing.Literal["builtin", "grpc_host", "mcp_server"]  # noqa: Y015
     _WhichOneofArgType_runtime: _TypeAlias = _typing.Literal["runtime", b"runtime"]  # noqa: Y015

@@ -26,10 +26,11 @@ from foredeck.common.v1 import tool_pb2 as foredeck_dot_common_dot_v1_dot_tool__
 from foredeck.toolrunner.v1 import execution_pb2 as foredeck_dot_toolrunner_dot_v1_dot_execution__pb2
 from foredeck.toolrunner.v1 import tool_pb2 as foredeck_dot_toolrunner_dot_v1_dot_tool__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/foredeck/toolrunner/v1/toolrunner_service.proto\x12\x16\x66oredeck.toolrunner.v1\x1a\x1d\x66oredeck/common/v1/tool.proto\x1a&foredeck/toolrunner/v1/execution.proto\x1a!foredeck/toolrunner/v1/tool.proto\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"l\n\x13RegisterToolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x04tool\x18\x02 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"B\n\x14RegisterToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"\x84\x01\n\x11UpdateToolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x04tool\x18\x02 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\"@\n\x12UpdateToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"X\n\x15\x44\x65registerToolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x03 \x01(\x03\"D\n\x16\x44\x65registerToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"4\n\x0eGetToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"=\n\x0fGetToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"N\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\"Y\n\x11ListToolsResponse\x12+\n\x05tools\x18\x01 \x03(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa4\x01\n\x18\x45xportToolSchemasRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\x12\x12\n\ntool_names\x18\x04 \x03(\t\x12\x38\n\x06\x66ormat\x18\x05 \x01(\x0e\x32(.foredeck.toolrunner.v1.ToolSchemaFormat\"\x89\x01\n\x19\x45xportToolSchemasResponse\x12<\n\x10tool_definitions\x18\x01 \x03(\x0b\x32\".foredeck.common.v1.ToolDefinition\x12\x15\n\rdocument_json\x18\x02 \x01(\t\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xf3\x01\n\x16ImportMcpServerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06server\x18\x02 \x01(\x0b\x32!.foredeck.toolrunner.v1.McpServer\x12\x19\n\x11remote_tool_names\x18\x03 \x03(\t\x12\x13\n\x0bname_prefix\x18\x04 \x01(\t\x12\x32\n\x06policy\x18\x05 \x01(\x0b\x32\".foredeck.toolrunner.v1.ToolPolicy\x12\x17\n\x0fupdate_existing\x18\x06 \x01(\x08\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\"F\n\x17ImportMcpServerResponse\x12+\n\x05tools\x18\x01 \x03(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"\xbd\x01\n\x12\x45xecuteToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0f\n\x07step_id\x18\x05 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\t\x12\x14\n\x0ctool_version\x18\x07 \x01(\x03\x12\x16\n\x0e\x61pproval_token\x18\x08 \x01(\t\"\xc7\x02\n\x13\x45xecuteToolResponse\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x14\n\x0ctool_version\x18\x03 \x01(\x03\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x34\n\x07outcome\x18\x05 \x01(\x0b\x32#.foredeck.toolrunner.v1.ToolOutcome\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x12\x36\n\x07sandbox\x18\t \x01(\x0b\x32%.foredeck.toolrunner.v1.SandboxReport\"?\n\x16ListHostedToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x17ListHostedToolsResponse\x12\x31\n\x05tools\x18\x01 \x03(\x0b\x32\".foredeck.toolrunner.v1.HostedTool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xba\x01\n\x11InvokeToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x0f\n\x07step_id\x18\x06 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x07 \x01(\t\"J\n\x12InvokeToolResponse\x12\x34\n\x07outcome\x18\x01 \x01(\x0b\x32#.foredeck.toolrunner.v1.ToolOutcome*\xb7\x01\n\x10ToolSchemaFormat\x12\"\n\x1eTOOL_SCHEMA_FORMAT_UNSPECIFIED\x10\x00\x12\"\n\x1eTOOL_SCHEMA_FORMAT_JSON_SCHEMA\x10\x01\x12\x1d\n\x19TOOL_SCHEMA_FORMAT_OPENAI\x10\x02\x12 \n\x1cTOOL_SCHEMA_FORMAT_ANTHROPIC\x10\x03\x12\x1a\n\x16TOOL_SCHEMA_FORMAT_MCP\x10\x04\x32\xa5\x06\n\x13ToolRegistryService\x12n\n\x0cRegisterTool\x12+.foredeck.toolrunner.v1.RegisterToolRequest\x1a,.foredeck.toolrunner.v1.RegisterToolResponse\"\x03\x90\x02\x02\x12h\n\nUpdateTool\x12).foredeck.toolrunner.v1.UpdateToolRequest\x1a*.foredeck.toolrunner.v1.UpdateToolResponse\"\x03\x90\x02\x02\x12t\n\x0e\x44\x65registerTool\x12-.foredeck.toolrunner.v1.DeregisterToolRequest\x1a..foredeck.toolrunner.v1.DeregisterToolResponse\"\x03\x90\x02\x02\x12_\n\x07GetTool\x12&.foredeck.toolrunner.v1.GetToolRequest\x1a\'.foredeck.toolrunner.v1.GetToolResponse\"\x03\x90\x02\x01\x12\x65\n\tListTools\x12(.foredeck.toolrunner.v1.ListToolsRequest\x1a).foredeck.toolrunner.v1.ListToolsResponse\"\x03\x90\x02\x01\x12}\n\x11\x45xportToolSchemas\x12\x30.foredeck.toolrunner.v1.ExportToolSchemasRequest\x1a\x31.foredeck.toolrunner.v1.ExportToolSchemasResponse\"\x03\x90\x02\x01\x12w\n\x0fImportMcpServer\x12..foredeck.toolrunner.v1.ImportMcpServerRequest\x1a/.foredeck.toolrunner.v1.ImportMcpServerResponse\"\x03\x90\x02\x02\x32\x80\x01\n\x11ToolRunnerService\x12k\n\x0b\x45xecuteTool\x12*.foredeck.toolrunner.v1.ExecuteToolRequest\x1a+.foredeck.toolrunner.v1.ExecuteToolResponse\"\x03\x90\x02\x02\x32\xf4\x01\n\x0fToolHostService\x12w\n\x0fListHostedTools\x12..foredeck.toolrunner.v1.ListHostedToolsRequest\x1a/.foredeck.toolrunner.v1.ListHostedToolsResponse\"\x03\x90\x02\x01\x12h\n\nInvokeTool\x12).foredeck.toolrunner.v1.InvokeToolRequest\x1a*.foredeck.toolrunner.v1.InvokeToolResponse\"\x03\x90\x02\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n/foredeck/toolrunner/v1/toolrunner_service.proto\x12\x16\x66oredeck.toolrunner.v1\x1a\x1d\x66oredeck/common/v1/tool.proto\x1a&foredeck/toolrunner/v1/execution.proto\x1a!foredeck/toolrunner/v1/tool.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"l\n\x13RegisterToolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x04tool\x18\x02 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\x12\x15\n\rvalidate_only\x18\x03 \x01(\x08\"B\n\x14RegisterToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"\xc1\x01\n\x11UpdateToolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12*\n\x04tool\x18\x02 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\x12\x15\n\rvalidate_only\x18\x04 \x01(\x08\x12/\n\x0bupdate_mask\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\x12\x0c\n\x04\x65tag\x18\x06 \x01(\tJ\x04\x08\x03\x10\x04R\x10\x65xpected_version\"@\n\x12UpdateToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"d\n\x15\x44\x65registerToolRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x0c\n\x04\x65tag\x18\x04 \x01(\tJ\x04\x08\x03\x10\x04R\x10\x65xpected_version\"D\n\x16\x44\x65registerToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"4\n\x0eGetToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"=\n\x0fGetToolResponse\x12*\n\x04tool\x18\x01 \x01(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"N\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\"Y\n\x11ListToolsResponse\x12+\n\x05tools\x18\x01 \x03(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xa4\x01\n\x18\x45xportToolSchemasRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x13\n\x0bname_prefix\x18\x03 \x01(\t\x12\x12\n\ntool_names\x18\x04 \x03(\t\x12\x38\n\x06\x66ormat\x18\x05 \x01(\x0e\x32(.foredeck.toolrunner.v1.ToolSchemaFormat\"\x89\x01\n\x19\x45xportToolSchemasResponse\x12<\n\x10tool_definitions\x18\x01 \x03(\x0b\x32\".foredeck.common.v1.ToolDefinition\x12\x15\n\rdocument_json\x18\x02 \x01(\t\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\xf3\x01\n\x16ImportMcpServerRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x31\n\x06server\x18\x02 \x01(\x0b\x32!.foredeck.toolrunner.v1.McpServer\x12\x19\n\x11remote_tool_names\x18\x03 \x03(\t\x12\x13\n\x0bname_prefix\x18\x04 \x01(\t\x12\x32\n\x06policy\x18\x05 \x01(\x0b\x32\".foredeck.toolrunner.v1.ToolPolicy\x12\x17\n\x0fupdate_existing\x18\x06 \x01(\x08\x12\x15\n\rvalidate_only\x18\x07 \x01(\x08\"F\n\x17ImportMcpServerResponse\x12+\n\x05tools\x18\x01 \x03(\x0b\x32\x1c.foredeck.toolrunner.v1.Tool\"\xbd\x01\n\x12\x45xecuteToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x0e\n\x06run_id\x18\x04 \x01(\t\x12\x0f\n\x07step_id\x18\x05 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x06 \x01(\t\x12\x14\n\x0ctool_version\x18\x07 \x01(\x03\x12\x16\n\x0e\x61pproval_token\x18\x08 \x01(\t\"\xc7\x02\n\x13\x45xecuteToolResponse\x12\x14\n\x0c\x65xecution_id\x18\x01 \x01(\t\x12\x11\n\ttool_name\x18\x02 \x01(\t\x12\x14\n\x0ctool_version\x18\x03 \x01(\x03\x12\x14\n\x0ctool_call_id\x18\x04 \x01(\t\x12\x34\n\x07outcome\x18\x05 \x01(\x0b\x32#.foredeck.toolrunner.v1.ToolOutcome\x12.\n\nstart_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x08\x64uration\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x10\n\x08replayed\x18\x08 \x01(\x08\x12\x36\n\x07sandbox\x18\t \x01(\x0b\x32%.foredeck.toolrunner.v1.SandboxReport\"?\n\x16ListHostedToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"e\n\x17ListHostedToolsResponse\x12\x31\n\x05tools\x18\x01 \x03(\x0b\x32\".foredeck.toolrunner.v1.HostedTool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xba\x01\n\x11InvokeToolRequest\x12\x11\n\ttool_name\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12*\n\x07timeout\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06run_id\x18\x05 \x01(\t\x12\x0f\n\x07step_id\x18\x06 \x01(\t\x12\x14\n\x0ctool_call_id\x18\x07 \x01(\t\"J\n\x12InvokeToolResponse\x12\x34\n\x07outcome\x18\x01 \x01(\x0b\x32#.foredeck.toolrunner.v1.ToolOutcome*\xb7\x01\n\x10ToolSchemaFormat\x12\"\n\x1eTOOL_SCHEMA_FORMAT_UNSPECIFIED\x10\x00\x12\"\n\x1eTOOL_SCHEMA_FORMAT_JSON_SCHEMA\x10\x01\x12\x1d\n\x19TOOL_SCHEMA_FORMAT_OPENAI\x10\x02\x12 \n\x1cTOOL_SCHEMA_FORMAT_ANTHROPIC\x10\x03\x12\x1a\n\x16TOOL_SCHEMA_FORMAT_MCP\x10\x04\x32\xa5\x06\n\x13ToolRegistryService\x12n\n\x0cRegisterTool\x12+.foredeck.toolrunner.v1.RegisterToolRequest\x1a,.foredeck.toolrunner.v1.RegisterToolResponse\"\x03\x90\x02\x02\x12h\n\nUpdateTool\x12).foredeck.toolrunner.v1.UpdateToolRequest\x1a*.foredeck.toolrunner.v1.UpdateToolResponse\"\x03\x90\x02\x02\x12t\n\x0e\x44\x65registerTool\x12-.foredeck.toolrunner.v1.DeregisterToolRequest\x1a..foredeck.toolrunner.v1.DeregisterToolResponse\"\x03\x90\x02\x02\x12_\n\x07GetTool\x12&.foredeck.toolrunner.v1.GetToolRequest\x1a\'.foredeck.toolrunner.v1.GetToolResponse\"\x03\x90\x02\x01\x12\x65\n\tListTools\x12(.foredeck.toolrunner.v1.ListToolsRequest\x1a).foredeck.toolrunner.v1.ListToolsResponse\"\x03\x90\x02\x01\x12}\n\x11\x45xportToolSchemas\x12\x30.foredeck.toolrunner.v1.ExportToolSchemasRequest\x1a\x31.foredeck.toolrunner.v1.ExportToolSchemasResponse\"\x03\x90\x02\x01\x12w\n\x0fImportMcpServer\x12..foredeck.toolrunner.v1.ImportMcpServerRequest\x1a/.foredeck.toolrunner.v1.ImportMcpServerResponse\"\x03\x90\x02\x02\x32\x80\x01\n\x11ToolRunnerService\x12k\n\x0b\x45xecuteTool\x12*.foredeck.toolrunner.v1.ExecuteToolRequest\x1a+.foredeck.toolrunner.v1.ExecuteToolResponse\"\x03\x90\x02\x02\x32\xf4\x01\n\x0fToolHostService\x12w\n\x0fListHostedTools\x12..foredeck.toolrunner.v1.ListHostedToolsRequest\x1a/.foredeck.toolrunner.v1.ListHostedToolsResponse\"\x03\x90\x02\x01\x12h\n\nInvokeTool\x12).foredeck.toolrunner.v1.InvokeToolRequest\x1a*.foredeck.toolrunner.v1.InvokeToolResponse\"\x03\x90\x02\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,52 +57,52 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOLHOSTSERVICE'].methods_by_name['ListHostedTools']._serialized_options = b'\220\002\001'
   _globals['_TOOLHOSTSERVICE'].methods_by_name['InvokeTool']._loaded_options = None
   _globals['_TOOLHOSTSERVICE'].methods_by_name['InvokeTool']._serialized_options = b'\220\002\002'
-  _globals['_TOOLSCHEMAFORMAT']._serialized_start=2654
-  _globals['_TOOLSCHEMAFORMAT']._serialized_end=2837
-  _globals['_REGISTERTOOLREQUEST']._serialized_start=246
-  _globals['_REGISTERTOOLREQUEST']._serialized_end=354
-  _globals['_REGISTERTOOLRESPONSE']._serialized_start=356
-  _globals['_REGISTERTOOLRESPONSE']._serialized_end=422
-  _globals['_UPDATETOOLREQUEST']._serialized_start=425
-  _globals['_UPDATETOOLREQUEST']._serialized_end=557
-  _globals['_UPDATETOOLRESPONSE']._serialized_start=559
-  _globals['_UPDATETOOLRESPONSE']._serialized_end=623
-  _globals['_DEREGISTERTOOLREQUEST']._serialized_start=625
-  _globals['_DEREGISTERTOOLREQUEST']._serialized_end=713
-  _globals['_DEREGISTERTOOLRESPONSE']._serialized_start=715
-  _globals['_DEREGISTERTOOLRESPONSE']._serialized_end=783
-  _globals['_GETTOOLREQUEST']._serialized_start=785
-  _globals['_GETTOOLREQUEST']._serialized_end=837
-  _globals['_GETTOOLRESPONSE']._serialized_start=839
-  _globals['_GETTOOLRESPONSE']._serialized_end=900
-  _globals['_LISTTOOLSREQUEST']._serialized_start=902
-  _globals['_LISTTOOLSREQUEST']._serialized_end=980
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=982
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=1071
-  _globals['_EXPORTTOOLSCHEMASREQUEST']._serialized_start=1074
-  _globals['_EXPORTTOOLSCHEMASREQUEST']._serialized_end=1238
-  _globals['_EXPORTTOOLSCHEMASRESPONSE']._serialized_start=1241
-  _globals['_EXPORTTOOLSCHEMASRESPONSE']._serialized_end=1378
-  _globals['_IMPORTMCPSERVERREQUEST']._serialized_start=1381
-  _globals['_IMPORTMCPSERVERREQUEST']._serialized_end=1624
-  _globals['_IMPORTMCPSERVERRESPONSE']._serialized_start=1626
-  _globals['_IMPORTMCPSERVERRESPONSE']._serialized_end=1696
-  _globals['_EXECUTETOOLREQUEST']._serialized_start=1699
-  _globals['_EXECUTETOOLREQUEST']._serialized_end=1888
-  _globals['_EXECUTETOOLRESPONSE']._serialized_start=1891
-  _globals['_EXECUTETOOLRESPONSE']._serialized_end=2218
-  _globals['_LISTHOSTEDTOOLSREQUEST']._serialized_start=2220
-  _globals['_LISTHOSTEDTOOLSREQUEST']._serialized_end=2283
-  _globals['_LISTHOSTEDTOOLSRESPONSE']._serialized_start=2285
-  _globals['_LISTHOSTEDTOOLSRESPONSE']._serialized_end=2386
-  _globals['_INVOKETOOLREQUEST']._serialized_start=2389
-  _globals['_INVOKETOOLREQUEST']._serialized_end=2575
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=2577
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=2651
-  _globals['_TOOLREGISTRYSERVICE']._serialized_start=2840
-  _globals['_TOOLREGISTRYSERVICE']._serialized_end=3645
-  _globals['_TOOLRUNNERSERVICE']._serialized_start=3648
-  _globals['_TOOLRUNNERSERVICE']._serialized_end=3776
-  _globals['_TOOLHOSTSERVICE']._serialized_start=3779
-  _globals['_TOOLHOSTSERVICE']._serialized_end=4023
+  _globals['_TOOLSCHEMAFORMAT']._serialized_start=2761
+  _globals['_TOOLSCHEMAFORMAT']._serialized_end=2944
+  _globals['_REGISTERTOOLREQUEST']._serialized_start=280
+  _globals['_REGISTERTOOLREQUEST']._serialized_end=388
+  _globals['_REGISTERTOOLRESPONSE']._serialized_start=390
+  _globals['_REGISTERTOOLRESPONSE']._serialized_end=456
+  _globals['_UPDATETOOLREQUEST']._serialized_start=459
+  _globals['_UPDATETOOLREQUEST']._serialized_end=652
+  _globals['_UPDATETOOLRESPONSE']._serialized_start=654
+  _globals['_UPDATETOOLRESPONSE']._serialized_end=718
+  _globals['_DEREGISTERTOOLREQUEST']._serialized_start=720
+  _globals['_DEREGISTERTOOLREQUEST']._serialized_end=820
+  _globals['_DEREGISTERTOOLRESPONSE']._serialized_start=822
+  _globals['_DEREGISTERTOOLRESPONSE']._serialized_end=890
+  _globals['_GETTOOLREQUEST']._serialized_start=892
+  _globals['_GETTOOLREQUEST']._serialized_end=944
+  _globals['_GETTOOLRESPONSE']._serialized_start=946
+  _globals['_GETTOOLRESPONSE']._serialized_end=1007
+  _globals['_LISTTOOLSREQUEST']._serialized_start=1009
+  _globals['_LISTTOOLSREQUEST']._serialized_end=1087
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=1089
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=1178
+  _globals['_EXPORTTOOLSCHEMASREQUEST']._serialized_start=1181
+  _globals['_EXPORTTOOLSCHEMASREQUEST']._serialized_end=1345
+  _globals['_EXPORTTOOLSCHEMASRESPONSE']._serialized_start=1348
+  _globals['_EXPORTTOOLSCHEMASRESPONSE']._serialized_end=1485
+  _globals['_IMPORTMCPSERVERREQUEST']._serialized_start=1488
+  _globals['_IMPORTMCPSERVERREQUEST']._serialized_end=1731
+  _globals['_IMPORTMCPSERVERRESPONSE']._serialized_start=1733
+  _globals['_IMPORTMCPSERVERRESPONSE']._serialized_end=1803
+  _globals['_EXECUTETOOLREQUEST']._serialized_start=1806
+  _globals['_EXECUTETOOLREQUEST']._serialized_end=1995
+  _globals['_EXECUTETOOLRESPONSE']._serialized_start=1998
+  _globals['_EXECUTETOOLRESPONSE']._serialized_end=2325
+  _globals['_LISTHOSTEDTOOLSREQUEST']._serialized_start=2327
+  _globals['_LISTHOSTEDTOOLSREQUEST']._serialized_end=2390
+  _globals['_LISTHOSTEDTOOLSRESPONSE']._serialized_start=2392
+  _globals['_LISTHOSTEDTOOLSRESPONSE']._serialized_end=2493
+  _globals['_INVOKETOOLREQUEST']._serialized_start=2496
+  _globals['_INVOKETOOLREQUEST']._serialized_end=2682
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=2684
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=2758
+  _globals['_TOOLREGISTRYSERVICE']._serialized_start=2947
+  _globals['_TOOLREGISTRYSERVICE']._serialized_end=3752
+  _globals['_TOOLRUNNERSERVICE']._serialized_start=3755
+  _globals['_TOOLRUNNERSERVICE']._serialized_end=3883
+  _globals['_TOOLHOSTSERVICE']._serialized_start=3886
+  _globals['_TOOLHOSTSERVICE']._serialized_end=4130
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from foredeck.toolrunner.v1 import execution_pb2 as _execution_pb2
 from foredeck.toolrunner.v1 import tool_pb2 as _tool_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -122,31 +123,41 @@ Global___RegisterToolResponse: _TypeAlias = RegisterToolResponse  # noqa: Y015
 
 @_typing.final
 class UpdateToolRequest(_message.Message):
-    """UpdateToolRequest asks to replace a tool's settable fields with new ones. The whole request
-    must be at most 1 MiB.
-    """
+    """UpdateToolRequest asks to change some fields of a tool. The whole request must be at most 1 MiB."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TOOL_FIELD_NUMBER: _builtins.int
-    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
     VALIDATE_ONLY_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """A client-chosen id that makes the call idempotent: 1-128 characters of `[a-zA-Z0-9_.:-]`.
     Required.
     """
-    expected_version: _builtins.int
-    """The version the change is based on, at least 1; the update fails with
-    TOOL_VERSION_CONFLICT unless it is the current version. Required.
-    """
     validate_only: _builtins.bool
     """When true, the request is validated (runtime checks included) but nothing is written."""
+    etag: _builtins.str
+    """The `etag` of the tool as the caller read it. When set and no longer the tool's etag, the
+    update fails with ABORTED ETAG_MISMATCH and writes nothing. Empty updates unconditionally.
+    """
     @_builtins.property
     def tool(self) -> _tool_pb2.Tool:
-        """The tool's new content. `definition.name` names the tool to update; every other settable
-        field replaces the current one (unset fields take their defaults). Output-only fields are
-        ignored.
+        """The tool's new values. `definition.name` names the tool to update; the fields the mask names
+        take the values given here. Output-only fields are ignored.
+        """
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields of `tool` to change. Paths are `definition.description`,
+        `definition.parameters_json_schema`, `policy` or any `policy.<field>` (a path to a message
+        replaces it whole), `output_json_schema`, and the runtimes `builtin`, `grpc_host` and
+        `mcp_server` (naming one sets that runtime and clears the others). Empty names every field the
+        request populates (AIP-134), descending into `definition` and `policy` one field at a time, so
+        a client that does not know a field never clears it; to set a field to its zero value (such as
+        `policy.requires_approval` false), name it. `*` replaces every settable field. An unknown path
+        fails with INVALID_REQUEST.
         """
 
     def __init__(
@@ -154,12 +165,13 @@ class UpdateToolRequest(_message.Message):
         *,
         request_id: _builtins.str = ...,
         tool: _tool_pb2.Tool | None = ...,
-        expected_version: _builtins.int = ...,
         validate_only: _builtins.bool = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["tool", b"tool"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["tool", b"tool", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "request_id", b"request_id", "tool", b"tool", "validate_only", b"validate_only"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "request_id", b"request_id", "tool", b"tool", "update_mask", b"update_mask", "validate_only", b"validate_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -197,27 +209,27 @@ class DeregisterToolRequest(_message.Message):
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     TOOL_NAME_FIELD_NUMBER: _builtins.int
-    EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """A client-chosen id that makes the call idempotent: 1-128 characters of `[a-zA-Z0-9_.:-]`.
     Required.
     """
     tool_name: _builtins.str
     """The tool's name: 1-64 characters of `[a-zA-Z0-9_-]`."""
-    expected_version: _builtins.int
-    """When at least 1, the tool is removed only if this is its current version (otherwise
-    TOOL_VERSION_CONFLICT); 0 removes it whatever its version.
+    etag: _builtins.str
+    """The `etag` of the tool as the caller read it. When set, the tool is removed only if it is still
+    the tool's etag (otherwise ABORTED ETAG_MISMATCH); empty removes it whatever its version.
     """
     def __init__(
         self,
         *,
         request_id: _builtins.str = ...,
         tool_name: _builtins.str = ...,
-        expected_version: _builtins.int = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expected_version", b"expected_version", "request_id", b"request_id", "tool_name", b"tool_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "request_id", b"request_id", "tool_name", b"tool_name"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -307,9 +319,13 @@ class ListToolsRequest(_message.Message):
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     NAME_PREFIX_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most tools to return: default 50, at most 500 (larger values are treated as 500)."""
+    """The most tools to return: 0 means 50, values above 500 are treated as 500 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same filter; empty for the first page."""
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
+    """
     name_prefix: _builtins.str
     """Only tools whose name starts with this prefix: at most 64 characters; empty for all."""
     def __init__(
@@ -369,9 +385,13 @@ class ExportToolSchemasRequest(_message.Message):
     TOOL_NAMES_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most tools to return: default 100, at most 500 (larger values are treated as 500)."""
+    """The most tools to return: 0 means 100, values above 500 are treated as 500 (AIP-158), and
+    negative values fail with INVALID_REQUEST.
+    """
     page_token: _builtins.str
-    """The `next_page_token` of a previous call with the same filters; empty for the first page."""
+    """The `next_page_token` of a previous call with the same other fields; empty for the first page.
+    Opaque: any other value fails with PAGE_TOKEN_INVALID.
+    """
     name_prefix: _builtins.str
     """Only tools whose name starts with this prefix: at most 64 characters; empty for all."""
     format: Global___ToolSchemaFormat.ValueType
@@ -543,14 +563,19 @@ class ExecuteToolRequest(_message.Message):
     keep their exact form.
     """
     idempotency_key: _builtins.str
-    """The key under which the outcome is recorded: 1-256 characters of `[a-zA-Z0-9_.:-]`,
-    unique per tenant. It must not change when the same call is retried; the orchestrator
-    derives it from the run id, the step id and the tool call id. Required.
+    """The key under which the outcome is recorded: 1-512 characters of `[a-zA-Z0-9_.:-]`, unique per
+    tenant, the same on every retry of the call. Required. Inside a run it is the tool effect key
+    `<run_id>:<step_id>` (built with `foredeck_kit.idempotency.tool_effect_key`; never from the
+    tool call id, which a re-generated model response may change): with `run_id` and `step_id` set,
+    any other key fails with INVALID_REQUEST.
     """
     run_id: _builtins.str
-    """The run the call belongs to, for provenance, logs and traces: at most 128 characters."""
+    """The run the call belongs to, for provenance, logs and traces: 1-128 characters of
+    `[A-Za-z0-9_.-]`, or empty for a call outside any run. With an orchestrator-minted principal it
+    is required and must be the principal's run, else DELEGATION_NOT_ALLOWED.
+    """
     step_id: _builtins.str
-    """The step within the run: at most 128 characters."""
+    """The step within the run: 1-128 characters of `[A-Za-z0-9_.-]`; required with `run_id`."""
     tool_call_id: _builtins.str
     """The model's id for the call, echoed in the response: at most 256 characters."""
     tool_version: _builtins.int
@@ -558,9 +583,14 @@ class ExecuteToolRequest(_message.Message):
     with; 0 runs the current version.
     """
     approval_token: _builtins.str
-    """Proof that a person approved this call, required when the tool requires approval: a token
-    signed by the orchestrator when the approval was granted, bound to the tool name, the
-    SHA-256 of `arguments_json` and the idempotency key. At most 8 KiB.
+    """Proof that a person approved this call, required when the tool requires approval: at most 8
+    KiB. It is an HS256 JWT the orchestrator mints when it executes an approved call, signed with
+    its delegation keys (`DELEGATION_KEYS`, header `kid`), issuer `foredeck-orchestrator`, audience
+    `foredeck-toolrunner-approval`, with the claims `tid` (tenant), `rid` (run), `sid` (step),
+    `tool` (tool name), `args` (the lowercase hex SHA-256 of the RFC 8785 canonical JSON of the
+    arguments), `exp` (at most 5 minutes after it was minted) and `jti`. The runner accepts it only
+    when the signature, issuer, audience and expiry verify and `tid`, `rid`, `sid`, `tool` and
+    `args` match the principal's tenant and this request; otherwise APPROVAL_INVALID.
     """
     def __init__(
         self,
@@ -657,8 +687,8 @@ class ListHostedToolsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """The most tools to return: default 100, at most 1000. A host may ignore it and return every
-    tool with an empty `next_page_token`.
+    """The most tools to return: 0 means 100 and values above 1,000 are treated as 1,000 (AIP-158). A
+    host may ignore it and return every tool with an empty `next_page_token`.
     """
     page_token: _builtins.str
     """The `next_page_token` of a previous call; empty for the first page."""
@@ -724,7 +754,9 @@ class InvokeToolRequest(_message.Message):
     schema: at most 1 MiB.
     """
     idempotency_key: _builtins.str
-    """The key identifying this call, the same on every retry of it: 1-256 characters."""
+    """The key identifying this call, the same on every retry of it: the ExecuteTool call's
+    `idempotency_key` (`<run_id>:<step_id>` inside a run), 1-512 characters.
+    """
     run_id: _builtins.str
     """The run the call belongs to, for the host's logs and traces; may be empty."""
     step_id: _builtins.str

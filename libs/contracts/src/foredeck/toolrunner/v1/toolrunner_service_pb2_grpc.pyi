@@ -37,8 +37,11 @@ class ToolRegistryServiceStub:
     `toolregistry:write`, an operator permission: a registration can start processes on the
     runner's hosts and point at any network address.
 
-    Every call needs the `x-foredeck-principal` metadata entry. Errors use the domain
-    `toolrunner.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry. Reads accept a principal minted by
+    the gateway or by the orchestrator for a run; the writes (RegisterTool, UpdateTool,
+    DeregisterTool, ImportMcpServer) are gateway-only and refuse an orchestrator-minted principal
+    with PERMISSION_DENIED DELEGATION_NOT_ALLOWED, so no run can change the registry. Errors use the
+    domain `toolrunner.foredeck.dev` and the reasons in ErrorReason.
     """
 
     @_typing.overload
@@ -49,15 +52,16 @@ class ToolRegistryServiceStub:
     """RegisterTool adds a new tool at version 1 (or, for a name that was deregistered, at the
     version after its last one).
 
-    Requires `toolregistry:write`. Validates the name, the parameters and output schemas as JSON
-    Schemas, the policy's ranges and the runtime: a built-in must exist, and a gRPC host or MCP
-    server is contacted to check that it offers the tool.
+    Requires `toolregistry:write`; gateway-only. Validates the name, the parameters and output
+    schemas as JSON Schemas, the policy's ranges and the runtime: a built-in must exist, and a gRPC
+    host or MCP server is contacted to check that it offers the tool.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID,
-    BUILTIN_TOOL_UNKNOWN); ALREADY_EXISTS (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION
-    (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE (TOOL_HOST_UNAVAILABLE,
-    MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+    TOOL_SCHEMA_INVALID, BUILTIN_TOOL_UNKNOWN); ALREADY_EXISTS (TOOL_ALREADY_EXISTS);
+    FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
+    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL
+    (INTERNAL).
 
     Atomic: the tool is registered whole or not at all. Idempotent by `request_id`: a retry with
     the same `request_id` and request within 24 hours returns the tool as first registered,
@@ -65,35 +69,37 @@ class ToolRegistryServiceStub:
     REQUEST_ID_REUSED.
     """
     UpdateTool: _grpc.UnaryUnaryMultiCallable[_toolrunner_service_pb2.UpdateToolRequest, _toolrunner_service_pb2.UpdateToolResponse]
-    """UpdateTool replaces a tool's description, schemas, policy and runtime, creating the next
-    version. The previous versions stay readable and runnable by runs pinned to them.
+    """UpdateTool changes the fields of a tool that `update_mask` names, creating the next version
+    from the current one; every other field keeps its current value. The previous versions stay
+    readable and runnable by runs pinned to them.
 
-    Requires `toolregistry:write`. Every settable field of the tool is replaced, so a caller
-    changing one field reads the tool first (GetTool) and sends it back changed, with the
-    version it read as `expected_version`. Validation is as in RegisterTool; the name cannot
-    change.
+    Requires `toolregistry:write`; gateway-only. The mask follows AIP-134: an empty mask names
+    every field the request populates, so a client built before a field existed never clears it;
+    `*` replaces every settable field, clearing those left unset. Validation of the resulting tool
+    is as in RegisterTool; the name cannot change. A caller that reads, changes and writes back
+    sends the `etag` it read, so a concurrent change is never overwritten unseen.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID,
-    BUILTIN_TOOL_UNKNOWN); NOT_FOUND (TOOL_NOT_FOUND); ABORTED (TOOL_VERSION_CONFLICT);
-    FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
-    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+    TOOL_SCHEMA_INVALID, BUILTIN_TOOL_UNKNOWN); NOT_FOUND (TOOL_NOT_FOUND); ABORTED
+    (ETAG_MISMATCH); FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
+    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL
+    (INTERNAL).
 
-    Atomic: a compare-and-set on the version, so of concurrent updates with the same
-    `expected_version` exactly one succeeds. Idempotent by `request_id`: a retry with the same
-    `request_id` and request within 24 hours returns the version the first call created,
-    instead of failing with TOOL_VERSION_CONFLICT.
+    Atomic: a compare-and-set on the current version, so of concurrent updates with the same `etag`
+    exactly one succeeds. Idempotent by `request_id`, which is checked first: a retry with the same
+    `request_id` and request within 24 hours returns the version the first call created, instead of
+    failing with ETAG_MISMATCH.
     """
     DeregisterTool: _grpc.UnaryUnaryMultiCallable[_toolrunner_service_pb2.DeregisterToolRequest, _toolrunner_service_pb2.DeregisterToolResponse]
     """DeregisterTool removes a tool and all its versions. Calls of it fail from then on, including
     calls pinned to an old version; results already recorded in the effect ledger are still
     returned for their idempotency keys.
 
-    Requires `toolregistry:write`. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
-    (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST); NOT_FOUND (TOOL_NOT_FOUND);
-    ABORTED (TOOL_VERSION_CONFLICT); FAILED_PRECONDITION (REQUEST_ID_REUSED); UNAVAILABLE
-    (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Requires `toolregistry:write`; gateway-only. Errors: UNAUTHENTICATED (PRINCIPAL_*);
+    PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT
+    (INVALID_REQUEST); NOT_FOUND (TOOL_NOT_FOUND); ABORTED (ETAG_MISMATCH); FAILED_PRECONDITION
+    (REQUEST_ID_REUSED); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     Atomic. Idempotent by `request_id`: a retry with the same `request_id` and request within
     24 hours returns the first call's response instead of TOOL_NOT_FOUND.
@@ -114,9 +120,9 @@ class ToolRegistryServiceStub:
     """ListTools lists, at their current versions and ordered by name, the tools the caller may
     run (every tool for holders of a registry permission).
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-    size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page token
+    that is not one of this query's, INVALID_REQUEST for a negative page size or a bad prefix);
+    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -128,8 +134,8 @@ class ToolRegistryServiceStub:
     Registry permissions do not widen the export: it holds only tools the caller may run.
     Requested names the caller may not run, or that do not exist, are silently left out.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (INVALID_REQUEST); UNAVAILABLE
-    (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (PAGE_TOKEN_INVALID, INVALID_REQUEST);
+    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -138,16 +144,16 @@ class ToolRegistryServiceStub:
     chosen ones) with the schema the server declares, the given policy and an MCP runtime that
     points at the server.
 
-    Requires `toolregistry:write`. A name already registered fails the import unless
-    `update_existing` is set and that tool runs on the same server, in which case it is updated
-    to a new version.
+    Requires `toolregistry:write`; gateway-only. A name already registered fails the import unless
+    `update_existing` is set and that tool runs on the same server, in which case its definition
+    and runtime are replaced from the server and its policy by `policy`, as a new version.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID); ALREADY_EXISTS
-    (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND,
-    MCP_SERVER_PROTOCOL_ERROR, REQUEST_ID_REUSED); UNAVAILABLE (MCP_SERVER_UNAVAILABLE,
-    SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); DEADLINE_EXCEEDED
-    (DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+    TOOL_SCHEMA_INVALID); ALREADY_EXISTS (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION
+    (REMOTE_TOOL_NOT_FOUND, MCP_SERVER_PROTOCOL_ERROR, REQUEST_ID_REUSED); UNAVAILABLE
+    (MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN);
+    DEADLINE_EXCEEDED (DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
     Atomic: every selected tool is registered or updated, or none is. Idempotent by
     `request_id`: a retry with the same `request_id` and request within 24 hours returns the
@@ -166,8 +172,11 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     `toolregistry:write`, an operator permission: a registration can start processes on the
     runner's hosts and point at any network address.
 
-    Every call needs the `x-foredeck-principal` metadata entry. Errors use the domain
-    `toolrunner.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry. Reads accept a principal minted by
+    the gateway or by the orchestrator for a run; the writes (RegisterTool, UpdateTool,
+    DeregisterTool, ImportMcpServer) are gateway-only and refuse an orchestrator-minted principal
+    with PERMISSION_DENIED DELEGATION_NOT_ALLOWED, so no run can change the registry. Errors use the
+    domain `toolrunner.foredeck.dev` and the reasons in ErrorReason.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -175,15 +184,16 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     """RegisterTool adds a new tool at version 1 (or, for a name that was deregistered, at the
     version after its last one).
 
-    Requires `toolregistry:write`. Validates the name, the parameters and output schemas as JSON
-    Schemas, the policy's ranges and the runtime: a built-in must exist, and a gRPC host or MCP
-    server is contacted to check that it offers the tool.
+    Requires `toolregistry:write`; gateway-only. Validates the name, the parameters and output
+    schemas as JSON Schemas, the policy's ranges and the runtime: a built-in must exist, and a gRPC
+    host or MCP server is contacted to check that it offers the tool.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID,
-    BUILTIN_TOOL_UNKNOWN); ALREADY_EXISTS (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION
-    (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE (TOOL_HOST_UNAVAILABLE,
-    MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+    TOOL_SCHEMA_INVALID, BUILTIN_TOOL_UNKNOWN); ALREADY_EXISTS (TOOL_ALREADY_EXISTS);
+    FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
+    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL
+    (INTERNAL).
 
     Atomic: the tool is registered whole or not at all. Idempotent by `request_id`: a retry with
     the same `request_id` and request within 24 hours returns the tool as first registered,
@@ -191,35 +201,37 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     REQUEST_ID_REUSED.
     """
     UpdateTool: _aio.UnaryUnaryMultiCallable[_toolrunner_service_pb2.UpdateToolRequest, _toolrunner_service_pb2.UpdateToolResponse]  # type: ignore[assignment]
-    """UpdateTool replaces a tool's description, schemas, policy and runtime, creating the next
-    version. The previous versions stay readable and runnable by runs pinned to them.
+    """UpdateTool changes the fields of a tool that `update_mask` names, creating the next version
+    from the current one; every other field keeps its current value. The previous versions stay
+    readable and runnable by runs pinned to them.
 
-    Requires `toolregistry:write`. Every settable field of the tool is replaced, so a caller
-    changing one field reads the tool first (GetTool) and sends it back changed, with the
-    version it read as `expected_version`. Validation is as in RegisterTool; the name cannot
-    change.
+    Requires `toolregistry:write`; gateway-only. The mask follows AIP-134: an empty mask names
+    every field the request populates, so a client built before a field existed never clears it;
+    `*` replaces every settable field, clearing those left unset. Validation of the resulting tool
+    is as in RegisterTool; the name cannot change. A caller that reads, changes and writes back
+    sends the `etag` it read, so a concurrent change is never overwritten unseen.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID,
-    BUILTIN_TOOL_UNKNOWN); NOT_FOUND (TOOL_NOT_FOUND); ABORTED (TOOL_VERSION_CONFLICT);
-    FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
-    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+    TOOL_SCHEMA_INVALID, BUILTIN_TOOL_UNKNOWN); NOT_FOUND (TOOL_NOT_FOUND); ABORTED
+    (ETAG_MISMATCH); FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
+    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL
+    (INTERNAL).
 
-    Atomic: a compare-and-set on the version, so of concurrent updates with the same
-    `expected_version` exactly one succeeds. Idempotent by `request_id`: a retry with the same
-    `request_id` and request within 24 hours returns the version the first call created,
-    instead of failing with TOOL_VERSION_CONFLICT.
+    Atomic: a compare-and-set on the current version, so of concurrent updates with the same `etag`
+    exactly one succeeds. Idempotent by `request_id`, which is checked first: a retry with the same
+    `request_id` and request within 24 hours returns the version the first call created, instead of
+    failing with ETAG_MISMATCH.
     """
     DeregisterTool: _aio.UnaryUnaryMultiCallable[_toolrunner_service_pb2.DeregisterToolRequest, _toolrunner_service_pb2.DeregisterToolResponse]  # type: ignore[assignment]
     """DeregisterTool removes a tool and all its versions. Calls of it fail from then on, including
     calls pinned to an old version; results already recorded in the effect ledger are still
     returned for their idempotency keys.
 
-    Requires `toolregistry:write`. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
-    (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST); NOT_FOUND (TOOL_NOT_FOUND);
-    ABORTED (TOOL_VERSION_CONFLICT); FAILED_PRECONDITION (REQUEST_ID_REUSED); UNAVAILABLE
-    (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Requires `toolregistry:write`; gateway-only. Errors: UNAUTHENTICATED (PRINCIPAL_*);
+    PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT
+    (INVALID_REQUEST); NOT_FOUND (TOOL_NOT_FOUND); ABORTED (ETAG_MISMATCH); FAILED_PRECONDITION
+    (REQUEST_ID_REUSED); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     Atomic. Idempotent by `request_id`: a retry with the same `request_id` and request within
     24 hours returns the first call's response instead of TOOL_NOT_FOUND.
@@ -240,9 +252,9 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     """ListTools lists, at their current versions and ordered by name, the tools the caller may
     run (every tool for holders of a registry permission).
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-    size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-    INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page token
+    that is not one of this query's, INVALID_REQUEST for a negative page size or a bad prefix);
+    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -254,8 +266,8 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     Registry permissions do not widen the export: it holds only tools the caller may run.
     Requested names the caller may not run, or that do not exist, are silently left out.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (INVALID_REQUEST); UNAVAILABLE
-    (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (PAGE_TOKEN_INVALID, INVALID_REQUEST);
+    UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
     A read: no side effects, safe to retry.
     """
@@ -264,16 +276,16 @@ class ToolRegistryServiceAsyncStub(ToolRegistryServiceStub):
     chosen ones) with the schema the server declares, the given policy and an MCP runtime that
     points at the server.
 
-    Requires `toolregistry:write`. A name already registered fails the import unless
-    `update_existing` is set and that tool runs on the same server, in which case it is updated
-    to a new version.
+    Requires `toolregistry:write`; gateway-only. A name already registered fails the import unless
+    `update_existing` is set and that tool runs on the same server, in which case its definition
+    and runtime are replaced from the server and its policy by `policy`, as a new version.
 
-    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID); ALREADY_EXISTS
-    (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND,
-    MCP_SERVER_PROTOCOL_ERROR, REQUEST_ID_REUSED); UNAVAILABLE (MCP_SERVER_UNAVAILABLE,
-    SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); DEADLINE_EXCEEDED
-    (DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+    Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+    DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+    TOOL_SCHEMA_INVALID); ALREADY_EXISTS (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION
+    (REMOTE_TOOL_NOT_FOUND, MCP_SERVER_PROTOCOL_ERROR, REQUEST_ID_REUSED); UNAVAILABLE
+    (MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN);
+    DEADLINE_EXCEEDED (DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
     Atomic: every selected tool is registered or updated, or none is. Idempotent by
     `request_id`: a retry with the same `request_id` and request within 24 hours returns the
@@ -291,8 +303,11 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     `toolregistry:write`, an operator permission: a registration can start processes on the
     runner's hosts and point at any network address.
 
-    Every call needs the `x-foredeck-principal` metadata entry. Errors use the domain
-    `toolrunner.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry. Reads accept a principal minted by
+    the gateway or by the orchestrator for a run; the writes (RegisterTool, UpdateTool,
+    DeregisterTool, ImportMcpServer) are gateway-only and refuse an orchestrator-minted principal
+    with PERMISSION_DENIED DELEGATION_NOT_ALLOWED, so no run can change the registry. Errors use the
+    domain `toolrunner.foredeck.dev` and the reasons in ErrorReason.
     """
 
     @_abc_1.abstractmethod
@@ -304,15 +319,16 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """RegisterTool adds a new tool at version 1 (or, for a name that was deregistered, at the
         version after its last one).
 
-        Requires `toolregistry:write`. Validates the name, the parameters and output schemas as JSON
-        Schemas, the policy's ranges and the runtime: a built-in must exist, and a gRPC host or MCP
-        server is contacted to check that it offers the tool.
+        Requires `toolregistry:write`; gateway-only. Validates the name, the parameters and output
+        schemas as JSON Schemas, the policy's ranges and the runtime: a built-in must exist, and a gRPC
+        host or MCP server is contacted to check that it offers the tool.
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-        INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID,
-        BUILTIN_TOOL_UNKNOWN); ALREADY_EXISTS (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION
-        (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE (TOOL_HOST_UNAVAILABLE,
-        MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+        DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+        TOOL_SCHEMA_INVALID, BUILTIN_TOOL_UNKNOWN); ALREADY_EXISTS (TOOL_ALREADY_EXISTS);
+        FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
+        (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL
+        (INTERNAL).
 
         Atomic: the tool is registered whole or not at all. Idempotent by `request_id`: a retry with
         the same `request_id` and request within 24 hours returns the tool as first registered,
@@ -326,25 +342,27 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _toolrunner_service_pb2.UpdateToolRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_toolrunner_service_pb2.UpdateToolResponse, _abc.Awaitable[_toolrunner_service_pb2.UpdateToolResponse]]:
-        """UpdateTool replaces a tool's description, schemas, policy and runtime, creating the next
-        version. The previous versions stay readable and runnable by runs pinned to them.
+        """UpdateTool changes the fields of a tool that `update_mask` names, creating the next version
+        from the current one; every other field keeps its current value. The previous versions stay
+        readable and runnable by runs pinned to them.
 
-        Requires `toolregistry:write`. Every settable field of the tool is replaced, so a caller
-        changing one field reads the tool first (GetTool) and sends it back changed, with the
-        version it read as `expected_version`. Validation is as in RegisterTool; the name cannot
-        change.
+        Requires `toolregistry:write`; gateway-only. The mask follows AIP-134: an empty mask names
+        every field the request populates, so a client built before a field existed never clears it;
+        `*` replaces every settable field, clearing those left unset. Validation of the resulting tool
+        is as in RegisterTool; the name cannot change. A caller that reads, changes and writes back
+        sends the `etag` it read, so a concurrent change is never overwritten unseen.
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-        INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID,
-        BUILTIN_TOOL_UNKNOWN); NOT_FOUND (TOOL_NOT_FOUND); ABORTED (TOOL_VERSION_CONFLICT);
-        FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
-        (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN);
-        INTERNAL (INTERNAL).
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+        DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+        TOOL_SCHEMA_INVALID, BUILTIN_TOOL_UNKNOWN); NOT_FOUND (TOOL_NOT_FOUND); ABORTED
+        (ETAG_MISMATCH); FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND, REQUEST_ID_REUSED); UNAVAILABLE
+        (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL
+        (INTERNAL).
 
-        Atomic: a compare-and-set on the version, so of concurrent updates with the same
-        `expected_version` exactly one succeeds. Idempotent by `request_id`: a retry with the same
-        `request_id` and request within 24 hours returns the version the first call created,
-        instead of failing with TOOL_VERSION_CONFLICT.
+        Atomic: a compare-and-set on the current version, so of concurrent updates with the same `etag`
+        exactly one succeeds. Idempotent by `request_id`, which is checked first: a retry with the same
+        `request_id` and request within 24 hours returns the version the first call created, instead of
+        failing with ETAG_MISMATCH.
         """
 
     @_abc_1.abstractmethod
@@ -357,10 +375,10 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         calls pinned to an old version; results already recorded in the effect ledger are still
         returned for their idempotency keys.
 
-        Requires `toolregistry:write`. Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED
-        (PERMISSION_MISSING); INVALID_ARGUMENT (INVALID_REQUEST); NOT_FOUND (TOOL_NOT_FOUND);
-        ABORTED (TOOL_VERSION_CONFLICT); FAILED_PRECONDITION (REQUEST_ID_REUSED); UNAVAILABLE
-        (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+        Requires `toolregistry:write`; gateway-only. Errors: UNAUTHENTICATED (PRINCIPAL_*);
+        PERMISSION_DENIED (PERMISSION_MISSING, DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT
+        (INVALID_REQUEST); NOT_FOUND (TOOL_NOT_FOUND); ABORTED (ETAG_MISMATCH); FAILED_PRECONDITION
+        (REQUEST_ID_REUSED); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         Atomic. Idempotent by `request_id`: a retry with the same `request_id` and request within
         24 hours returns the first call's response instead of TOOL_NOT_FOUND.
@@ -393,9 +411,9 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         """ListTools lists, at their current versions and ordered by name, the tools the caller may
         run (every tool for holders of a registry permission).
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (INVALID_REQUEST, for a bad page
-        size or a page token from another query); UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN);
-        INTERNAL (INTERNAL).
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (PAGE_TOKEN_INVALID for a page token
+        that is not one of this query's, INVALID_REQUEST for a negative page size or a bad prefix);
+        UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """
@@ -413,8 +431,8 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         Registry permissions do not widen the export: it holds only tools the caller may run.
         Requested names the caller may not run, or that do not exist, are silently left out.
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (INVALID_REQUEST); UNAVAILABLE
-        (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); INVALID_ARGUMENT (PAGE_TOKEN_INVALID, INVALID_REQUEST);
+        UNAVAILABLE (STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
         A read: no side effects, safe to retry.
         """
@@ -429,16 +447,16 @@ class ToolRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         chosen ones) with the schema the server declares, the given policy and an MCP runtime that
         points at the server.
 
-        Requires `toolregistry:write`. A name already registered fails the import unless
-        `update_existing` is set and that tool runs on the same server, in which case it is updated
-        to a new version.
+        Requires `toolregistry:write`; gateway-only. A name already registered fails the import unless
+        `update_existing` is set and that tool runs on the same server, in which case its definition
+        and runtime are replaced from the server and its policy by `policy`, as a new version.
 
-        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING);
-        INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_SCHEMA_INVALID); ALREADY_EXISTS
-        (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION (REMOTE_TOOL_NOT_FOUND,
-        MCP_SERVER_PROTOCOL_ERROR, REQUEST_ID_REUSED); UNAVAILABLE (MCP_SERVER_UNAVAILABLE,
-        SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN); DEADLINE_EXCEEDED
-        (DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
+        Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (PERMISSION_MISSING,
+        DELEGATION_NOT_ALLOWED); INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE,
+        TOOL_SCHEMA_INVALID); ALREADY_EXISTS (TOOL_ALREADY_EXISTS); FAILED_PRECONDITION
+        (REMOTE_TOOL_NOT_FOUND, MCP_SERVER_PROTOCOL_ERROR, REQUEST_ID_REUSED); UNAVAILABLE
+        (MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE, SHUTTING_DOWN);
+        DEADLINE_EXCEEDED (DEADLINE_TOO_SHORT); INTERNAL (INTERNAL).
 
         Atomic: every selected tool is registered or updated, or none is. Idempotent by
         `request_id`: a retry with the same `request_id` and request within 24 hours returns the
@@ -453,8 +471,9 @@ class ToolRunnerServiceStub:
     the sandbox, in process, on a gRPC tool host or on an MCP server) and returns a typed outcome.
     An effect ledger makes each call happen at most once per idempotency key.
 
-    Every call needs the `x-foredeck-principal` metadata entry. Errors use the domain
-    `toolrunner.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run; with the orchestrator's, the call must belong to that run. Errors use the
+    domain `toolrunner.foredeck.dev` and the reasons in ErrorReason.
     """
 
     @_typing.overload
@@ -464,30 +483,31 @@ class ToolRunnerServiceStub:
     ExecuteTool: _grpc.UnaryUnaryMultiCallable[_toolrunner_service_pb2.ExecuteToolRequest, _toolrunner_service_pb2.ExecuteToolResponse]
     """ExecuteTool runs one tool call and returns its outcome.
 
-    Checks happen in this order, and the tool runs only if all pass: the caller holds
-    `tools:<name>`; the tool (and version) exists; the caller holds the tool's required
-    permissions; the ledger (a result already recorded for the idempotency key is returned
-    here, marked `replayed`, with no further check); the arguments satisfy the schema; an
-    approval token is present and valid when the tool requires approval; the tenant is within
-    the tool's rate limit. The tool then runs under its timeout, capped by the caller's deadline.
+    Checks happen in this order, and the tool runs only if all pass: with an orchestrator-minted
+    principal, `run_id` is the principal's run (`rid`); the caller holds `tools:<name>`; the tool
+    (and version) exists; the caller holds the tool's required permissions; the ledger (a result
+    already recorded for the idempotency key is returned here, marked `replayed`, with no further
+    check); the arguments satisfy the schema; an approval token is present and valid when the tool
+    requires approval; the tenant is within the tool's rate limit. The tool then runs under its
+    timeout, capped by the caller's deadline.
 
     A tool that runs and fails (times out, exits non-zero, hits a limit, reports an error) is a
     successful RPC whose outcome holds a ToolError; that outcome is recorded like a success.
 
     Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (TOOL_PERMISSION_DENIED,
-    APPROVAL_INVALID); NOT_FOUND (TOOL_NOT_FOUND, TOOL_VERSION_NOT_FOUND); INVALID_ARGUMENT
-    (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_ARGUMENTS_INVALID); FAILED_PRECONDITION
-    (IDEMPOTENCY_KEY_REUSED, APPROVAL_REQUIRED, REMOTE_TOOL_NOT_FOUND); RESOURCE_EXHAUSTED
-    (TOOL_RATE_LIMITED); DEADLINE_EXCEEDED (TOOL_TIMEOUT, DEADLINE_TOO_SHORT); UNAVAILABLE
-    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE,
-    SHUTTING_DOWN); INTERNAL (INTERNAL).
+    APPROVAL_INVALID, DELEGATION_NOT_ALLOWED); NOT_FOUND (TOOL_NOT_FOUND, TOOL_VERSION_NOT_FOUND);
+    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_ARGUMENTS_INVALID);
+    FAILED_PRECONDITION (IDEMPOTENCY_KEY_REUSED, APPROVAL_REQUIRED, REMOTE_TOOL_NOT_FOUND);
+    RESOURCE_EXHAUSTED (TOOL_RATE_LIMITED); DEADLINE_EXCEEDED (TOOL_TIMEOUT, DEADLINE_TOO_SHORT);
+    UNAVAILABLE (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE,
+    STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
-    Idempotent by `idempotency_key`: the outcome is recorded in the ledger for the runner's
-    configured retention (24 hours by default). A call repeating a key returns the recorded
-    outcome without running the tool again; a repeat that arrives while the first call is still
-    running waits for it and returns its outcome. RPC errors are not recorded, so after one a
-    retry with the same key runs the tool. The tool's side effects are not atomic: a tool killed
-    at the caller's deadline may have done part of its work.
+    Idempotent by `idempotency_key`, which inside a run is `<run_id>:<step_id>`: the outcome is
+    recorded in the ledger for the runner's configured retention (24 hours by default). A call
+    repeating a key returns the recorded outcome without running the tool again; a repeat that
+    arrives while the first call is still running waits for it and returns its outcome. RPC errors
+    are not recorded, so after one a retry with the same key runs the tool. The tool's side effects
+    are not atomic: a tool killed at the caller's deadline may have done part of its work.
     """
 
 @_typing.type_check_only
@@ -497,38 +517,40 @@ class ToolRunnerServiceAsyncStub(ToolRunnerServiceStub):
     the sandbox, in process, on a gRPC tool host or on an MCP server) and returns a typed outcome.
     An effect ledger makes each call happen at most once per idempotency key.
 
-    Every call needs the `x-foredeck-principal` metadata entry. Errors use the domain
-    `toolrunner.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run; with the orchestrator's, the call must belong to that run. Errors use the
+    domain `toolrunner.foredeck.dev` and the reasons in ErrorReason.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ExecuteTool: _aio.UnaryUnaryMultiCallable[_toolrunner_service_pb2.ExecuteToolRequest, _toolrunner_service_pb2.ExecuteToolResponse]  # type: ignore[assignment]
     """ExecuteTool runs one tool call and returns its outcome.
 
-    Checks happen in this order, and the tool runs only if all pass: the caller holds
-    `tools:<name>`; the tool (and version) exists; the caller holds the tool's required
-    permissions; the ledger (a result already recorded for the idempotency key is returned
-    here, marked `replayed`, with no further check); the arguments satisfy the schema; an
-    approval token is present and valid when the tool requires approval; the tenant is within
-    the tool's rate limit. The tool then runs under its timeout, capped by the caller's deadline.
+    Checks happen in this order, and the tool runs only if all pass: with an orchestrator-minted
+    principal, `run_id` is the principal's run (`rid`); the caller holds `tools:<name>`; the tool
+    (and version) exists; the caller holds the tool's required permissions; the ledger (a result
+    already recorded for the idempotency key is returned here, marked `replayed`, with no further
+    check); the arguments satisfy the schema; an approval token is present and valid when the tool
+    requires approval; the tenant is within the tool's rate limit. The tool then runs under its
+    timeout, capped by the caller's deadline.
 
     A tool that runs and fails (times out, exits non-zero, hits a limit, reports an error) is a
     successful RPC whose outcome holds a ToolError; that outcome is recorded like a success.
 
     Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (TOOL_PERMISSION_DENIED,
-    APPROVAL_INVALID); NOT_FOUND (TOOL_NOT_FOUND, TOOL_VERSION_NOT_FOUND); INVALID_ARGUMENT
-    (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_ARGUMENTS_INVALID); FAILED_PRECONDITION
-    (IDEMPOTENCY_KEY_REUSED, APPROVAL_REQUIRED, REMOTE_TOOL_NOT_FOUND); RESOURCE_EXHAUSTED
-    (TOOL_RATE_LIMITED); DEADLINE_EXCEEDED (TOOL_TIMEOUT, DEADLINE_TOO_SHORT); UNAVAILABLE
-    (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE,
-    SHUTTING_DOWN); INTERNAL (INTERNAL).
+    APPROVAL_INVALID, DELEGATION_NOT_ALLOWED); NOT_FOUND (TOOL_NOT_FOUND, TOOL_VERSION_NOT_FOUND);
+    INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_ARGUMENTS_INVALID);
+    FAILED_PRECONDITION (IDEMPOTENCY_KEY_REUSED, APPROVAL_REQUIRED, REMOTE_TOOL_NOT_FOUND);
+    RESOURCE_EXHAUSTED (TOOL_RATE_LIMITED); DEADLINE_EXCEEDED (TOOL_TIMEOUT, DEADLINE_TOO_SHORT);
+    UNAVAILABLE (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE,
+    STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
-    Idempotent by `idempotency_key`: the outcome is recorded in the ledger for the runner's
-    configured retention (24 hours by default). A call repeating a key returns the recorded
-    outcome without running the tool again; a repeat that arrives while the first call is still
-    running waits for it and returns its outcome. RPC errors are not recorded, so after one a
-    retry with the same key runs the tool. The tool's side effects are not atomic: a tool killed
-    at the caller's deadline may have done part of its work.
+    Idempotent by `idempotency_key`, which inside a run is `<run_id>:<step_id>`: the outcome is
+    recorded in the ledger for the runner's configured retention (24 hours by default). A call
+    repeating a key returns the recorded outcome without running the tool again; a repeat that
+    arrives while the first call is still running waits for it and returns its outcome. RPC errors
+    are not recorded, so after one a retry with the same key runs the tool. The tool's side effects
+    are not atomic: a tool killed at the caller's deadline may have done part of its work.
     """
 
 class ToolRunnerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -537,8 +559,9 @@ class ToolRunnerServiceServicer(metaclass=_abc_1.ABCMeta):
     the sandbox, in process, on a gRPC tool host or on an MCP server) and returns a typed outcome.
     An effect ledger makes each call happen at most once per idempotency key.
 
-    Every call needs the `x-foredeck-principal` metadata entry. Errors use the domain
-    `toolrunner.foredeck.dev` and the reasons in ErrorReason.
+    Every call needs the `x-foredeck-principal` metadata entry, minted by the gateway or by the
+    orchestrator for a run; with the orchestrator's, the call must belong to that run. Errors use the
+    domain `toolrunner.foredeck.dev` and the reasons in ErrorReason.
     """
 
     @_abc_1.abstractmethod
@@ -549,30 +572,31 @@ class ToolRunnerServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_toolrunner_service_pb2.ExecuteToolResponse, _abc.Awaitable[_toolrunner_service_pb2.ExecuteToolResponse]]:
         """ExecuteTool runs one tool call and returns its outcome.
 
-        Checks happen in this order, and the tool runs only if all pass: the caller holds
-        `tools:<name>`; the tool (and version) exists; the caller holds the tool's required
-        permissions; the ledger (a result already recorded for the idempotency key is returned
-        here, marked `replayed`, with no further check); the arguments satisfy the schema; an
-        approval token is present and valid when the tool requires approval; the tenant is within
-        the tool's rate limit. The tool then runs under its timeout, capped by the caller's deadline.
+        Checks happen in this order, and the tool runs only if all pass: with an orchestrator-minted
+        principal, `run_id` is the principal's run (`rid`); the caller holds `tools:<name>`; the tool
+        (and version) exists; the caller holds the tool's required permissions; the ledger (a result
+        already recorded for the idempotency key is returned here, marked `replayed`, with no further
+        check); the arguments satisfy the schema; an approval token is present and valid when the tool
+        requires approval; the tenant is within the tool's rate limit. The tool then runs under its
+        timeout, capped by the caller's deadline.
 
         A tool that runs and fails (times out, exits non-zero, hits a limit, reports an error) is a
         successful RPC whose outcome holds a ToolError; that outcome is recorded like a success.
 
         Errors: UNAUTHENTICATED (PRINCIPAL_*); PERMISSION_DENIED (TOOL_PERMISSION_DENIED,
-        APPROVAL_INVALID); NOT_FOUND (TOOL_NOT_FOUND, TOOL_VERSION_NOT_FOUND); INVALID_ARGUMENT
-        (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_ARGUMENTS_INVALID); FAILED_PRECONDITION
-        (IDEMPOTENCY_KEY_REUSED, APPROVAL_REQUIRED, REMOTE_TOOL_NOT_FOUND); RESOURCE_EXHAUSTED
-        (TOOL_RATE_LIMITED); DEADLINE_EXCEEDED (TOOL_TIMEOUT, DEADLINE_TOO_SHORT); UNAVAILABLE
-        (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE, STORE_UNAVAILABLE,
-        SHUTTING_DOWN); INTERNAL (INTERNAL).
+        APPROVAL_INVALID, DELEGATION_NOT_ALLOWED); NOT_FOUND (TOOL_NOT_FOUND, TOOL_VERSION_NOT_FOUND);
+        INVALID_ARGUMENT (INVALID_REQUEST, REQUEST_TOO_LARGE, TOOL_ARGUMENTS_INVALID);
+        FAILED_PRECONDITION (IDEMPOTENCY_KEY_REUSED, APPROVAL_REQUIRED, REMOTE_TOOL_NOT_FOUND);
+        RESOURCE_EXHAUSTED (TOOL_RATE_LIMITED); DEADLINE_EXCEEDED (TOOL_TIMEOUT, DEADLINE_TOO_SHORT);
+        UNAVAILABLE (TOOL_HOST_UNAVAILABLE, MCP_SERVER_UNAVAILABLE, SANDBOX_UNAVAILABLE,
+        STORE_UNAVAILABLE, SHUTTING_DOWN); INTERNAL (INTERNAL).
 
-        Idempotent by `idempotency_key`: the outcome is recorded in the ledger for the runner's
-        configured retention (24 hours by default). A call repeating a key returns the recorded
-        outcome without running the tool again; a repeat that arrives while the first call is still
-        running waits for it and returns its outcome. RPC errors are not recorded, so after one a
-        retry with the same key runs the tool. The tool's side effects are not atomic: a tool killed
-        at the caller's deadline may have done part of its work.
+        Idempotent by `idempotency_key`, which inside a run is `<run_id>:<step_id>`: the outcome is
+        recorded in the ledger for the runner's configured retention (24 hours by default). A call
+        repeating a key returns the recorded outcome without running the tool again; a repeat that
+        arrives while the first call is still running waits for it and returns its outcome. RPC errors
+        are not recorded, so after one a retry with the same key runs the tool. The tool's side effects
+        are not atomic: a tool killed at the caller's deadline may have done part of its work.
         """
 
 def add_ToolRunnerServiceServicer_to_server(servicer: ToolRunnerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
@@ -582,10 +606,11 @@ class ToolHostServiceStub:
     tools to Foredeck. Register each tool it offers with RegisterTool, using a GrpcHostRuntime
     that points at the host.
 
-    The runner calls the host only after it has checked permissions, validated the arguments
-    against the registered schema, applied the rate limit and consulted its ledger. It forwards
-    the caller's `x-foredeck-principal` metadata entry, which a host inside the mesh may verify
-    to learn the tenant and user; a host must not take them from anywhere else.
+    The runner calls the host only after it has checked permissions, validated the arguments against
+    the registered schema, applied the rate limit and consulted its ledger. It forwards the caller's
+    `x-foredeck-principal` metadata entry, which a host inside the mesh may verify to learn the
+    tenant and user (accepting both issuers, `foredeck-gateway` and `foredeck-orchestrator`, as every
+    service does); a host must not take them from anywhere else.
 
     A host reports a tool's own failure as an InvokeToolResponse outcome holding a ToolError, and
     keeps RPC errors for faults of the call: NOT_FOUND for an unknown tool, INVALID_ARGUMENT for
@@ -617,9 +642,10 @@ class ToolHostServiceStub:
     use); UNAVAILABLE or RESOURCE_EXHAUSTED (overloaded or draining); DEADLINE_EXCEEDED (the
     timeout ran out); UNAUTHENTICATED or PERMISSION_DENIED when it verifies callers.
 
-    Idempotent by `idempotency_key`: the runner sends the same key when it retries after an
-    unknown result (a lost connection, UNAVAILABLE), and a host whose tools have side effects
-    must return the first outcome for a repeated key instead of acting again.
+    Idempotent by `idempotency_key`: the runner passes on the key of the ExecuteTool call
+    (`<run_id>:<step_id>` inside a run) and sends it again when it retries after an unknown result
+    (a lost connection, UNAVAILABLE); a host whose tools have side effects must return the first
+    outcome for a repeated key instead of acting again.
     """
 
 @_typing.type_check_only
@@ -628,10 +654,11 @@ class ToolHostServiceAsyncStub(ToolHostServiceStub):
     tools to Foredeck. Register each tool it offers with RegisterTool, using a GrpcHostRuntime
     that points at the host.
 
-    The runner calls the host only after it has checked permissions, validated the arguments
-    against the registered schema, applied the rate limit and consulted its ledger. It forwards
-    the caller's `x-foredeck-principal` metadata entry, which a host inside the mesh may verify
-    to learn the tenant and user; a host must not take them from anywhere else.
+    The runner calls the host only after it has checked permissions, validated the arguments against
+    the registered schema, applied the rate limit and consulted its ledger. It forwards the caller's
+    `x-foredeck-principal` metadata entry, which a host inside the mesh may verify to learn the
+    tenant and user (accepting both issuers, `foredeck-gateway` and `foredeck-orchestrator`, as every
+    service does); a host must not take them from anywhere else.
 
     A host reports a tool's own failure as an InvokeToolResponse outcome holding a ToolError, and
     keeps RPC errors for faults of the call: NOT_FOUND for an unknown tool, INVALID_ARGUMENT for
@@ -660,9 +687,10 @@ class ToolHostServiceAsyncStub(ToolHostServiceStub):
     use); UNAVAILABLE or RESOURCE_EXHAUSTED (overloaded or draining); DEADLINE_EXCEEDED (the
     timeout ran out); UNAUTHENTICATED or PERMISSION_DENIED when it verifies callers.
 
-    Idempotent by `idempotency_key`: the runner sends the same key when it retries after an
-    unknown result (a lost connection, UNAVAILABLE), and a host whose tools have side effects
-    must return the first outcome for a repeated key instead of acting again.
+    Idempotent by `idempotency_key`: the runner passes on the key of the ExecuteTool call
+    (`<run_id>:<step_id>` inside a run) and sends it again when it retries after an unknown result
+    (a lost connection, UNAVAILABLE); a host whose tools have side effects must return the first
+    outcome for a repeated key instead of acting again.
     """
 
 class ToolHostServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -670,10 +698,11 @@ class ToolHostServiceServicer(metaclass=_abc_1.ABCMeta):
     tools to Foredeck. Register each tool it offers with RegisterTool, using a GrpcHostRuntime
     that points at the host.
 
-    The runner calls the host only after it has checked permissions, validated the arguments
-    against the registered schema, applied the rate limit and consulted its ledger. It forwards
-    the caller's `x-foredeck-principal` metadata entry, which a host inside the mesh may verify
-    to learn the tenant and user; a host must not take them from anywhere else.
+    The runner calls the host only after it has checked permissions, validated the arguments against
+    the registered schema, applied the rate limit and consulted its ledger. It forwards the caller's
+    `x-foredeck-principal` metadata entry, which a host inside the mesh may verify to learn the
+    tenant and user (accepting both issuers, `foredeck-gateway` and `foredeck-orchestrator`, as every
+    service does); a host must not take them from anywhere else.
 
     A host reports a tool's own failure as an InvokeToolResponse outcome holding a ToolError, and
     keeps RPC errors for faults of the call: NOT_FOUND for an unknown tool, INVALID_ARGUMENT for
@@ -712,9 +741,10 @@ class ToolHostServiceServicer(metaclass=_abc_1.ABCMeta):
         use); UNAVAILABLE or RESOURCE_EXHAUSTED (overloaded or draining); DEADLINE_EXCEEDED (the
         timeout ran out); UNAUTHENTICATED or PERMISSION_DENIED when it verifies callers.
 
-        Idempotent by `idempotency_key`: the runner sends the same key when it retries after an
-        unknown result (a lost connection, UNAVAILABLE), and a host whose tools have side effects
-        must return the first outcome for a repeated key instead of acting again.
+        Idempotent by `idempotency_key`: the runner passes on the key of the ExecuteTool call
+        (`<run_id>:<step_id>` inside a run) and sends it again when it retries after an unknown result
+        (a lost connection, UNAVAILABLE); a host whose tools have side effects must return the first
+        outcome for a repeated key instead of acting again.
         """
 
 def add_ToolHostServiceServicer_to_server(servicer: ToolHostServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

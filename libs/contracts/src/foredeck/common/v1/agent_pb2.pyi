@@ -52,13 +52,15 @@ Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 
 @_typing.final
 class Agent(_message.Message):
-    """Agent is one immutable version of an agent definition: the instructions, model, tools,
-    memory behaviour, planner settings, budgets and approval rules a run executes with.
+    """Agent is one immutable version of an agent definition: the instructions, model, tools, memory
+    behaviour, planner settings, budgets and approval rules a run executes with.
 
-    Definitions are versioned. Every change creates a new version numbered one above the latest;
-    an existing version never changes. A run is pinned to the version it was submitted with for
-    its whole life, including after the agent gets newer versions or is archived. Fields marked
-    "output only" are set by the orchestrator and ignored when they appear in a request.
+    The orchestrator stores agents (`foredeck.orchestrator.v1.AgentService`) and the gateway serves
+    them to public clients, so the message lives here. Definitions are versioned: every change
+    creates a new version numbered one above the latest, and an existing version never changes. A run
+    is pinned to the version it was submitted with for its whole life, including after the agent gets
+    newer versions or is archived. Fields marked "output only" are set by the orchestrator and
+    ignored when they appear in a request.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -102,30 +104,31 @@ class Agent(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
     ARCHIVE_TIME_FIELD_NUMBER: _builtins.int
+    ETAG_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The agent's name, unique within the tenant and never reused, even after archiving: 1-63
-    characters of lowercase ASCII letters, digits and `-`, starting with a letter and not
-    ending with `-` (for example `support-triage`).
+    characters of lowercase ASCII letters, digits and `-`, starting with a letter and not ending
+    with `-` (for example `support-triage`).
     """
     version: _builtins.int
-    """Output only. The version number: 1 for the version CreateAgent wrote, then one more for
-    each CreateAgentVersion.
+    """Output only. The version number: 1 for the version CreateAgent wrote, then one more for each
+    CreateAgentVersion.
     """
     tenant_id: _builtins.str
     """Output only. The tenant that owns the agent, taken from the caller's principal."""
     description: _builtins.str
     """What the agent is for, shown to people choosing an agent: at most 1,024 characters."""
     system_prompt: _builtins.str
-    """The system prompt that frames every model call of the agent's runs: at most 64 KiB of
-    UTF-8. May be empty.
+    """The system prompt that frames every model call of the agent's runs: at most 64 KiB of UTF-8.
+    May be empty.
     """
     model: _builtins.str
-    """The model name or alias llmrouter resolves, such as `claude-sonnet-4-5` or `fast`: at most
-    128 characters. Empty selects the tenant's default model in llmrouter.
+    """The model name or alias llmrouter resolves, such as `claude-sonnet-4-5` or `fast`: at most 128
+    characters. Empty selects the tenant's default model in llmrouter.
     """
     temperature: _builtins.float
-    """The sampling temperature for the agent's model calls, from 0 to 2. Unset leaves the
-    provider's default; set it to 0 for the most repeatable plans.
+    """The sampling temperature for the agent's model calls, from 0 to 2. Unset leaves the provider's
+    default; set it to 0 for the most repeatable plans.
     """
     max_output_tokens: _builtins.int
     """The most tokens one model call may generate, from 1 to 1,000,000. Zero leaves llmrouter's
@@ -135,19 +138,24 @@ class Agent(_message.Message):
     """Output only. Whether the agent accepts new runs."""
     created_by: _builtins.str
     """Output only. The user id of the principal that wrote this version."""
+    etag: _builtins.str
+    """Output only. An opaque value naming this version of the agent; only the latest version's etag
+    is current. CreateAgentVersion given the etag of a version that is no longer the latest fails
+    with ABORTED ETAG_MISMATCH, so a change based on an old read cannot silently undo someone
+    else's newer version.
+    """
     @_builtins.property
     def allowed_tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The names of the tools the agent may call, as registered in toolrunner: at most 128 names,
-        each 1-64 characters of `[a-zA-Z0-9_-]`, no duplicates. Empty means the agent calls no
-        tools. A run may call a listed tool only if the run's principal also holds the tool's
-        permissions; names are resolved against the registry when a step runs, not when the
-        definition is written.
+        """The names of the tools the agent may call, as registered in toolrunner: at most 128 names, each
+        1-64 characters of `[a-zA-Z0-9_-]`, no duplicates. Empty means the agent calls no tools. A run
+        may call a listed tool only if the run's principal also holds the tool's permissions; names are
+        resolved against the registry when a step runs, not when the definition is written.
         """
 
     @_builtins.property
     def allowed_sub_agents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The agents this agent may start as sub-agents: at most 32 agent names of the same tenant.
-        Empty forbids sub-agents whatever the budget allows.
+        """The agents this agent may start as sub-agents: at most 32 agent names of the same tenant. Empty
+        forbids sub-agents whatever the budget allows.
         """
 
     @_builtins.property
@@ -160,9 +168,9 @@ class Agent(_message.Message):
 
     @_builtins.property
     def budget(self) -> _usage_pb2.Budget:
-        """The caps every run of the agent works within. Each field must be zero (no cap from the
-        agent; the orchestrator's configured limits still apply) or positive; a negative value is
-        rejected with BUDGET_INVALID. A run may tighten these caps but never loosen them.
+        """The caps every run of the agent works within. Each field must be zero (no cap from the agent;
+        the orchestrator's configured limits still apply) or positive; a negative value is rejected
+        with BUDGET_INVALID. A run may tighten these caps but never loosen them.
         """
 
     @_builtins.property
@@ -171,8 +179,8 @@ class Agent(_message.Message):
 
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels for filtering and reporting: at most 32 entries; keys 1-63 characters of
-        `[a-z0-9_.-]` starting with a letter, values at most 256 characters.
+        """Labels for filtering and reporting: at most 32 entries; keys 1-63 characters of `[a-z0-9_.-]`
+        starting with a letter, values at most 256 characters.
         """
 
     @_builtins.property
@@ -181,8 +189,8 @@ class Agent(_message.Message):
 
     @_builtins.property
     def archive_time(self) -> _timestamp_pb2.Timestamp:
-        """Output only. When the agent was archived; unset while it is active. The same on every
-        version of an archived agent.
+        """Output only. When the agent was archived; unset while it is active. The same on every version
+        of an archived agent.
         """
 
     def __init__(
@@ -207,10 +215,11 @@ class Agent(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
         archive_time: _timestamp_pb2.Timestamp | None = ...,
+        etag: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "approval_policy", b"approval_policy", "archive_time", b"archive_time", "budget", b"budget", "create_time", b"create_time", "memory_policy", b"memory_policy", "planner", b"planner", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "allowed_sub_agents", b"allowed_sub_agents", "allowed_tools", b"allowed_tools", "approval_policy", b"approval_policy", "archive_time", b"archive_time", "budget", b"budget", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "memory_policy", b"memory_policy", "model", b"model", "name", b"name", "planner", b"planner", "state", b"state", "system_prompt", b"system_prompt", "temperature", b"temperature", "tenant_id", b"tenant_id", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_temperature", b"_temperature", "allowed_sub_agents", b"allowed_sub_agents", "allowed_tools", b"allowed_tools", "approval_policy", b"approval_policy", "archive_time", b"archive_time", "budget", b"budget", "create_time", b"create_time", "created_by", b"created_by", "description", b"description", "etag", b"etag", "labels", b"labels", "max_output_tokens", b"max_output_tokens", "memory_policy", b"memory_policy", "model", b"model", "name", b"name", "planner", b"planner", "state", b"state", "system_prompt", b"system_prompt", "temperature", b"temperature", "tenant_id", b"tenant_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
     _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
@@ -270,15 +279,14 @@ class PlannerSettings(_message.Message):
     REPLANNING_DISABLED_FIELD_NUMBER: _builtins.int
     MAX_PLAN_STEPS_FIELD_NUMBER: _builtins.int
     max_replans: _builtins.int
-    """How many times a run may revise its plan after a failed step or surprising results, from 0
-    to 20. Zero means the orchestrator's default (3); use `replanning_disabled` to forbid
-    replanning.
+    """How many times a run may revise its plan after a failed step or surprising results, from 0 to
+    20. Zero means the orchestrator's default (3); use `replanning_disabled` to forbid replanning.
     """
     replanning_disabled: _builtins.bool
     """Whether the run executes its first plan as written and never replans."""
     max_plan_steps: _builtins.int
-    """The most steps one plan may hold, from 1 to 100. Zero means 20. A plan with more steps
-    counts as an invalid plan.
+    """The most steps one plan may hold, from 1 to 100. Zero means 20. A plan with more steps counts
+    as an invalid plan.
     """
     def __init__(
         self,
@@ -299,9 +307,8 @@ Global___PlannerSettings: _TypeAlias = PlannerSettings  # noqa: Y015
 class ApprovalPolicy(_message.Message):
     """ApprovalPolicy says which tool calls of an agent's runs need a person's approval.
 
-    A call needs approval when the policy names its tool, when `all_tools` is set, or when the
-    tool's registration in toolrunner says it does; the policy can add approvals, never remove
-    them.
+    A call needs approval when the policy names its tool, when `all_tools` is set, or when the tool's
+    registration in toolrunner says it does; the policy can add approvals, never remove them.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -317,8 +324,8 @@ class ApprovalPolicy(_message.Message):
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """How long an approval stays pending before it expires and the call counts as denied, from
-        1 minute to 7 days. Unset or zero means 24 hours. A pending approval holds no worker.
+        """How long an approval stays pending before it expires and the call counts as denied, from 1
+        minute to 7 days. Unset or zero means 24 hours. A pending approval holds no worker.
         """
 
     def __init__(
