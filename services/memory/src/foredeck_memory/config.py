@@ -50,7 +50,7 @@ class MemorySettings(ServiceSettings):
     neo4j_password: SecretStr = Field(default=SecretStr(""), description="Bolt password.")
     neo4j_database: str = Field(default="foredeck", description="Graph database name.")
     neo4j_retry_seconds: float = Field(
-        default=2.0,
+        default=5.0,
         gt=0,
         description="How long the driver retries a transaction before the graph counts as down.",
     )

@@ -19,6 +19,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
+from foredeck.common.v1 import memory_pb2 as common_memory_pb2
 from foredeck.common.v1 import provenance_pb2
 from foredeck.memory.v1 import (
     entity_pb2,
@@ -110,11 +111,11 @@ def _provenance(tenant: str, user: str, run: str, step: str, at: int) -> provena
 
 
 _STATES = {
-    "CURRENT": memory_pb2.MEMORY_STATE_CURRENT,
-    "SUPERSEDED": memory_pb2.MEMORY_STATE_SUPERSEDED,
-    "RETIRED": memory_pb2.MEMORY_STATE_RETIRED,
-    "EXPIRED": memory_pb2.MEMORY_STATE_EXPIRED,
-    "PENDING": memory_pb2.MEMORY_STATE_PENDING,
+    "CURRENT": common_memory_pb2.MEMORY_STATE_CURRENT,
+    "SUPERSEDED": common_memory_pb2.MEMORY_STATE_SUPERSEDED,
+    "RETIRED": common_memory_pb2.MEMORY_STATE_RETIRED,
+    "EXPIRED": common_memory_pb2.MEMORY_STATE_EXPIRED,
+    "PENDING": common_memory_pb2.MEMORY_STATE_PENDING,
 }
 _REMEMBER_OUTCOMES = {
     "CREATED": memory_pb2.REMEMBER_OUTCOME_CREATED,
@@ -146,9 +147,9 @@ _MODES = {
 }
 
 
-def memory_to_proto(record: MemoryRecord, at: int | None = None) -> memory_pb2.Memory:
+def memory_to_proto(record: MemoryRecord, at: int | None = None) -> common_memory_pb2.Memory:
     """The wire form of a memory version, with its state at ``at`` (default now)."""
-    out = memory_pb2.Memory(
+    out = common_memory_pb2.Memory(
         memory_id=record.memory_id,
         content=record.content,
         metadata=_struct(record.metadata),
@@ -165,12 +166,13 @@ def memory_to_proto(record: MemoryRecord, at: int | None = None) -> memory_pb2.M
         dedup_key=record.dedup_key,
         fact_key=record.fact_key,
         entity_refs=[
-            entity_pb2.EntityRef(type=t, entity_id=i)
+            common_memory_pb2.EntityRef(type=t, entity_id=i)
             for t, i in (split_entity_key(k) for k in record.entity_refs)
         ],
         merge_count=record.merge_count,
         state=_STATES[record.state(at if at is not None else now_us())],
         embedding_model=record.embedding_model,
+        etag=record.etag,
     )
     _set_ts(out.valid_from, record.valid_from)
     if record.valid_to < OPEN_END:
@@ -208,9 +210,9 @@ def relationship_to_proto(rel: RelationshipVersion) -> entity_pb2.Relationship:
     """The wire form of a relationship version."""
     out = entity_pb2.Relationship(
         relationship_id=rel.relationship_id,
-        source=entity_pb2.EntityRef(type=rel.source[0], entity_id=rel.source[1]),
+        source=common_memory_pb2.EntityRef(type=rel.source[0], entity_id=rel.source[1]),
         type=rel.rel_type,
-        target=entity_pb2.EntityRef(type=rel.target[0], entity_id=rel.target[1]),
+        target=common_memory_pb2.EntityRef(type=rel.target[0], entity_id=rel.target[1]),
         properties=_struct(rel.properties),
         provenance=_provenance(
             rel.provenance.tenant_id,
@@ -252,9 +254,10 @@ def _read_page_token(token: str, kind: str, fingerprint: str) -> dict[str, Any]:
 
 
 def _page_size(value: int, default: int, maximum: int) -> int:
-    if value < 0 or value > maximum:
-        raise errors.invalid([("page_size", f"must be between 0 and {maximum}")])
-    return value or default
+    # AIP-158: a size over the maximum is read as the maximum; only a negative one is wrong.
+    if value < 0:
+        raise errors.invalid([("page_size", "must not be negative")])
+    return min(value or default, maximum)
 
 
 class _Base:
@@ -331,7 +334,7 @@ class WorkingMemoryServicer(memory_service_pb2_grpc.WorkingMemoryServiceServicer
         with self._faults():
             _, scope = _scope(WRITE)
             violations = v.id_violations("session_id", request.session_id, required=True)
-            violations += v.id_violations("request_id", request.request_id, required=False)
+            violations += v.id_violations("request_id", request.request_id, required=True)
             violations += v.short_text_violations("run_id", request.run_id)
             violations += v.short_text_violations("step_id", request.step_id)
             if not 1 <= len(request.messages) <= 100:
@@ -463,7 +466,7 @@ class WorkingMemoryServicer(memory_service_pb2_grpc.WorkingMemoryServiceServicer
 
 
 def _entity_ref_checks(
-    types: v.TypeCatalogue, refs: list[tuple[str, entity_pb2.EntityRef]]
+    types: v.TypeCatalogue, refs: list[tuple[str, common_memory_pb2.EntityRef]]
 ) -> list[tuple[str, str]]:
     violations: list[tuple[str, str]] = []
     for path, ref in refs:
@@ -537,43 +540,54 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
             count = await self._memory.vectors.count_tenant(tenant_id)
             self._metrics.memories.labels(tenant_id=tenant_id).set(count)
 
-    def _remember_input(self, request: memory_service_pb2.RememberRequest) -> RememberInput:
-        v.check_content("content", request.content, v.MAX_CONTENT_BYTES)
-        metadata = json_format.MessageToDict(request.metadata)
-        violations = v.check_json_object("metadata", metadata, v.METADATA_KEY_RE)
-        violations += v.id_violations("request_id", request.request_id, required=False)
-        violations += v.id_violations("fact_key", request.fact_key, required=False)
+    def _common_checks(
+        self,
+        request: memory_service_pb2.RememberRequest | memory_service_pb2.RememberManyRequest,
+    ) -> None:
+        violations = v.id_violations("request_id", request.request_id, required=True)
         violations += v.short_text_violations("run_id", request.run_id)
         violations += v.short_text_violations("step_id", request.step_id)
-        if request.category and not v.CATEGORY_RE.match(request.category):
-            violations.append(("category", "1-64 characters of [a-z0-9_.-]"))
         threshold = request.near_duplicate_threshold
         if threshold and not 0.5 <= threshold <= 1.0:
             violations.append(("near_duplicate_threshold", "0, or 0.5 to 1"))
-        if len(request.entity_refs) > v.MAX_ENTITY_REFS:
-            violations.append(("entity_refs", "at most 32 entities"))
+        v.raise_if(violations)
+
+    def _remember_input(
+        self,
+        item: memory_service_pb2.RememberRequest | memory_service_pb2.RememberItem,
+        request: memory_service_pb2.RememberRequest | memory_service_pb2.RememberManyRequest,
+        prefix: str = "",
+    ) -> RememberInput:
+        v.check_content(f"{prefix}content", item.content, v.MAX_CONTENT_BYTES)
+        metadata = json_format.MessageToDict(item.metadata)
+        violations = v.check_json_object(f"{prefix}metadata", metadata, v.METADATA_KEY_RE)
+        violations += v.id_violations(f"{prefix}fact_key", item.fact_key, required=False)
+        if item.category and not v.CATEGORY_RE.match(item.category):
+            violations.append((f"{prefix}category", "1-64 characters of [a-z0-9_.-]"))
+        if len(item.entity_refs) > v.MAX_ENTITY_REFS:
+            violations.append((f"{prefix}entity_refs", "at most 32 entities"))
         v.raise_if(violations)
         _entity_ref_checks(
-            self._types, [(f"entity_refs[{i}]", r) for i, r in enumerate(request.entity_refs)]
+            self._types,
+            [(f"{prefix}entity_refs[{i}]", r) for i, r in enumerate(item.entity_refs)],
         )
-        valid_from = _us(request.valid_from, request.HasField("valid_from"))
-        valid_to = _us(request.valid_to, request.HasField("valid_to"))
-        if valid_to is not None and valid_to <= (
-            valid_from if valid_from is not None else now_us()
-        ):
-            raise errors.validity_range_invalid("valid_to", "must be after valid_from")
+        valid_from = _us(item.valid_from, item.HasField("valid_from"))
+        valid_to = _us(item.valid_to, item.HasField("valid_to"))
+        start = valid_from if valid_from is not None else now_us()
+        if valid_to is not None and valid_to <= start:
+            raise errors.validity_range_invalid(f"{prefix}valid_to", "must be after valid_from")
         return RememberInput(
-            content=request.content,
-            category=request.category or "fact",
+            content=item.content,
+            category=item.category or "fact",
             metadata=metadata,
             run_id=request.run_id,
             step_id=request.step_id,
             valid_from=valid_from,
             valid_to=valid_to,
             dedup_policy=_DEDUP.get(request.dedup_policy, "merge"),
-            near_duplicate_threshold=threshold or None,
-            fact_key=request.fact_key,
-            entity_refs=tuple(entity_key(r.type, r.entity_id) for r in request.entity_refs),
+            near_duplicate_threshold=request.near_duplicate_threshold or None,
+            fact_key=item.fact_key,
+            entity_refs=tuple(entity_key(r.type, r.entity_id) for r in item.entity_refs),
         )
 
     async def Remember(
@@ -581,7 +595,8 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
     ) -> memory_service_pb2.RememberResponse:
         with self._faults():
             _, scope = _scope(WRITE)
-            item = self._remember_input(request)
+            self._common_checks(request)
+            item = self._remember_input(request, request)
 
             async def work() -> memory_service_pb2.RememberResponse:
                 result = await self._memory.remember(scope, item)
@@ -600,6 +615,46 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
                 request.request_id,
                 request,
                 memory_service_pb2.RememberResponse,
+                work,
+            )
+            await self._count(scope.tenant_id)
+            return response
+
+    async def RememberMany(
+        self, request: memory_service_pb2.RememberManyRequest, context: Any
+    ) -> memory_service_pb2.RememberManyResponse:
+        with self._faults():
+            _, scope = _scope(WRITE)
+            self._common_checks(request)
+            if not 1 <= len(request.items) <= 100:
+                raise errors.invalid([("items", "1 to 100 items")])
+            size = request.ByteSize()
+            if size > 8 * 1024 * 1024:
+                raise errors.request_too_large("items", 8 * 1024 * 1024, size)
+            items = [
+                self._remember_input(item, request, f"items[{i}].")
+                for i, item in enumerate(request.items)
+            ]
+
+            async def work() -> memory_service_pb2.RememberManyResponse:
+                results = await self._memory.remember_many(scope, items)
+                out = memory_service_pb2.RememberManyResponse()
+                for result in results:
+                    entry = out.results.add(
+                        memory=memory_to_proto(result.record),
+                        outcome=_REMEMBER_OUTCOMES[result.outcome],
+                        similarity=result.similarity,
+                    )
+                    if result.superseded is not None:
+                        entry.superseded_memory.CopyFrom(memory_to_proto(result.superseded))
+                return out
+
+            response: memory_service_pb2.RememberManyResponse = await self._once(
+                "RememberMany",
+                scope,
+                request.request_id,
+                request,
+                memory_service_pb2.RememberManyResponse,
                 work,
             )
             await self._count(scope.tenant_id)
@@ -628,7 +683,9 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
             at = as_of if as_of is not None else now_us()
             response = memory_service_pb2.RecallResponse(
                 memories=[
-                    memory_pb2.RecalledMemory(memory=memory_to_proto(h.record, at), score=h.score)
+                    common_memory_pb2.RecalledMemory(
+                        memory=memory_to_proto(h.record, at), score=h.score
+                    )
                     for h in hits
                 ]
             )
@@ -680,13 +737,25 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
         with self._faults():
             _, scope = _scope(WRITE)
             _check_memory_id(request.memory_id)
+            allowed = {"content", "metadata", "category", "valid_to", "entity_refs"}
             paths = list(request.update_mask.paths)
-            violations = v.id_violations("request_id", request.request_id, required=False)
+            if paths == ["*"]:
+                paths = sorted(allowed)
+            elif not paths:
+                # AIP-134: an empty mask names every field the request populates.
+                populated = {
+                    "content": bool(request.content),
+                    "metadata": bool(request.metadata.fields),
+                    "category": bool(request.category),
+                    "valid_to": request.HasField("valid_to"),
+                    "entity_refs": bool(request.entity_refs),
+                }
+                paths = [name for name, present in populated.items() if present]
+            violations = v.id_violations("request_id", request.request_id, required=True)
             violations += v.short_text_violations("run_id", request.run_id)
             violations += v.short_text_violations("step_id", request.step_id)
             if not paths:
                 violations.append(("update_mask", "name at least one field"))
-            allowed = {"content", "metadata", "category", "valid_to", "entity_refs"}
             violations += [
                 (f"update_mask.paths[{i}]", "unknown path")
                 for i, p in enumerate(paths)
@@ -729,6 +798,7 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
                     effective_time=effective,
                     run_id=request.run_id,
                     step_id=request.step_id,
+                    etag=request.etag,
                 )
                 out = memory_service_pb2.UpdateMemoryResponse(memory=memory_to_proto(record))
                 if old is not None:
@@ -826,7 +896,7 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
         self._graph = graph
         self._types = types
 
-    def _ref(self, path: str, ref: entity_pb2.EntityRef) -> tuple[str, str]:
+    def _ref(self, path: str, ref: common_memory_pb2.EntityRef) -> tuple[str, str]:
         _entity_ref_checks(self._types, [(path, ref)])
         return ref.type, ref.entity_id
 
@@ -854,7 +924,7 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
     ) -> memory_service_pb2.UpsertEntitiesResponse:
         with self._faults():
             principal, scope = _scope(WRITE)
-            violations = v.id_violations("request_id", request.request_id, required=False)
+            violations = v.id_violations("request_id", request.request_id, required=True)
             violations += v.short_text_violations("run_id", request.run_id)
             violations += v.short_text_violations("step_id", request.step_id)
             if not 1 <= len(request.entities) <= 100:
@@ -924,7 +994,7 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
     ) -> memory_service_pb2.UpsertRelationshipsResponse:
         with self._faults():
             principal, scope = _scope(WRITE)
-            violations = v.id_violations("request_id", request.request_id, required=False)
+            violations = v.id_violations("request_id", request.request_id, required=True)
             violations += v.short_text_violations("run_id", request.run_id)
             violations += v.short_text_violations("step_id", request.step_id)
             if not 1 <= len(request.relationships) <= 100:
@@ -1097,12 +1167,12 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
                 entity=entity_to_proto(entity), relationship_count=rels
             )
 
-    async def ListEntityTypes(
-        self, request: memory_service_pb2.ListEntityTypesRequest, context: Any
-    ) -> memory_service_pb2.ListEntityTypesResponse:
+    async def GetEntitySchema(
+        self, request: memory_service_pb2.GetEntitySchemaRequest, context: Any
+    ) -> memory_service_pb2.GetEntitySchemaResponse:
         with self._faults():
             _scope(READ)
-            return memory_service_pb2.ListEntityTypesResponse(
+            return memory_service_pb2.GetEntitySchemaResponse(
                 entity_types=[
                     entity_pb2.EntityType(name=n, description=d)
                     for n, d in self._types.entity_types

@@ -79,7 +79,9 @@ async def test_graph_killed_between_the_stores(
         vectors.after_upsert = arcade.stop
         with pytest.raises(grpc.aio.AioRpcError) as failure:
             await server.long_term.Remember(
-                ms.RememberRequest(content="Grace keeps bees on the roof."),
+                ms.RememberRequest(
+                    request_id=str(uuid.uuid4()), content="Grace keeps bees on the roof."
+                ),
                 metadata=server.as_user(),
                 timeout=60,
             )
@@ -99,7 +101,9 @@ async def test_graph_killed_between_the_stores(
         await arcade.start()
         await wait_health(server.channel, health_pb2.HealthCheckResponse.SERVING)
         stored = await server.long_term.Remember(
-            ms.RememberRequest(content="Grace keeps bees on the roof."),
+            ms.RememberRequest(
+                request_id=str(uuid.uuid4()), content="Grace keeps bees on the roof."
+            ),
             metadata=server.as_user(),
             timeout=60,
         )

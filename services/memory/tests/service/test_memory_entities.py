@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from foredeck.common.v1 import memory_pb2 as common_memory_pb2
 from foredeck.memory.v1 import entity_pb2
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
 from foredeck_memory.testing import MemoryServer
 
 
-def ref(entity_type: str, entity_id: str) -> entity_pb2.EntityRef:
-    return entity_pb2.EntityRef(type=entity_type, entity_id=entity_id)
+def ref(entity_type: str, entity_id: str) -> common_memory_pb2.EntityRef:
+    return common_memory_pb2.EntityRef(type=entity_type, entity_id=entity_id)
 
 
 def props(**values: str | int) -> struct_pb2.Struct:
@@ -26,7 +29,8 @@ async def upsert(
     server: MemoryServer, *items: ms.EntityUpsert, tenant: str = "tenant-a"
 ) -> ms.UpsertEntitiesResponse:
     reply: ms.UpsertEntitiesResponse = await server.entities.UpsertEntities(
-        ms.UpsertEntitiesRequest(entities=list(items)), metadata=server.as_user(tenant=tenant)
+        ms.UpsertEntitiesRequest(request_id=str(uuid.uuid4()), entities=list(items)),
+        metadata=server.as_user(tenant=tenant),
     )
     return reply
 
@@ -35,7 +39,9 @@ async def relate(
     server: MemoryServer, *items: ms.RelationshipUpsert, tenant: str = "tenant-a"
 ) -> ms.UpsertRelationshipsResponse:
     reply: ms.UpsertRelationshipsResponse = await server.entities.UpsertRelationships(
-        ms.UpsertRelationshipsRequest(relationships=list(items), create_missing_entities=True),
+        ms.UpsertRelationshipsRequest(
+            request_id=str(uuid.uuid4()), relationships=list(items), create_missing_entities=True
+        ),
         metadata=server.as_user(tenant=tenant),
     )
     return reply
@@ -171,11 +177,12 @@ async def test_missing_entity_fails_the_batch(memory_server: MemoryServer) -> No
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await memory_server.entities.UpsertRelationships(
             ms.UpsertRelationshipsRequest(
+                request_id=str(uuid.uuid4()),
                 relationships=[
                     ms.RelationshipUpsert(
                         source=ref("Person", "ghost"), type="KNOWS", target=ref("Person", "b")
                     )
-                ]
+                ],
             ),
             metadata=memory_server.as_user(),
         )
@@ -203,7 +210,7 @@ async def test_search_and_delete(memory_server: MemoryServer) -> None:
             ms.GetEntityRequest(entity=ref("Person", "p1")), metadata=memory_server.as_user()
         )
     assert error_details(gone.value).reason == "ENTITY_NOT_FOUND"
-    types = await memory_server.entities.ListEntityTypes(
-        ms.ListEntityTypesRequest(), metadata=memory_server.as_user()
+    types = await memory_server.entities.GetEntitySchema(
+        ms.GetEntitySchemaRequest(), metadata=memory_server.as_user()
     )
     assert "Person" in [t.name for t in types.entity_types]

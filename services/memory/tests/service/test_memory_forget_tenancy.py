@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import uuid
 
 import grpc
 import pytest
@@ -10,7 +11,7 @@ from neo4j import AsyncDriver
 from redis.asyncio import Redis
 
 from foredeck.common.v1 import chat_pb2
-from foredeck.memory.v1 import entity_pb2
+from foredeck.common.v1 import memory_pb2 as common_memory_pb2
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
 from foredeck_memory.domain.models import Scope, VectorFilter
@@ -18,8 +19,8 @@ from foredeck_memory.testing import MemoryServer
 from foredeck_testing.stores import GraphDatabaseRef
 
 
-def ref(entity_type: str, entity_id: str) -> entity_pb2.EntityRef:
-    return entity_pb2.EntityRef(type=entity_type, entity_id=entity_id)
+def ref(entity_type: str, entity_id: str) -> common_memory_pb2.EntityRef:
+    return common_memory_pb2.EntityRef(type=entity_type, entity_id=entity_id)
 
 
 async def test_forget_user_removes_everything(
@@ -32,24 +33,28 @@ async def test_forget_user_removes_everything(
     bob = memory_server.as_user(user="bob")
     await memory_server.entities.UpsertEntities(
         ms.UpsertEntitiesRequest(
+            request_id=str(uuid.uuid4()),
             entities=[
                 ms.EntityUpsert(entity=ref("Person", "alice")),
                 ms.EntityUpsert(entity=ref("Project", "apollo")),
-            ]
+            ],
         ),
         metadata=alice,
     )
     await memory_server.entities.UpsertEntities(
-        ms.UpsertEntitiesRequest(entities=[ms.EntityUpsert(entity=ref("Person", "bob"))]),
+        ms.UpsertEntitiesRequest(
+            request_id=str(uuid.uuid4()), entities=[ms.EntityUpsert(entity=ref("Person", "bob"))]
+        ),
         metadata=bob,
     )
     await memory_server.entities.UpsertRelationships(
         ms.UpsertRelationshipsRequest(
+            request_id=str(uuid.uuid4()),
             relationships=[
                 ms.RelationshipUpsert(
                     source=ref("Person", "bob"), type="KNOWS", target=ref("Person", "alice")
                 )
-            ]
+            ],
         ),
         metadata=bob,
     )
@@ -61,7 +66,7 @@ async def test_forget_user_removes_everything(
             metadata=alice,
         )
     kept = await memory_server.long_term.Remember(
-        ms.RememberRequest(content="Bob likes coffee."), metadata=bob
+        ms.RememberRequest(request_id=str(uuid.uuid4()), content="Bob likes coffee."), metadata=bob
     )
     await memory_server.working.AppendMessages(
         ms.AppendMessagesRequest(
@@ -131,10 +136,11 @@ async def test_tenant_canaries(memory_server: MemoryServer) -> None:
     ]
     for secret in secrets:
         await memory_server.long_term.Remember(
-            ms.RememberRequest(content=secret), metadata=tenant_a
+            ms.RememberRequest(request_id=str(uuid.uuid4()), content=secret), metadata=tenant_a
         )
     await memory_server.entities.UpsertRelationships(
         ms.UpsertRelationshipsRequest(
+            request_id=str(uuid.uuid4()),
             relationships=[
                 ms.RelationshipUpsert(
                     source=ref("Person", "shared-id"), type="KNOWS", target=ref("Person", "a-only")
@@ -145,11 +151,15 @@ async def test_tenant_canaries(memory_server: MemoryServer) -> None:
         metadata=tenant_a,
     )
     await memory_server.entities.UpsertEntities(
-        ms.UpsertEntitiesRequest(entities=[ms.EntityUpsert(entity=ref("Person", "shared-id"))]),
+        ms.UpsertEntitiesRequest(
+            request_id=str(uuid.uuid4()),
+            entities=[ms.EntityUpsert(entity=ref("Person", "shared-id"))],
+        ),
         metadata=tenant_b,
     )
     await memory_server.long_term.Remember(
-        ms.RememberRequest(content="tenant B's own harmless note"), metadata=tenant_b
+        ms.RememberRequest(request_id=str(uuid.uuid4()), content="tenant B's own harmless note"),
+        metadata=tenant_b,
     )
 
     # 10,000 random queries from tenant B straight at the vector store: the partition the

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from foredeck.memory.v1 import entity_pb2, memory_pb2
+from foredeck.common.v1 import memory_pb2 as common_memory_pb2
+from foredeck.memory.v1 import memory_pb2
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
 from foredeck_memory.testing import MemoryServer
@@ -22,6 +25,7 @@ FACTS = [
 
 
 async def remember(server: MemoryServer, content: str, **kwargs: object) -> ms.RememberResponse:
+    kwargs.setdefault("request_id", str(uuid.uuid4()))
     reply: ms.RememberResponse = await server.long_term.Remember(
         ms.RememberRequest(content=content, **kwargs),  # type: ignore[arg-type]
         metadata=server.as_user(),
@@ -80,7 +84,7 @@ async def test_fact_key_supersedes_and_keeps_history(memory_server: MemoryServer
         "Erin's home city is Oslo.",
         "Erin's home city is Bergen.",
     ]
-    assert history.memories[0].state == memory_pb2.MEMORY_STATE_SUPERSEDED
+    assert history.memories[0].state == common_memory_pb2.MEMORY_STATE_SUPERSEDED
     now = await memory_server.long_term.Recall(
         ms.RecallRequest(query="Where does Erin live?", limit=5), metadata=memory_server.as_user()
     )
@@ -95,6 +99,7 @@ async def test_fact_key_supersedes_and_keeps_history(memory_server: MemoryServer
 
     updated = await memory_server.long_term.UpdateMemory(
         ms.UpdateMemoryRequest(
+            request_id=str(uuid.uuid4()),
             memory_id=new.memory.memory_id,
             content="Erin's home city is Trondheim.",
             update_mask=field_mask_pb2.FieldMask(paths=["content"]),
@@ -105,6 +110,7 @@ async def test_fact_key_supersedes_and_keeps_history(memory_server: MemoryServer
     with pytest.raises(grpc.aio.AioRpcError) as stale:
         await memory_server.long_term.UpdateMemory(
             ms.UpdateMemoryRequest(
+                request_id=str(uuid.uuid4()),
                 memory_id=new.memory.memory_id,
                 content="Erin's home city is Tromsø.",
                 update_mask=field_mask_pb2.FieldMask(paths=["content"]),
@@ -128,16 +134,30 @@ async def test_remember_is_idempotent_by_request_id(memory_server: MemoryServer)
 @pytest.mark.parametrize(
     ("request_", "reason", "field"),
     [
-        (ms.RememberRequest(content="   "), "CONTENT_EMPTY", "content"),
-        (ms.RememberRequest(content="x" * (32 * 1024 + 1)), "CONTENT_TOO_LARGE", "content"),
+        (
+            ms.RememberRequest(request_id=str(uuid.uuid4()), content="   "),
+            "CONTENT_EMPTY",
+            "content",
+        ),
+        (
+            ms.RememberRequest(request_id=str(uuid.uuid4()), content="x" * (32 * 1024 + 1)),
+            "CONTENT_TOO_LARGE",
+            "content",
+        ),
         (
             ms.RememberRequest(
-                content="ok", entity_refs=[entity_pb2.EntityRef(type="Spaceship", entity_id="x")]
+                request_id=str(uuid.uuid4()),
+                content="ok",
+                entity_refs=[common_memory_pb2.EntityRef(type="Spaceship", entity_id="x")],
             ),
             "ENTITY_TYPE_UNKNOWN",
             "entity_refs[0].type",
         ),
-        (ms.RememberRequest(content="ok", category="Bad Category"), "INVALID_REQUEST", "category"),
+        (
+            ms.RememberRequest(request_id=str(uuid.uuid4()), content="ok", category="Bad Category"),
+            "INVALID_REQUEST",
+            "category",
+        ),
     ],
 )
 async def test_remember_rejects_bad_input(
@@ -170,3 +190,85 @@ async def test_recall_needs_read_permission(memory_server: MemoryServer) -> None
             metadata=memory_server.as_user(permissions=["memory:write"]),
         )
     assert failure.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_remember_many_embeds_a_batch_and_dedups_inside_it(
+    memory_server: MemoryServer,
+) -> None:
+    reply = await memory_server.long_term.RememberMany(
+        ms.RememberManyRequest(
+            request_id="batch-1",
+            items=[
+                ms.RememberItem(content="Ivan plays the cello."),
+                ms.RememberItem(content="ivan plays the CELLO."),
+                ms.RememberItem(content="Ivan's team is Platform.", fact_key="ivan.team"),
+                ms.RememberItem(content="Ivan's team is Search.", fact_key="ivan.team"),
+            ],
+        ),
+        metadata=memory_server.as_user(),
+    )
+    outcomes = [r.outcome for r in reply.results]
+    assert outcomes == [
+        memory_pb2.REMEMBER_OUTCOME_CREATED,
+        memory_pb2.REMEMBER_OUTCOME_MERGED_EXACT_DUPLICATE,
+        memory_pb2.REMEMBER_OUTCOME_CREATED,
+        memory_pb2.REMEMBER_OUTCOME_SUPERSEDED,
+    ]
+    assert reply.results[1].memory.memory_id == reply.results[0].memory.memory_id
+    assert reply.results[3].superseded_memory.memory_id == reply.results[2].memory.memory_id
+    listed = await memory_server.long_term.ListMemories(
+        ms.ListMemoriesRequest(), metadata=memory_server.as_user()
+    )
+    assert sorted(m.content for m in listed.memories) == [
+        "Ivan plays the cello.",
+        "Ivan's team is Search.",
+    ]
+
+
+async def test_remember_many_rejects_a_bad_item_before_writing(
+    memory_server: MemoryServer,
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await memory_server.long_term.RememberMany(
+            ms.RememberManyRequest(
+                request_id="batch-2",
+                items=[ms.RememberItem(content="fine"), ms.RememberItem(content=" ")],
+            ),
+            metadata=memory_server.as_user(),
+        )
+    details = error_details(failure.value)
+    assert details.reason == "CONTENT_EMPTY"
+    assert [v.field for v in details.field_violations] == ["items[1].content"]
+    listed = await memory_server.long_term.ListMemories(
+        ms.ListMemoriesRequest(), metadata=memory_server.as_user()
+    )
+    assert list(listed.memories) == []
+
+
+async def test_update_with_a_stale_etag_is_aborted(memory_server: MemoryServer) -> None:
+    first = await remember(memory_server, "Judy's desk is on floor 3.")
+    merged = await remember(memory_server, "judy's desk is on floor 3.", metadata=None)
+    assert merged.memory.etag != first.memory.etag
+    with pytest.raises(grpc.aio.AioRpcError) as stale:
+        await memory_server.long_term.UpdateMemory(
+            ms.UpdateMemoryRequest(
+                request_id=str(uuid.uuid4()),
+                memory_id=first.memory.memory_id,
+                content="Judy's desk is on floor 4.",
+                etag=first.memory.etag,
+            ),
+            metadata=memory_server.as_user(),
+        )
+    assert stale.value.code() == grpc.StatusCode.ABORTED
+    assert error_details(stale.value).reason == "ETAG_MISMATCH"
+    updated = await memory_server.long_term.UpdateMemory(
+        ms.UpdateMemoryRequest(
+            request_id=str(uuid.uuid4()),
+            memory_id=first.memory.memory_id,
+            content="Judy's desk is on floor 4.",
+            etag=merged.memory.etag,
+        ),
+        metadata=memory_server.as_user(),
+    )
+    assert updated.memory.content == "Judy's desk is on floor 4."
+    assert updated.memory.supersedes_memory_id == first.memory.memory_id

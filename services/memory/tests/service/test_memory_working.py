@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,9 @@ def text(role: int, content: str) -> chat_pb2.ChatMessage:
 
 async def append(server: MemoryServer, session: str, *messages: chat_pb2.ChatMessage) -> list[int]:
     reply = await server.working.AppendMessages(
-        ms.AppendMessagesRequest(session_id=session, messages=list(messages)),
+        ms.AppendMessagesRequest(
+            request_id=str(uuid.uuid4()), session_id=session, messages=list(messages)
+        ),
         metadata=server.as_user(),
     )
     return list(reply.sequences)
@@ -246,6 +249,7 @@ async def test_expected_last_sequence_detects_a_concurrent_writer(
     await append(memory_server, "cas", text(chat_pb2.ROLE_USER, "first"))
     ok = await memory_server.working.AppendMessages(
         ms.AppendMessagesRequest(
+            request_id=str(uuid.uuid4()),
             session_id="cas",
             messages=[text(chat_pb2.ROLE_USER, "second")],
             expected_last_sequence=1,
@@ -256,6 +260,7 @@ async def test_expected_last_sequence_detects_a_concurrent_writer(
     with pytest.raises(grpc.aio.AioRpcError) as conflict:
         await memory_server.working.AppendMessages(
             ms.AppendMessagesRequest(
+                request_id=str(uuid.uuid4()),
                 session_id="cas",
                 messages=[text(chat_pb2.ROLE_USER, "stale")],
                 expected_last_sequence=1,
@@ -282,7 +287,9 @@ async def test_append_rejects_bad_messages(memory_server: MemoryServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as failure:
         await memory_server.working.AppendMessages(
             ms.AppendMessagesRequest(
-                session_id="bad id!", messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER)]
+                request_id=str(uuid.uuid4()),
+                session_id="bad id!",
+                messages=[chat_pb2.ChatMessage(role=chat_pb2.ROLE_USER)],
             ),
             metadata=memory_server.as_user(),
         )

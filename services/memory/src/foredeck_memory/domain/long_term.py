@@ -110,12 +110,29 @@ class LongTermMemory:
                 raise errors.entity_not_found(*split_entity_key(missing[0]))
         vectors = await self.embedder.embed([item.content for item in items])
         results = []
-        for item, vector in zip(items, vectors, strict=True):
-            results.append(await self._remember_one(scope, item, vector))
+        # Every item's outbox entry stays open until the whole batch is written: a failure rolls
+        # back the items already written (newest first), and a crash leaves entries that repair()
+        # rolls back, so the batch lands whole or not at all.
+        batch: list[tuple[str, dict[str, Any]]] = []
+        try:
+            for item, vector in zip(items, vectors, strict=True):
+                results.append(await self._remember_one(scope, item, vector, batch))
+        except BaseException:
+            for token, entry in reversed(batch):
+                with contextlib.suppress(Exception):
+                    await self._compensate(entry)
+                    await self.outbox.done(token)
+            raise
+        for token, _ in batch:
+            await self.outbox.done(token)
         return results
 
     async def _remember_one(
-        self, scope: Scope, item: RememberInput, vector: list[float]
+        self,
+        scope: Scope,
+        item: RememberInput,
+        vector: list[float],
+        batch: list[tuple[str, dict[str, Any]]],
     ) -> RememberResult:
         at = now_us()
         key = dedup_key(item.category, item.content)
@@ -130,7 +147,7 @@ class LongTermMemory:
                     scope, current_filter(at, VectorFilter(equals={"dedup_key": key})), 1
                 )
                 if exact:
-                    merged = await self._merge(scope, exact[0], item, at)
+                    merged = await self._merge(scope, exact[0], item, at, batch)
                     return RememberResult(merged, "MERGED_EXACT_DUPLICATE", 1.0)
                 if item.dedup_policy == "merge":
                     threshold = item.near_duplicate_threshold or self.threshold
@@ -142,7 +159,7 @@ class LongTermMemory:
                         threshold,
                     )
                     if hits and hits[0].score >= threshold:
-                        merged = await self._merge(scope, hits[0].record, item, at)
+                        merged = await self._merge(scope, hits[0].record, item, at, batch)
                         return RememberResult(merged, "MERGED_NEAR_DUPLICATE", hits[0].score)
             previous: MemoryRecord | None = None
             if item.fact_key:
@@ -185,7 +202,12 @@ class LongTermMemory:
             return RememberResult(record, outcome, 0.0, superseded)
 
     async def _merge(
-        self, scope: Scope, existing: MemoryRecord, item: RememberInput, at: int
+        self,
+        scope: Scope,
+        existing: MemoryRecord,
+        item: RememberInput,
+        at: int,
+        batch: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> MemoryRecord:
         merged = existing.evolve(
             metadata={**item.metadata, **existing.metadata},
@@ -193,7 +215,7 @@ class LongTermMemory:
             merge_count=existing.merge_count + 1,
             update_time=at,
         )
-        await self._write_both(scope, [], [merged], [existing])
+        await self._write_both(scope, [], [merged], [existing], batch)
         return merged
 
     async def _write_both(
@@ -202,8 +224,13 @@ class LongTermMemory:
         new: Sequence[tuple[MemoryRecord, list[float]]],
         updates: Sequence[MemoryRecord],
         previous: Sequence[MemoryRecord],
+        batch: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> None:
-        """Write new versions and payload updates to both stores, or to neither."""
+        """Write new versions and payload updates to both stores, or to neither.
+
+        With ``batch``, the outbox entry is left open and appended there for the caller to
+        close (or compensate) once the whole batch is written.
+        """
         entry = {
             "tenant_id": scope.tenant_id,
             "user_id": scope.user_id,
@@ -227,7 +254,10 @@ class LongTermMemory:
                 await self._compensate(entry)
                 await self.outbox.done(token)
             raise
-        await self.outbox.done(token)
+        if batch is None:
+            await self.outbox.done(token)
+        else:
+            batch.append((token, entry))
 
     async def _compensate(self, entry: dict[str, Any]) -> None:
         scope = Scope(entry["tenant_id"], entry["user_id"])
@@ -315,6 +345,7 @@ class LongTermMemory:
         effective_time: int | None,
         run_id: str,
         step_id: str,
+        etag: str = "",
     ) -> tuple[MemoryRecord, MemoryRecord | None]:
         """Supersede a current version with one whose masked fields are replaced."""
         at = now_us()
@@ -331,6 +362,13 @@ class LongTermMemory:
                     "MEMORY_SUPERSEDED",
                     "only the current version can be updated",
                     metadata=metadata,
+                )
+            if etag and etag != current.etag:
+                raise errors.Fault(
+                    errors.FaultKind.ABORTED,
+                    "ETAG_MISMATCH",
+                    "the memory changed since it was read",
+                    metadata={"memoryId": memory_id},
                 )
             if changes.get("entity_refs"):
                 missing = await self.graph.missing_entities(scope.tenant_id, changes["entity_refs"])

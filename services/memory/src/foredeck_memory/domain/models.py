@@ -102,6 +102,15 @@ class MemoryRecord:
             return MemoryState.EXPIRED
         return MemoryState.CURRENT
 
+    @property
+    def etag(self) -> str:
+        """Changes whenever the version changes in place (a merge, the end of its validity)."""
+        digest = hashlib.sha256(
+            f"{self.memory_id}:{self.update_time}:{self.valid_to}:{self.merge_count}:"
+            f"{self.superseded_by}:{int(self.retired)}".encode()
+        )
+        return digest.hexdigest()[:20]
+
     def to_payload(self) -> dict[str, Any]:
         """The vector store payload; ``tenant_id`` and ``user_id`` are the partition keys."""
         return {
