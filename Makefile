@@ -56,7 +56,10 @@ run: setup ## Start the whole platform locally on embedded defaults (Ctrl-C stop
 
 .PHONY: bench
 bench: setup ## Run the benchmarks; each prints its figures and the ratio to its baseline.
-	$(RUN) python -m bench
+	# Peers are installed here only, into their own virtualenv, never into the workspace.
+	$(UV) venv -q --allow-existing --python 3.11 bench/out/mem0-venv
+	$(UV) pip install -q --python bench/out/mem0-venv/bin/python mem0ai faiss-cpu
+	MEM0_PYTHON=$(CURDIR)/bench/out/mem0-venv/bin/python $(RUN) python -m bench
 
 .PHONY: clean
 clean: ## Remove caches, build output and the local stack's data directory.

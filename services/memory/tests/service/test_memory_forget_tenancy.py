@@ -14,6 +14,7 @@ from foredeck.common.v1 import chat_pb2
 from foredeck.common.v1 import memory_pb2 as common_memory_pb2
 from foredeck.memory.v1 import memory_service_pb2 as ms
 from foredeck_kit.errors import error_details
+from foredeck_memory.adapters.redis_support import tag
 from foredeck_memory.domain.models import Scope, VectorFilter
 from foredeck_memory.testing import MemoryServer
 from foredeck_testing.stores import GraphDatabaseRef
@@ -109,7 +110,10 @@ async def test_forget_user_removes_everything(
     assert error_details(gone.value).reason == "SESSION_NOT_FOUND"
     leftovers = [key async for key in redis_client.scan_iter(match="fdmem:*")]
     assert all(b"lock" not in key for key in leftovers)
-    assert not [k for k in leftovers if b":idem:" in k or b":s:" in k]
+    alice_tags = (tag("tenant-a", "alice").encode(), tag("tenant-a", "alice", "run-1").encode())
+    assert [k for k in leftovers if any(t in k for t in alice_tags)] == []
+    bob_tag = tag("tenant-a", "bob").encode()
+    assert [k for k in leftovers if bob_tag in k and b":idem:" in k]
     still = await memory_server.long_term.GetMemory(
         ms.GetMemoryRequest(memory_id=kept.memory.memory_id), metadata=bob
     )

@@ -83,18 +83,23 @@ WITH key, count(v) AS n WHERE n = 0
 RETURN key
 """
 
-Q_PUT_MEMORY = """
-MERGE (m:FdMemory {tenant_id: $tenant, memory_id: $memory_id})
-SET m += $props
-WITH m
-OPTIONAL MATCH (m)-[old:FD_ABOUT {tenant_id: $tenant}]->(:FdEntity {tenant_id: $tenant})
+Q_PUT_MEMORIES = """
+UNWIND $rows AS row
+MERGE (m:FdMemory {tenant_id: $tenant, memory_id: row.memory_id})
+SET m += row.props
+"""
+
+Q_UNLINK_MEMORIES = """
+MATCH (m:FdMemory {tenant_id: $tenant})-[old:FD_ABOUT {tenant_id: $tenant}]->
+  (:FdEntity {tenant_id: $tenant})
+WHERE m.memory_id IN $ids
 DELETE old
 """
 
-Q_LINK_MEMORY = """
-MATCH (m:FdMemory {tenant_id: $tenant, memory_id: $memory_id})
-UNWIND $keys AS key
-MATCH (e:FdEntity {tenant_id: $tenant, ekey: key})
+Q_LINK_MEMORIES = """
+UNWIND $links AS link
+MATCH (m:FdMemory {tenant_id: $tenant, memory_id: link.memory_id})
+MATCH (e:FdEntity {tenant_id: $tenant, ekey: link.ekey})
 CREATE (m)-[:FD_ABOUT {tenant_id: $tenant}]->(e)
 """
 
@@ -400,33 +405,40 @@ class Neo4jGraphStore:
         result: list[str] = await self._read(work)
         return result
 
-    async def put_memory(self, record: MemoryRecord) -> None:
-        props = {
-            "user_id": record.provenance.user_id,
-            "run_id": record.provenance.run_id,
-            "step_id": record.provenance.step_id,
-            "chain_id": record.chain_id,
-            "category": record.category,
-            "fact_key": record.fact_key,
-            "valid_from": record.valid_from,
-            "valid_to": record.valid_to,
-            "superseded_by": record.superseded_by,
-            "retired": record.retired,
-            "create_time": record.create_time,
-            "update_time": record.update_time,
-        }
+    async def put_memories(self, records: Sequence[MemoryRecord]) -> None:
+        if not records:
+            return
+        tenants = {r.provenance.tenant_id for r in records}
+        if len(tenants) != 1:
+            raise ValueError("one call writes one tenant's memories")
+        [tenant] = tenants
+        rows = [
+            {
+                "memory_id": r.memory_id,
+                "props": {
+                    "user_id": r.provenance.user_id,
+                    "run_id": r.provenance.run_id,
+                    "step_id": r.provenance.step_id,
+                    "chain_id": r.chain_id,
+                    "category": r.category,
+                    "fact_key": r.fact_key,
+                    "valid_from": r.valid_from,
+                    "valid_to": r.valid_to,
+                    "superseded_by": r.superseded_by,
+                    "retired": r.retired,
+                    "create_time": r.create_time,
+                    "update_time": r.update_time,
+                },
+            }
+            for r in records
+        ]
+        links = [{"memory_id": r.memory_id, "ekey": key} for r in records for key in r.entity_refs]
 
         async def work(tx: AsyncManagedTransaction) -> None:
-            tenant = record.provenance.tenant_id
-            await _run(tx, Q_PUT_MEMORY, tenant, memory_id=record.memory_id, props=props)
-            if record.entity_refs:
-                await _run(
-                    tx,
-                    Q_LINK_MEMORY,
-                    tenant,
-                    memory_id=record.memory_id,
-                    keys=list(record.entity_refs),
-                )
+            await _run(tx, Q_PUT_MEMORIES, tenant, rows=rows)
+            await _run(tx, Q_UNLINK_MEMORIES, tenant, ids=[r.memory_id for r in records])
+            if links:
+                await _run(tx, Q_LINK_MEMORIES, tenant, links=links)
 
         await self._write(work)
 

@@ -9,6 +9,7 @@ is in both stores or in neither.
 from __future__ import annotations
 
 import contextlib
+import math
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,120 +103,139 @@ class LongTermMemory:
     async def remember_many(
         self, scope: Scope, items: Sequence[RememberInput]
     ) -> list[RememberResult]:
-        """Store several memories; the contents are embedded in one batch."""
+        """Store several memories as if remembered one after another, in one atomic write.
+
+        The contents are embedded in one batch; each item is checked against the stored
+        memories and the earlier items of the batch (duplicates, fact keys); then every new
+        version and every change to a stored one is written to both stores at once.
+        """
         refs = sorted({ref for item in items for ref in item.entity_refs})
         if refs:
             missing = await self.graph.missing_entities(scope.tenant_id, refs)
             if missing:
                 raise errors.entity_not_found(*split_entity_key(missing[0]))
         vectors = await self.embedder.embed([item.content for item in items])
-        results = []
-        # Every item's outbox entry stays open until the whole batch is written: a failure rolls
-        # back the items already written (newest first), and a crash leaves entries that repair()
-        # rolls back, so the batch lands whole or not at all.
-        batch: list[tuple[str, dict[str, Any]]] = []
-        try:
-            for item, vector in zip(items, vectors, strict=True):
-                results.append(await self._remember_one(scope, item, vector, batch))
-        except BaseException:
-            for token, entry in reversed(batch):
-                with contextlib.suppress(Exception):
-                    await self._compensate(entry)
-                    await self.outbox.done(token)
-            raise
-        for token, _ in batch:
-            await self.outbox.done(token)
-        return results
-
-    async def _remember_one(
-        self,
-        scope: Scope,
-        item: RememberInput,
-        vector: list[float],
-        batch: list[tuple[str, dict[str, Any]]],
-    ) -> RememberResult:
-        at = now_us()
-        key = dedup_key(item.category, item.content)
-        lock_keys = [f"{scope.tenant_id}\x00{scope.user_id}\x00dedup\x00{key}"]
-        if item.fact_key:
-            lock_keys.append(f"{scope.tenant_id}\x00{scope.user_id}\x00fact\x00{item.fact_key}")
-        async with contextlib.AsyncExitStack() as stack:
-            for lock_key in sorted(lock_keys):
-                await stack.enter_async_context(self.locks.hold(lock_key))
-            if item.dedup_policy != "none":
-                exact = await self.vectors.scroll(
-                    scope, current_filter(at, VectorFilter(equals={"dedup_key": key})), 1
-                )
-                if exact:
-                    merged = await self._merge(scope, exact[0], item, at, batch)
-                    return RememberResult(merged, "MERGED_EXACT_DUPLICATE", 1.0)
-                if item.dedup_policy == "merge":
-                    threshold = item.near_duplicate_threshold or self.threshold
-                    hits = await self.vectors.search(
-                        scope,
-                        vector,
-                        1,
-                        current_filter(at, VectorFilter(equals={"category": item.category})),
-                        threshold,
-                    )
-                    if hits and hits[0].score >= threshold:
-                        merged = await self._merge(scope, hits[0].record, item, at, batch)
-                        return RememberResult(merged, "MERGED_NEAR_DUPLICATE", hits[0].score)
-            previous: MemoryRecord | None = None
-            if item.fact_key:
-                found = await self.vectors.scroll(
-                    scope, current_filter(at, VectorFilter(equals={"fact_key": item.fact_key})), 1
-                )
-                previous = found[0] if found else None
-            memory_id = str(uuid.uuid4())
-            valid_from = item.valid_from if item.valid_from is not None else at
-            record = MemoryRecord(
-                memory_id=memory_id,
-                chain_id=previous.chain_id if previous else memory_id,
-                content=item.content,
-                category=item.category,
-                metadata=dict(item.metadata),
-                provenance=Provenance(scope.tenant_id, scope.user_id, item.run_id, item.step_id),
-                valid_from=valid_from,
-                valid_to=item.valid_to if item.valid_to is not None else OPEN_END,
-                dedup_key=key,
-                embedding_model=self.embedder.model_id,
-                create_time=at,
-                update_time=at,
-                fact_key=item.fact_key,
-                entity_refs=tuple(sorted(set(item.entity_refs))),
-                supersedes=previous.memory_id if previous else "",
-            )
-            updates: list[MemoryRecord] = []
-            superseded = None
-            if previous is not None:
-                superseded = previous.evolve(
-                    valid_to=max(valid_from, previous.valid_from),
-                    superseded_by=memory_id,
-                    update_time=at,
-                )
-                updates.append(superseded)
+        # One lock per user: remembers of the same content (or fact) by the same user are
+        # serialised, so concurrent duplicates end up as one memory.
+        async with self.locks.hold(f"{scope.tenant_id}\x00{scope.user_id}\x00remember"):
+            plan = _BatchPlan(at=now_us())
+            results = [
+                await self._plan_one(scope, plan, item, vector)
+                for item, vector in zip(items, vectors, strict=True)
+            ]
             await self._write_both(
-                scope, [(record, vector)], updates, [previous] if previous else []
+                scope,
+                [(plan.records[i], plan.vectors[i]) for i in plan.new_ids],
+                [plan.records[i] for i in plan.changed],
+                list(plan.original.values()),
             )
-            outcome = "SUPERSEDED" if superseded else "CREATED"
-            return RememberResult(record, outcome, 0.0, superseded)
+        return [
+            RememberResult(
+                plan.records[r.record.memory_id],
+                r.outcome,
+                r.similarity,
+                plan.records[r.superseded.memory_id] if r.superseded is not None else None,
+            )
+            for r in results
+        ]
 
-    async def _merge(
-        self,
-        scope: Scope,
-        existing: MemoryRecord,
-        item: RememberInput,
-        at: int,
-        batch: list[tuple[str, dict[str, Any]]] | None = None,
-    ) -> MemoryRecord:
+    def _current(self, plan: _BatchPlan, record: MemoryRecord) -> MemoryRecord | None:
+        """The batch's view of a stored or planned version, if it still holds at plan time."""
+        latest = plan.records.get(record.memory_id, record)
+        if latest.superseded_by or latest.retired:
+            return None
+        if not latest.valid_from <= plan.at < latest.valid_to:
+            return None
+        return latest
+
+    async def _plan_one(
+        self, scope: Scope, plan: _BatchPlan, item: RememberInput, vector: list[float]
+    ) -> RememberResult:
+        at = plan.at
+        key = dedup_key(item.category, item.content)
+        if item.dedup_policy != "none":
+            candidates = [r for r in plan.planned() if r.dedup_key == key]
+            candidates += await self.vectors.scroll(
+                scope, current_filter(at, VectorFilter(equals={"dedup_key": key})), 1
+            )
+            for candidate in candidates:
+                existing = self._current(plan, candidate)
+                if existing is not None:
+                    return RememberResult(
+                        self._merge(plan, existing, item), "MERGED_EXACT_DUPLICATE", 1.0
+                    )
+            if item.dedup_policy == "merge":
+                threshold = item.near_duplicate_threshold or self.threshold
+                best: tuple[float, MemoryRecord] | None = None
+                for memory_id in plan.new_ids:
+                    record = plan.records[memory_id]
+                    if record.category != item.category or self._current(plan, record) is None:
+                        continue
+                    score = _cosine(vector, plan.vectors[memory_id])
+                    if score >= threshold and (best is None or score > best[0]):
+                        best = (score, record)
+                hits = await self.vectors.search(
+                    scope,
+                    vector,
+                    1,
+                    current_filter(at, VectorFilter(equals={"category": item.category})),
+                    threshold,
+                )
+                for hit in hits:
+                    existing = self._current(plan, hit.record)
+                    better = best is None or hit.score > best[0]
+                    if existing is not None and hit.score >= threshold and better:
+                        best = (hit.score, existing)
+                if best is not None:
+                    merged = self._merge(plan, best[1], item)
+                    return RememberResult(merged, "MERGED_NEAR_DUPLICATE", best[0])
+        previous: MemoryRecord | None = None
+        if item.fact_key:
+            candidates = [r for r in plan.planned() if r.fact_key == item.fact_key]
+            candidates += await self.vectors.scroll(
+                scope, current_filter(at, VectorFilter(equals={"fact_key": item.fact_key})), 1
+            )
+            for candidate in candidates:
+                previous = self._current(plan, candidate)
+                if previous is not None:
+                    break
+        memory_id = str(uuid.uuid4())
+        valid_from = item.valid_from if item.valid_from is not None else at
+        record = MemoryRecord(
+            memory_id=memory_id,
+            chain_id=previous.chain_id if previous else memory_id,
+            content=item.content,
+            category=item.category,
+            metadata=dict(item.metadata),
+            provenance=Provenance(scope.tenant_id, scope.user_id, item.run_id, item.step_id),
+            valid_from=valid_from,
+            valid_to=item.valid_to if item.valid_to is not None else OPEN_END,
+            dedup_key=key,
+            embedding_model=self.embedder.model_id,
+            create_time=at,
+            update_time=at,
+            fact_key=item.fact_key,
+            entity_refs=tuple(sorted(set(item.entity_refs))),
+            supersedes=previous.memory_id if previous else "",
+        )
+        plan.add(record, vector)
+        if previous is None:
+            return RememberResult(record, "CREATED")
+        superseded = previous.evolve(
+            valid_to=max(valid_from, previous.valid_from), superseded_by=memory_id, update_time=at
+        )
+        plan.change(previous, superseded)
+        return RememberResult(record, "SUPERSEDED", 0.0, superseded)
+
+    @staticmethod
+    def _merge(plan: _BatchPlan, existing: MemoryRecord, item: RememberInput) -> MemoryRecord:
         merged = existing.evolve(
             metadata={**item.metadata, **existing.metadata},
             entity_refs=tuple(sorted({*existing.entity_refs, *item.entity_refs})),
             merge_count=existing.merge_count + 1,
-            update_time=at,
+            update_time=plan.at,
         )
-        await self._write_both(scope, [], [merged], [existing], batch)
+        plan.change(existing, merged)
         return merged
 
     async def _write_both(
@@ -224,13 +244,10 @@ class LongTermMemory:
         new: Sequence[tuple[MemoryRecord, list[float]]],
         updates: Sequence[MemoryRecord],
         previous: Sequence[MemoryRecord],
-        batch: list[tuple[str, dict[str, Any]]] | None = None,
     ) -> None:
-        """Write new versions and payload updates to both stores, or to neither.
-
-        With ``batch``, the outbox entry is left open and appended there for the caller to
-        close (or compensate) once the whole batch is written.
-        """
+        """Write new versions and payload updates to both stores, or to neither."""
+        if not new and not updates:
+            return
         entry = {
             "tenant_id": scope.tenant_id,
             "user_id": scope.user_id,
@@ -243,10 +260,7 @@ class LongTermMemory:
                 await self.vectors.upsert(scope, new)
             for record in updates:
                 await self.vectors.set_payload(scope, record)
-            for record, _ in new:
-                await self.graph.put_memory(record)
-            for record in updates:
-                await self.graph.put_memory(record)
+            await self.graph.put_memories([record for record, _ in new] + list(updates))
         except BaseException:
             # Roll back what reached either store; if that fails too, the outbox entry stays
             # and repair() finishes the job once the stores answer again.
@@ -254,10 +268,7 @@ class LongTermMemory:
                 await self._compensate(entry)
                 await self.outbox.done(token)
             raise
-        if batch is None:
-            await self.outbox.done(token)
-        else:
-            batch.append((token, entry))
+        await self.outbox.done(token)
 
     async def _compensate(self, entry: dict[str, Any]) -> None:
         scope = Scope(entry["tenant_id"], entry["user_id"])
@@ -268,7 +279,8 @@ class LongTermMemory:
             await self.graph.delete_memories(scope.tenant_id, new_ids)
         for record in restore:
             await self.vectors.set_payload(scope, record)
-            await self.graph.put_memory(record)
+        if restore:
+            await self.graph.put_memories(restore)
 
     async def repair(self, older_than_seconds: float) -> int:
         """Roll back two-store writes left unfinished (a crash between the stores)."""
@@ -470,3 +482,39 @@ class LongTermMemory:
             scope.tenant_id, scope.user_id, subject_keys
         )
         return deleted, entity_versions, rel_versions
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    """Cosine similarity of two embeddings (unit vectors in practice, normalised anyway)."""
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0
+
+
+@dataclass
+class _BatchPlan:
+    """What a RememberMany batch will write: new versions and changes to stored ones."""
+
+    at: int
+    records: dict[str, MemoryRecord] = field(default_factory=dict)
+    vectors: dict[str, list[float]] = field(default_factory=dict)
+    new_ids: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    original: dict[str, MemoryRecord] = field(default_factory=dict)
+
+    def planned(self) -> list[MemoryRecord]:
+        """The batch's new versions so far, in order."""
+        return [self.records[i] for i in self.new_ids]
+
+    def add(self, record: MemoryRecord, vector: list[float]) -> None:
+        self.records[record.memory_id] = record
+        self.vectors[record.memory_id] = vector
+        self.new_ids.append(record.memory_id)
+
+    def change(self, before: MemoryRecord, after: MemoryRecord) -> None:
+        """Record a change to a version; a stored one keeps its original for roll-back."""
+        memory_id = before.memory_id
+        if memory_id not in self.new_ids and memory_id not in self.original:
+            self.original[memory_id] = before
+            self.changed.append(memory_id)
+        self.records[memory_id] = after

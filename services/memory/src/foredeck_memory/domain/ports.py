@@ -100,8 +100,8 @@ class GraphStore(Protocol):
     async def missing_entities(self, tenant_id: str, keys: Sequence[str]) -> list[str]:
         """Those of ``keys`` (``Type:id``) that have no current entity in the tenant."""
 
-    async def put_memory(self, record: MemoryRecord) -> None:
-        """Create or update a memory's node and its links to entities."""
+    async def put_memories(self, records: Sequence[MemoryRecord]) -> None:
+        """Create or update memory nodes and their links to entities, in one transaction."""
 
     async def delete_memories(self, tenant_id: str, memory_ids: Sequence[str]) -> int:
         """Remove memory nodes; return how many existed."""
