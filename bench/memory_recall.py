@@ -10,7 +10,8 @@ What runs, all in one process and one run so the ratios hold on a noisy machine:
 - the parts of a recall measured alone: embedding one query, one filtered vector search, one
   graph query (a 1-hop neighbourhood);
 - mem0 (``mem0ai``, installed by ``make bench`` into its own virtualenv, ``MEM0_PYTHON``) on the
-  same texts and queries, with the same embeddings served over its OpenAI embedder interface,
+  same texts and queries, with the same embeddings served over its OpenAI embedder interface
+  (``add`` for the first 10,000, then its vector store's bulk ``insert`` for the rest),
   on Qdrant (qdrant-client local mode, the only way mem0 reaches Qdrant without a server; at
   10k only — it is a brute-force scan) and on FAISS (its fastest local store here).
 
@@ -203,13 +204,16 @@ class EmbeddingEndpoint:
     async def _embed(self, request: web.Request) -> web.Response:
         body = await request.json()
         inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        # Stored texts were embedded once up front (both sides ingest the same vectors); every
+        # other input, a query above all, is embedded now, as the service embeds its queries.
+        fresh: dict[str, np.ndarray] = {}
         missing = [t for t in inputs if t not in self._vectors]
         if missing:
             for text, row in zip(missing, await self._embedder.embed(missing), strict=True):
-                self._vectors[text] = np.asarray(row, dtype=np.float32)
+                fresh[text] = np.asarray(row, dtype=np.float32)
         data = []
         for index, text in enumerate(inputs):
-            vector = self._vectors[text].astype(np.float32)
+            vector = self._vectors[text] if text in self._vectors else fresh[text]
             if body.get("encoding_format") == "base64":
                 encoded: Any = base64.b64encode(vector.tobytes()).decode()
             else:
@@ -240,13 +244,24 @@ class EmbeddingEndpoint:
 
 
 async def run_mem0(
-    python: str, endpoint: EmbeddingEndpoint, texts: list[str], queries: list[str], store: str
+    python: str,
+    endpoint: EmbeddingEndpoint,
+    texts: list[str],
+    queries: list[str],
+    store: str,
+    bulk_vectors: np.ndarray,
+    workdir: Path,
 ) -> dict[str, Any]:
+    api_count = min(len(texts), SERVICE_INGEST)
+    bulk_path = workdir / f"mem0-bulk-{len(texts)}.npy"
+    np.save(bulk_path, bulk_vectors[api_count : len(texts)])
     spec = {
         "openai_base_url": endpoint.base_url,
         "vector_store": store,
         "user_id": USER,
         "texts": texts,
+        "api_count": api_count,
+        "bulk_vectors_path": str(bulk_path),
         "queries": queries,
         "limit": LIMIT,
     }
@@ -419,9 +434,19 @@ async def run(out: TextIO = sys.stdout) -> None:
                     if endpoint is None:
                         endpoint = EmbeddingEndpoint(dict(by_text), embedder)
                         await endpoint.start()
+                    # qdrant-client's local mode scans every point; at 100k one search takes
+                    # about a second, so mem0-on-Qdrant runs at the small size only.
                     stores = ["qdrant", "faiss"] if size <= 10_000 else ["faiss"]
                     for store in stores:
-                        peer = await run_mem0(mem0_python, endpoint, texts[:size], queries, store)
+                        peer = await run_mem0(
+                            mem0_python,
+                            endpoint,
+                            texts[:size],
+                            queries,
+                            store,
+                            all_vectors,
+                            tmp,
+                        )
                         peer_hits = sum(
                             texts[index] == top
                             for (_, index), top in zip(chosen, peer["top1"], strict=True)
