@@ -20,7 +20,7 @@ setup: ## Install uv if missing and sync every package of the workspace (one loc
 
 .PHONY: proto
 proto: setup ## Regenerate libs/contracts from proto/.
-	$(RUN) buf format -w proto
+	$(RUN) buf format -w proto --path proto/foredeck
 	$(RUN) python scripts/gen_protos.py
 
 .PHONY: check-gen
@@ -28,15 +28,23 @@ check-gen: setup ## Fail when the committed generated code is stale.
 	$(RUN) python scripts/gen_protos.py --check
 
 .PHONY: lint
-lint: setup ## ruff (check + format), buf lint and buf format.
+lint: setup ## ruff (check + format), buf lint and buf format (our protos, not vendored google/).
 	$(RUN) ruff check $(PY_PATHS)
 	$(RUN) ruff format --check $(PY_PATHS)
 	$(RUN) buf lint proto
-	$(RUN) buf format -d --exit-code proto
+	$(RUN) buf format -d --exit-code proto --path proto/foredeck
 
 .PHONY: breaking
 breaking: setup ## buf breaking against the latest release tag (none before v0.1.0).
 	RUN="$(RUN)" scripts/buf_breaking.sh
+
+.PHONY: protoc-deps
+protoc-deps: ## Install Debian's protoc and protobuf headers when missing (as root; else say what).
+	scripts/ensure_protoc.sh
+
+.PHONY: check-stubs
+check-stubs: protoc-deps ## Generate C++ from every proto under proto/ and compile it with g++.
+	scripts/check_stubs.sh
 
 .PHONY: typecheck
 typecheck: setup ## mypy --strict over libraries, services, tests and the generated stubs.
@@ -48,7 +56,7 @@ test-only: setup ## Run the test suites only (PYTEST_ARGS=... to narrow).
 	$(RUN) pytest $(PYTEST_ARGS)
 
 .PHONY: test
-test: setup lint typecheck check-gen breaking test-only ## Everything CI runs: lint, types, generated code, buf checks, all tests.
+test: setup lint typecheck check-gen breaking check-stubs test-only ## Everything CI runs: lint, types, generated code, buf checks, C++ stubs, all tests.
 
 .PHONY: run
 run: setup ## Start the whole platform locally on embedded defaults (Ctrl-C stops it).

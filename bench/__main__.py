@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import kit_overhead, memory_recall
+from bench import kit_overhead, memory_recall, principal_verify
 
 
 def main() -> None:
     """Run the benchmarks one after another; each prints its own table."""
     asyncio.run(kit_overhead.run())
+    principal_verify.run()
     asyncio.run(memory_recall.run())
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -10,11 +11,14 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from foredeck_kit.errors import (
     INTERNAL_MESSAGE,
+    MAX_STATUS_BYTES,
+    MAX_VIOLATIONS,
+    OMITTED_VIOLATIONS_KEY,
     STATUS_DETAILS_KEY,
     FieldViolation,
     QuotaViolation,
@@ -87,8 +91,6 @@ def test_status_has_one_error_info_first_then_details_in_order() -> None:
     assert status.details == "slow down"
     (key, value), *_ = status.trailing_metadata
     assert key == STATUS_DETAILS_KEY
-    from google.rpc import status_pb2
-
     details = _unpack_all(status_pb2.Status.FromString(value))
     assert [type(d).__name__ for d in details] == [
         "ErrorInfo",
@@ -201,6 +203,108 @@ def test_error_details_without_rich_status() -> None:
         "down",
         None,
     )
+
+
+def test_delegation_refusal_is_shared_reason_14() -> None:
+    error = ServiceError.delegation_not_allowed()
+    assert (error.code, error.reason) == (
+        grpc.StatusCode.PERMISSION_DENIED,
+        Reason.DELEGATION_NOT_ALLOWED,
+    )
+    assert Reason.numbered()[-1] == (Reason.DELEGATION_NOT_ALLOWED, 14)
+
+
+def _wire_size(status: grpc.Status) -> int:
+    ((key, value),) = status.trailing_metadata
+    assert key == STATUS_DETAILS_KEY
+    return len(value)
+
+
+def test_metadata_and_violations_that_are_not_strings_are_coerced() -> None:
+    error = ServiceError(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+        "slow down",
+        metadata={"limit": 100, "window": timedelta(seconds=60), 7: None},  # type: ignore[dict-item]
+        field_violations=[(3, ValueError("bad"))],
+        quota_violations=[("tenant:t1", 100)],
+    )
+    assert error.metadata == {"limit": "100", "window": "0:01:00", "7": "None"}
+    status = to_status(error, DOMAIN)
+    info, bad, quota = _unpack_all(status_pb2.Status.FromString(status.trailing_metadata[0][1]))
+    assert dict(info.metadata) == {"limit": "100", "window": "0:01:00", "7": "None"}
+    assert (bad.field_violations[0].field, bad.field_violations[0].description) == ("3", "bad")
+    assert quota.violations[0].description == "100"
+
+
+def test_status_stays_small_whatever_the_error_holds() -> None:
+    huge = "x" * 100_000
+    error = ServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_REQUEST",
+        huge,
+        metadata={f"key{i}": huge for i in range(100)},
+        field_violations=[(f"items[{i}].{huge}", huge) for i in range(200)],
+        retry_after=timedelta(seconds=1),
+        quota_violations=[(huge, "\u20ac" * 50_000)] * 50,
+    )
+    status = to_status(error, DOMAIN)
+    assert _wire_size(status) <= MAX_STATUS_BYTES
+    assert len(status.details.encode()) <= 256
+    assert status.details.endswith("\u2026")
+
+    many = ServiceError.invalid_request(
+        [(f"messages[{i}].content", "too long") for i in range(200)]
+    )
+    status = to_status(many, DOMAIN)
+    assert _wire_size(status) <= MAX_STATUS_BYTES
+    info, bad = _unpack_all(status_pb2.Status.FromString(status.trailing_metadata[0][1]))
+    assert len(bad.field_violations) == MAX_VIOLATIONS
+    assert bad.field_violations[0].field == "messages[0].content"
+    assert info.metadata[OMITTED_VIOLATIONS_KEY] == str(200 - MAX_VIOLATIONS)
+    assert info.reason == Reason.INVALID_REQUEST
+
+    few = to_status(ServiceError.invalid_request([("a", "b")]), DOMAIN)
+    (info, _) = _unpack_all(status_pb2.Status.FromString(few.trailing_metadata[0][1]))
+    assert OMITTED_VIOLATIONS_KEY not in info.metadata
+
+
+def test_lone_surrogates_do_not_break_the_status() -> None:
+    raw = b"report-\xff.csv".decode("utf-8", "surrogateescape")
+    error = ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        "FILE_NOT_FOUND",
+        f"no file {raw}",
+        metadata={"file": raw, raw: "x"},
+        field_violations=[(raw, raw)],
+    )
+    status = to_status(error, DOMAIN)
+    assert status.details == "no file report-?.csv"
+    info, bad = _unpack_all(status_pb2.Status.FromString(status.trailing_metadata[0][1]))
+    assert dict(info.metadata) == {"file": "report-?.csv", "report-?.csv": "x"}
+    assert bad.field_violations[0].field == "report-?.csv"
+
+
+def test_status_size_bound_holds_for_random_errors() -> None:
+    rng = random.Random(3)
+
+    def text(limit: int) -> str:
+        return "".join(rng.choices("a\u00e9\u20ac\U0001f600", k=rng.randint(0, limit)))
+
+    for _ in range(100):
+        error = ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "INVALID_REQUEST",
+            text(2000),
+            metadata={text(100): text(1000) for _ in range(rng.randint(0, 40))},
+            field_violations=[(text(300), text(600)) for _ in range(rng.randint(0, 60))],
+            quota_violations=[(text(300), text(600)) for _ in range(rng.randint(0, 60))],
+            retry_after=timedelta(seconds=3) if rng.random() < 0.5 else None,
+        )
+        status = to_status(error, DOMAIN)
+        assert _wire_size(status) <= MAX_STATUS_BYTES
+        # Every clipped text is still valid UTF-8 that round-trips through protobuf.
+        assert status_pb2.Status.FromString(status.trailing_metadata[0][1]).code == 3
 
 
 # --- on the wire ------------------------------------------------------------------------
@@ -402,3 +506,35 @@ async def test_quota_failure_round_trip(server: RunningServer) -> None:
     parsed = error_details(caught.value)
     assert parsed.quota_violations == (QuotaViolation("user:u1", "10 per minute"),)
     assert parsed.retry_after == timedelta(seconds=3)
+
+
+async def test_hundreds_of_violations_and_huge_texts_reach_the_client(
+    server: RunningServer,
+) -> None:
+    async def bloated(request: Message, context: Any) -> Message:
+        raise ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            Reason.INVALID_REQUEST,
+            "invalid request " + "m" * 50_000,
+            metadata={"detail": "d" * 50_000, "count": 200},
+            field_violations=[
+                (f"messages[{i}].content", "must be at most 4096 characters long " * 2)
+                for i in range(200)
+            ],
+        )
+
+    async with running_server(
+        register({"Bloated": unary(bloated)}),
+        service_names=["foredeck.kittest.v1.EchoService"],
+        domain=DOMAIN,
+    ) as srv:
+        for _ in range(5):  # an oversized trailer used to fail at random
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await unary_call(srv.channel, "Bloated")(Message(), metadata=srv.mint(), timeout=10)
+            assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            parsed = error_details(caught.value)
+            assert (parsed.reason, parsed.domain) == (Reason.INVALID_REQUEST, DOMAIN)
+            assert len(parsed.field_violations) == MAX_VIOLATIONS
+            assert parsed.metadata[OMITTED_VIOLATIONS_KEY] == str(200 - MAX_VIOLATIONS)
+            assert parsed.metadata["count"] == "200"
+            assert (caught.value.details() or "").startswith("invalid request mmm")

@@ -82,7 +82,7 @@ async def test_one_json_log_line_per_rpc_with_metrics_and_spans(log_stream: io.S
     spans = InMemorySpanExporter()
     telemetry = setup_telemetry(
         "kittest",
-        ServiceSettings(metrics_port=-1),
+        ServiceSettings(metrics_port=-1, trace_sample_ratio=1.0),
         environ={},
         span_exporter=spans,
         set_global=False,
@@ -182,7 +182,7 @@ async def test_trace_spans_services(log_stream: io.StringIO) -> None:
     spans = InMemorySpanExporter()
     telemetry = setup_telemetry(
         "kittest",
-        ServiceSettings(metrics_port=-1),
+        ServiceSettings(metrics_port=-1, trace_sample_ratio=1.0),
         environ={},
         span_exporter=spans,
         set_global=False,

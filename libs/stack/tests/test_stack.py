@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -162,6 +162,8 @@ def test_context_builds_the_settings_every_service_reads(tmp_path: Path) -> None
         services={"llmrouter": "127.0.0.1:50100"},
         principal_keys={"old": "o" * 32, "new": "n" * 32},
         principal_active_kid="new",
+        delegation_keys={"d-old": "p" * 32, "d-new": "q" * 32},
+        delegation_active_kid="d-new",
     )
 
     assert env_prefix(ctx.name) == "FOREDECK_ORCHESTRATOR_API_"
@@ -169,7 +171,11 @@ def test_context_builds_the_settings_every_service_reads(tmp_path: Path) -> None
         "FOREDECK_ORCHESTRATOR_API_HOST": "127.0.0.1",
         "FOREDECK_ORCHESTRATOR_API_PORT": "50123",
         "FOREDECK_ORCHESTRATOR_API_PRINCIPAL_KEYS": f"new:{'n' * 32},old:{'o' * 32}",
+        "FOREDECK_ORCHESTRATOR_API_DELEGATION_KEYS": f"d-new:{'q' * 32},d-old:{'p' * 32}",
     }
+    # Without delegation keys (a stack started before they existed) nothing else is sent.
+    bare = replace(ctx, delegation_keys={}, delegation_active_kid="")
+    assert "FOREDECK_ORCHESTRATOR_API_DELEGATION_KEYS" not in bare.server_env()
     assert ctx.service_address("llmrouter") == "127.0.0.1:50100"
     with pytest.raises(StackConfigError, match="add 'memory' to its needs"):
         ctx.service_address("memory")

@@ -185,8 +185,15 @@ def test_up_runs_the_stack_keeps_state_and_stops_in_reverse_order(
     assert serving(components["alpha"]["address"], "fake.Alpha")
     assert serving(components["beta"]["address"], "fake.Beta")
     keys_file = data_dir / "principal-keys.json"
+    delegation_file = data_dir / "delegation-keys.json"
     assert stat.S_IMODE(keys_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(delegation_file.stat().st_mode) == 0o600
     keys = keys_file.read_text(encoding="utf-8")
+    delegation = delegation_file.read_text(encoding="utf-8")
+    gateway_kids = set(json.loads(keys)["keys"])
+    delegation_kids = set(json.loads(delegation)["keys"])
+    assert delegation_kids
+    assert not gateway_kids & delegation_kids
 
     second = start_up(data_dir, "--only", "alpha")
     assert second.process.wait(30) == 2
@@ -209,6 +216,7 @@ def test_up_runs_the_stack_keeps_state_and_stops_in_reverse_order(
         assert redis.get("stack:probe") == b"kept"
     assert graph_query(info, "MATCH (p:Probe) RETURN count(p)") == [1]
     assert keys_file.read_text(encoding="utf-8") == keys
+    assert delegation_file.read_text(encoding="utf-8") == delegation
     assert again.interrupt() == 0
     assert environment.leftover_processes() == []
 

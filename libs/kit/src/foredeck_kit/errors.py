@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -23,6 +23,16 @@ from grpc_status import rpc_status
 __all__ = [
     "ENUM_PREFIX",
     "INTERNAL_MESSAGE",
+    "MAX_FIELD_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "MAX_METADATA_ENTRIES",
+    "MAX_METADATA_KEY_BYTES",
+    "MAX_STATUS_BYTES",
+    "MAX_TEXT_BYTES",
+    "MAX_VIOLATIONS",
+    "OMITTED_METADATA_KEY",
+    "OMITTED_QUOTA_VIOLATIONS_KEY",
+    "OMITTED_VIOLATIONS_KEY",
     "STATUS_DETAILS_KEY",
     "ErrorDetails",
     "FieldViolation",
@@ -45,6 +55,31 @@ INTERNAL_MESSAGE = "internal error"
 
 ENUM_PREFIX = "ERROR_REASON_"
 """Prefix of every value of a service's proto ``ErrorReason`` enum."""
+
+MAX_STATUS_BYTES = 4096
+"""Largest serialized ``google.rpc.Status`` :func:`to_status` builds (base64 in the trailer)."""
+
+MAX_VIOLATIONS = 20
+"""Most field violations (and, separately, quota violations) sent with one error."""
+
+MAX_MESSAGE_BYTES = 256
+"""Longest status message on the wire, in UTF-8 bytes."""
+MAX_TEXT_BYTES = 256
+"""Longest violation description or metadata value on the wire, in UTF-8 bytes."""
+MAX_FIELD_BYTES = 128
+"""Longest field path, quota subject or domain on the wire, in UTF-8 bytes."""
+MAX_METADATA_KEY_BYTES = 64
+MAX_METADATA_ENTRIES = 16
+"""Most ErrorInfo metadata entries sent (within a 1 KiB budget), the omitted counts aside."""
+
+OMITTED_VIOLATIONS_KEY = "omittedViolations"
+OMITTED_QUOTA_VIOLATIONS_KEY = "omittedQuotaViolations"
+OMITTED_METADATA_KEY = "omittedMetadata"
+
+_METADATA_BUDGET = 1024
+_RESERVED_BYTES = 256
+_ELLIPSIS = "\u2026".encode()
+_TYPE_URL_PREFIX = "type.googleapis.com/"
 
 # AIP-193: reasons are UPPER_SNAKE_CASE, at most 63 characters.
 _REASON_PATTERN = re.compile(r"^[A-Z][A-Z0-9_]{0,61}[A-Z0-9]$")
@@ -137,6 +172,7 @@ class ServiceError(Exception):
     reason: str
     message: str
     metadata: dict[str, str]
+    """Dynamic values, keys and values coerced to strings."""
     field_violations: list[FieldViolation]
     retry_after: timedelta | None
     quota_violations: list[QuotaViolation]
@@ -147,21 +183,23 @@ class ServiceError(Exception):
         reason: str,
         message: str,
         *,
-        metadata: Mapping[str, str] | None = None,
-        field_violations: Iterable[tuple[str, str]] = (),
+        metadata: Mapping[str, object] | None = None,
+        field_violations: Iterable[tuple[object, object]] = (),
         retry_after: timedelta | None = None,
-        quota_violations: Iterable[tuple[str, str]] = (),
+        quota_violations: Iterable[tuple[object, object]] = (),
     ) -> None:
         if code is grpc.StatusCode.OK:
             raise ValueError("a ServiceError cannot carry status OK")
         super().__init__(message)
         self.code = code
         self.reason = _check_reason(str(reason))
-        self.message = INTERNAL_MESSAGE if code is grpc.StatusCode.INTERNAL else message
-        self.metadata = dict(metadata or {})
-        self.field_violations = [FieldViolation(f, d) for f, d in field_violations]
+        self.message = INTERNAL_MESSAGE if code is grpc.StatusCode.INTERNAL else str(message)
+        # Everything below ends up in protobuf string fields; coercing here means a count or
+        # an id passed as a number can never turn a typed error into an INTERNAL one later.
+        self.metadata = {str(key): str(value) for key, value in (metadata or {}).items()}
+        self.field_violations = [FieldViolation(str(f), str(d)) for f, d in field_violations]
         self.retry_after = retry_after
-        self.quota_violations = [QuotaViolation(s, d) for s, d in quota_violations]
+        self.quota_violations = [QuotaViolation(str(s), str(d)) for s, d in quota_violations]
 
     def __repr__(self) -> str:
         return f"ServiceError({self.code.name}, {self.reason}, {self.message!r})"
@@ -180,6 +218,15 @@ class ServiceError(Exception):
     def principal_expired(cls) -> ServiceError:
         """The principal was well formed and signed but is past its expiry."""
         return cls(grpc.StatusCode.UNAUTHENTICATED, Reason.PRINCIPAL_EXPIRED, "principal expired")
+
+    @classmethod
+    def delegation_not_allowed(cls) -> ServiceError:
+        """A delegated principal called a gateway-only method or named another run."""
+        return cls(
+            grpc.StatusCode.PERMISSION_DENIED,
+            Reason.DELEGATION_NOT_ALLOWED,
+            "not allowed with a principal delegated to a run",
+        )
 
     @classmethod
     def permission_missing(cls, permission: str) -> ServiceError:
@@ -299,47 +346,150 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+def _clip(text: str, limit: int) -> str:
+    """Cut ``text`` to at most ``limit`` UTF-8 bytes, marking a cut with an ellipsis.
+
+    A lone surrogate (text decoded with ``surrogateescape``) becomes ``?``: protobuf refuses
+    to serialize it, which would turn the error into a failure to report it.
+    """
+    try:
+        encoded = text.encode("utf-8")
+    except UnicodeEncodeError:
+        encoded = text.encode("utf-8", "replace")
+        text = encoded.decode("utf-8")
+    if len(encoded) <= limit:
+        return text
+    return encoded[: limit - len(_ELLIPSIS)].decode("utf-8", "ignore") + "\u2026"
+
+
+def _varint_len(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def _field_len(size: int) -> int:
+    """Bytes a length-delimited field of ``size`` bytes takes (single-byte tag)."""
+    return 1 + _varint_len(size) + size
+
+
+def _detail_len(payload: int, type_name: str) -> int:
+    """Bytes a ``google.protobuf.Any`` detail of ``payload`` bytes takes inside a Status."""
+    any_size = _field_len(len(_TYPE_URL_PREFIX) + len(type_name)) + _field_len(payload)
+    return _field_len(any_size)
+
+
+def _bounded_metadata(metadata: Mapping[str, str]) -> tuple[dict[str, str], int]:
+    kept: dict[str, str] = {}
+    used = omitted = 0
+    for key, value in metadata.items():
+        clipped_key = _clip(key, MAX_METADATA_KEY_BYTES)
+        clipped_value = _clip(value, MAX_TEXT_BYTES)
+        size = _field_len(
+            _field_len(len(clipped_key.encode())) + _field_len(len(clipped_value.encode()))
+        )
+        if len(kept) >= MAX_METADATA_ENTRIES or used + size > _METADATA_BUDGET:
+            omitted += 1
+            continue
+        kept[clipped_key] = clipped_value
+        used += size
+    return kept, omitted
+
+
+def _field_violation(name: str, description: str) -> Any:
+    return error_details_pb2.BadRequest.FieldViolation(field=name, description=description)
+
+
+def _quota_violation(subject: str, description: str) -> Any:
+    return error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
+
+
+def _fill(
+    items: Sequence[tuple[str, str]], make: Callable[[str, str], Any], budget: int, limit: int
+) -> tuple[list[Any], int, int]:
+    """Take items in order while they fit ``budget`` bytes and ``limit`` items."""
+    kept: list[Any] = []
+    used = 0
+    for index, (name, description) in enumerate(items):
+        item = make(_clip(name, MAX_FIELD_BYTES), _clip(description, MAX_TEXT_BYTES))
+        size = _field_len(item.ByteSize())
+        if len(kept) >= limit or used + size > budget:
+            return kept, used, len(items) - index
+        kept.append(item)
+        used += size
+    return kept, used, 0
+
+
 def to_status(error: ServiceError, domain: str) -> grpc.Status:
-    """Build the ``grpc.Status`` (with ``grpc-status-details-bin``) that carries ``error``."""
-    details: list[any_pb2.Any] = [
-        _pack(
-            error_details_pb2.ErrorInfo(
-                reason=error.reason, domain=domain, metadata=dict(error.metadata)
-            )
-        )
-    ]
-    if error.field_violations:
-        details.append(
-            _pack(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(
-                            field=v.field, description=v.description
-                        )
-                        for v in error.field_violations
-                    ]
-                )
-            )
-        )
+    """Build the ``grpc.Status`` (with ``grpc-status-details-bin``) that carries ``error``.
+
+    The serialized status never exceeds :data:`MAX_STATUS_BYTES`, whatever the error holds:
+    texts are clipped, and field and quota violations beyond :data:`MAX_VIOLATIONS` or the
+    byte budget are left out and counted in ErrorInfo metadata (``omittedViolations``,
+    ``omittedQuotaViolations``, ``omittedMetadata``). An oversized trailer would be refused
+    by the client's HTTP/2 header limit and the caller would see RESOURCE_EXHAUSTED with the
+    real reason lost.
+    """
+    message = _clip(error.message, MAX_MESSAGE_BYTES)
+    metadata, omitted_metadata = _bounded_metadata(error.metadata)
+    info = error_details_pb2.ErrorInfo(
+        reason=error.reason, domain=_clip(domain, MAX_FIELD_BYTES), metadata=metadata
+    )
+    retry: error_details_pb2.RetryInfo | None = None
     if error.retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromTimedelta(error.retry_after)
-        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
-    if error.quota_violations:
-        details.append(
-            _pack(
-                error_details_pb2.QuotaFailure(
-                    violations=[
-                        error_details_pb2.QuotaFailure.Violation(
-                            subject=v.subject, description=v.description
-                        )
-                        for v in error.quota_violations
-                    ]
-                )
-            )
-        )
-    status = status_pb2.Status(code=error.code.value[0], message=error.message, details=details)
+        retry = error_details_pb2.RetryInfo(retry_delay=delay)
+
+    base = status_pb2.Status(code=error.code.value[0], message=message)
+    used = base.ByteSize() + _detail_len(info.ByteSize(), "google.rpc.ErrorInfo")
+    if retry is not None:
+        used += _detail_len(retry.ByteSize(), "google.rpc.RetryInfo")
+    # Room for the omitted counts and for the two list details' own envelopes.
+    used += _RESERVED_BYTES
+    budget = MAX_STATUS_BYTES - used
+    violations, taken, omitted_violations = _fill(
+        error.field_violations,
+        _field_violation,
+        budget,
+        MAX_VIOLATIONS,
+    )
+    quota, _, omitted_quota = _fill(
+        error.quota_violations,
+        _quota_violation,
+        budget - taken,
+        MAX_VIOLATIONS,
+    )
+    for key, count in (
+        (OMITTED_VIOLATIONS_KEY, omitted_violations),
+        (OMITTED_QUOTA_VIOLATIONS_KEY, omitted_quota),
+        (OMITTED_METADATA_KEY, omitted_metadata),
+    ):
+        if count:
+            info.metadata[key] = str(count)
+
+    status = _assemble(base, info, violations, retry, quota)
+    if status.ByteSize() > MAX_STATUS_BYTES:
+        # The budget above is exact but for a few bytes of envelopes; never risk the trailer.
+        info.metadata[OMITTED_VIOLATIONS_KEY] = str(len(error.field_violations))
+        info.metadata[OMITTED_QUOTA_VIOLATIONS_KEY] = str(len(error.quota_violations))
+        status = _assemble(base, info, [], retry, [])
     return rpc_status.to_status(status)
+
+
+def _assemble(
+    base: status_pb2.Status,
+    info: error_details_pb2.ErrorInfo,
+    violations: list[Any],
+    retry: error_details_pb2.RetryInfo | None,
+    quota: list[Any],
+) -> status_pb2.Status:
+    details = [_pack(info)]
+    if violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=violations)))
+    if retry is not None:
+        details.append(_pack(retry))
+    if quota:
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=quota)))
+    return status_pb2.Status(code=base.code, message=base.message, details=details)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,16 +15,21 @@ Nothing here reads the environment at import time.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from datetime import timedelta
 from typing import TypeVar
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from foredeck_kit.approval import ApprovalTokenSigner, ApprovalTokenVerifier
+from foredeck_kit.delegation import DelegationSigner
+from foredeck_kit.errors import Reason
 from foredeck_kit.logs import LogFormat, LogLevel
 from foredeck_kit.principal import (
     DEFAULT_AUDIENCE,
     DEFAULT_ISSUER,
+    DEFAULT_MAX_LIFETIME,
     PrincipalVerifier,
     parse_keys,
 )
@@ -114,29 +119,107 @@ class ServiceSettings(BaseSettings):
     principal_leeway_seconds: float = Field(
         default=5.0, ge=0, description="Clock skew tolerated when checking principal expiry."
     )
+    principal_max_lifetime_seconds: float = Field(
+        default=DEFAULT_MAX_LIFETIME.total_seconds(),
+        ge=1,
+        description="Longest lifetime (exp - iat) of a principal accepted, in seconds.",
+    )
+    delegation_keys: SecretStr = Field(
+        default=SecretStr(""),
+        description="The orchestrator's keys for delegated principals and approval tokens, "
+        "'kid:secret,...' with key ids distinct from the principal keys; the first signs. "
+        "Empty: delegated principals are refused.",
+    )
     log_level: LogLevel = Field(
-        default="info", description="debug, info, warning, error or critical."
+        default="info", description="debug, info, warning, error or critical (any case)."
     )
     log_format: LogFormat = Field(
         default="json", description="json (one object per line) or console."
     )
+    trace_sample_ratio: float = Field(
+        default=0.1,
+        ge=0,
+        le=1,
+        description="Share of new traces recorded (parent-based: a call follows its caller's "
+        "decision); ignored when OTEL_TRACES_SAMPLER is set.",
+    )
 
-    def principal_verifier(self) -> PrincipalVerifier:
-        """Build the verifier for inbound principals; fails when no keys are configured."""
-        spec = self.principal_keys.get_secret_value()
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_log_level(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    def _env(self, name: str) -> str:
+        return f"{self.model_config.get('env_prefix', '')}{name.upper()}"
+
+    def _keys(self, name: str) -> dict[str, bytes] | None:
+        secret: SecretStr = getattr(self, name)
+        spec = secret.get_secret_value()
         if not spec:
-            raise SettingsError(
-                f"{self.model_config.get('env_prefix', '')}PRINCIPAL_KEYS is required"
-            )
+            return None
         try:
-            keys = parse_keys(spec)
+            return parse_keys(spec)
         except ValueError as exc:
-            raise SettingsError(f"principal_keys: {exc}") from None
+            raise SettingsError(f"{self._env(name)}: {exc}") from None
+
+    def _delegation_keys(self) -> dict[str, bytes]:
+        keys = self._keys("delegation_keys")
+        if keys is None:
+            raise SettingsError(f"{self._env('delegation_keys')} is required")
+        principal_keys = self._keys("principal_keys") or {}
+        shared = sorted(keys.keys() & principal_keys.keys())
+        if shared:
+            raise SettingsError(
+                f"{self._env('delegation_keys')}: key ids {shared} are also principal key ids; "
+                "each issuer needs key ids of its own"
+            )
+        return keys
+
+    def principal_verifier(
+        self, *, gateway_only_methods: Collection[str] = ()
+    ) -> PrincipalVerifier:
+        """Build the verifier for inbound principals; fails when no keys are configured.
+
+        It accepts the gateway's principals (``principal_keys``) and, when ``delegation_keys``
+        is set, the orchestrator's delegated ones, except on ``gateway_only_methods``.
+        """
+        keys = self._keys("principal_keys")
+        if keys is None:
+            raise SettingsError(f"{self._env('principal_keys')} is required")
+        delegation = self._delegation_keys() if self.delegation_keys.get_secret_value() else None
         return PrincipalVerifier(
             keys,
             issuer=self.principal_issuer,
             audience=self.principal_audience,
             leeway=timedelta(seconds=self.principal_leeway_seconds),
+            max_lifetime=timedelta(seconds=self.principal_max_lifetime_seconds),
+            delegation_keys=delegation,
+            gateway_only_methods=gateway_only_methods,
+        )
+
+    def delegation_signer(self) -> DelegationSigner:
+        """Build the orchestrator's signer of delegated principals (first delegation key)."""
+        keys = self._delegation_keys()
+        return DelegationSigner(
+            keys,
+            next(iter(keys)),
+            audience=self.principal_audience,
+            max_lifetime=timedelta(seconds=self.principal_max_lifetime_seconds),
+        )
+
+    def approval_signer(self) -> ApprovalTokenSigner:
+        """Build the orchestrator's signer of approval tokens (first delegation key)."""
+        keys = self._delegation_keys()
+        return ApprovalTokenSigner(keys, next(iter(keys)))
+
+    def approval_verifier(
+        self, *, reason: str = Reason.PERMISSION_MISSING
+    ) -> ApprovalTokenVerifier:
+        """Build the toolrunner's verifier of approval tokens from the delegation keys."""
+        return ApprovalTokenVerifier(
+            self._delegation_keys(),
+            leeway=timedelta(seconds=self.principal_leeway_seconds),
+            reason=reason,
         )
 
 

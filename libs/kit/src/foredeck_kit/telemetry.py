@@ -4,8 +4,11 @@
 :meth:`Telemetry.shutdown` on the way out so buffered spans are flushed. The standard
 ``OTEL_*`` variables are honoured: ``OTEL_SDK_DISABLED``, ``OTEL_TRACES_EXPORTER``
 (``otlp``, ``console``, ``none``), ``OTEL_EXPORTER_OTLP_ENDPOINT`` and friends,
-``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER``,
-``OTEL_PROPAGATORS`` and the ``OTEL_BSP_*`` batch settings.
+``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``, ``OTEL_TRACES_SAMPLER`` (with
+``OTEL_TRACES_SAMPLER_ARG``), ``OTEL_PROPAGATORS`` and the ``OTEL_BSP_*`` batch settings.
+Without ``OTEL_TRACES_SAMPLER`` traces are sampled parent-based at the settings'
+``trace_sample_ratio``: a call follows its caller's decision, and a new trace is recorded with
+that probability, so a busy service does not export every span.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
+)
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    ParentBased,
+    Sampler,
+    TraceIdRatioBased,
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import start_http_server
@@ -103,6 +113,33 @@ def _exporters(env: Mapping[str, str]) -> list[SpanExporter]:
     return exporters
 
 
+def _sampler(env: Mapping[str, str], ratio: float) -> Sampler:
+    """The sampler ``OTEL_TRACES_SAMPLER`` names, else parent-based at ``ratio``."""
+    name = env.get("OTEL_TRACES_SAMPLER", "").strip().lower()
+    if not name:
+        return ParentBased(TraceIdRatioBased(ratio))
+    arg = env.get("OTEL_TRACES_SAMPLER_ARG", "").strip()
+    try:
+        env_ratio = float(arg) if arg else 1.0
+    except ValueError:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG {arg!r} is not a number") from None
+    if not 0.0 <= env_ratio <= 1.0:
+        raise ValueError(f"OTEL_TRACES_SAMPLER_ARG {arg!r} is not between 0 and 1")
+    samplers: dict[str, Callable[[], Sampler]] = {
+        "always_on": lambda: ALWAYS_ON,
+        "always_off": lambda: ALWAYS_OFF,
+        "traceidratio": lambda: TraceIdRatioBased(env_ratio),
+        "parentbased_always_on": lambda: ParentBased(ALWAYS_ON),
+        "parentbased_always_off": lambda: ParentBased(ALWAYS_OFF),
+        "parentbased_traceidratio": lambda: ParentBased(TraceIdRatioBased(env_ratio)),
+    }
+    if name not in samplers:
+        raise ValueError(
+            f"OTEL_TRACES_SAMPLER {name!r} is not supported ({', '.join(sorted(samplers))})"
+        )
+    return samplers[name]()
+
+
 def setup_telemetry(
     service_name: str,
     settings: ServiceSettings,
@@ -132,7 +169,10 @@ def setup_telemetry(
 
     if env.get("OTEL_SDK_DISABLED", "").strip().lower() not in _TRUE:
         resource_name = env.get("OTEL_SERVICE_NAME") or service_name
-        provider = SdkTracerProvider(resource=Resource.create({SERVICE_NAME: resource_name}))
+        provider = SdkTracerProvider(
+            resource=Resource.create({SERVICE_NAME: resource_name}),
+            sampler=_sampler(env, settings.trace_sample_ratio),
+        )
         for exporter in _exporters(env):
             provider.add_span_processor(BatchSpanProcessor(exporter))
         if span_exporter is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.metadata
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -80,6 +80,11 @@ class StackContext:
     """Principal signing keys of the stack by key id; shared by every service."""
     principal_active_kid: str
     """Key id new principals are signed with."""
+    delegation_keys: Mapping[str, str] = field(default_factory=dict)
+    """Keys the orchestrator signs delegated principals and approval tokens with, by key id;
+    their ids never equal a principal key id. Every service verifies with them."""
+    delegation_active_kid: str = ""
+    """Key id new delegated principals are signed with; empty when there are no such keys."""
 
     @property
     def address(self) -> str:
@@ -95,6 +100,17 @@ class StackContext:
         ]
         return format_keys({kid: self.principal_keys[kid].encode() for kid in kids})
 
+    @property
+    def delegation_keys_spec(self) -> str:
+        """The delegation keys in the settings format, the active key first; empty when none."""
+        if not self.delegation_keys:
+            return ""
+        kids = [
+            self.delegation_active_kid,
+            *sorted(set(self.delegation_keys) - {self.delegation_active_kid}),
+        ]
+        return format_keys({kid: self.delegation_keys[kid].encode() for kid in kids})
+
     def service_address(self, name: str) -> str:
         """``host:port`` of a service started earlier; it must be listed in ``needs``."""
         try:
@@ -106,16 +122,19 @@ class StackContext:
             ) from None
 
     def server_env(self, prefix: str | None = None) -> dict[str, str]:
-        """The variables every service's settings read: host, port and principal keys.
+        """The variables every service's settings read: host, port, principal and delegation keys.
 
         ``prefix`` defaults to ``FOREDECK_<NAME>_``; a service merges this with its own entries.
         """
         prefix = prefix if prefix is not None else env_prefix(self.name)
-        return {
+        env = {
             f"{prefix}HOST": self.host,
             f"{prefix}PORT": str(self.port),
             f"{prefix}PRINCIPAL_KEYS": self.principal_keys_spec,
         }
+        if self.delegation_keys:
+            env[f"{prefix}DELEGATION_KEYS"] = self.delegation_keys_spec
+        return env
 
 
 EnvFactory = Callable[[StackContext], Mapping[str, str]]

@@ -54,6 +54,7 @@ __all__ = [
 DEFAULT_DATA_DIR = Path(".foredeck")
 STACK_FILE = "stack.json"
 PRINCIPAL_KEYS_FILE = "principal-keys.json"
+DELEGATION_KEYS_FILE = "delegation-keys.json"
 ARCADEDB_PASSWORD_FILE = "arcadedb.password"
 GRAPH_DATABASE = "foredeck"
 """Database created at start and served to Bolt clients that name none."""
@@ -128,11 +129,14 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def load_or_create_principal_keys(path: Path) -> tuple[dict[str, str], str]:
-    """Read the stack's principal signing keys, creating them (mode 0600) on first start.
+def load_or_create_principal_keys(
+    path: Path, *, kid_prefix: str = "local"
+) -> tuple[dict[str, str], str]:
+    """Read a set of the stack's signing keys, creating them (mode 0600) on first start.
 
     Returns ``(keys by kid, active kid)``. Keeping them across restarts keeps every token
-    minted before a restart valid after it.
+    minted before a restart valid after it. The gateway's principal keys and the orchestrator's
+    delegation keys are two such sets, told apart by ``kid_prefix`` so their ids never collide.
     """
     if path.exists():
         try:
@@ -147,7 +151,7 @@ def load_or_create_principal_keys(path: Path) -> tuple[dict[str, str], str]:
                 f"{MIN_KEY_BYTES} characters"
             )
         return keys, active
-    active = f"local-{datetime.now(UTC):%Y%m%d}"
+    active = f"{kid_prefix}-{datetime.now(UTC):%Y%m%d}"
     keys = {active: generate_key().decode()}
     _write_private(path, json.dumps({"active_kid": active, "keys": keys}, indent=2) + "\n")
     return keys, active
@@ -235,6 +239,8 @@ class _Stack:
         self.graph: ArcadeDbProcess | None = None
         self.principal_keys: dict[str, str] = {}
         self.active_kid = ""
+        self.delegation_keys: dict[str, str] = {}
+        self.delegation_kid = ""
         self._name_width = 8
 
     # output
@@ -352,6 +358,8 @@ class _Stack:
             services={c.name: c.address for c in self.components if c.kind == "service"},
             principal_keys=dict(self.principal_keys),
             principal_active_kid=self.active_kid,
+            delegation_keys=dict(self.delegation_keys),
+            delegation_active_kid=self.delegation_kid,
         )
 
     def _service_env(self, service: StackService, context: StackContext) -> dict[str, str]:
@@ -467,6 +475,7 @@ class _Stack:
             "data_dir": str(self.data_dir),
             "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "principal_keys_file": str(self.data_dir / PRINCIPAL_KEYS_FILE),
+            "delegation_keys_file": str(self.data_dir / DELEGATION_KEYS_FILE),
             "components": {
                 c.name: {
                     "kind": c.kind,
@@ -549,6 +558,13 @@ class _Stack:
                 self.principal_keys, self.active_kid = load_or_create_principal_keys(
                     self.data_dir / PRINCIPAL_KEYS_FILE
                 )
+                self.delegation_keys, self.delegation_kid = load_or_create_principal_keys(
+                    self.data_dir / DELEGATION_KEYS_FILE, kid_prefix="local-delegation"
+                )
+                if set(self.delegation_keys) & set(self.principal_keys):
+                    raise StackConfigError(
+                        f"{DELEGATION_KEYS_FILE} and {PRINCIPAL_KEYS_FILE} share a key id"
+                    )
             except StackConfigError as error:
                 self.complain(f"foredeck up: {error}")
                 return 2

@@ -58,12 +58,14 @@ class Principal(_message.Message):
 
     - `foredeck-gateway` (keys `PRINCIPAL_KEYS`): the gateway authenticates the caller (API key or
       JWT) and mints a principal for each call it forwards. Claims: `iss`, `aud`, `sub` (user id),
-      `tid` (tenant id), `perms`, `bud`, `kind`, `iat`, `exp`, `jti`.
+      `tid` (tenant id), `scope` (permissions, space-separated; omitted when none), `bud` (budget
+      ids; omitted when none), `kind` (`service` or `admin`; omitted for a user), `iat`, `exp`,
+      `jti`. A token lives at most 15 minutes (`exp - iat`) and is at most 2048 characters.
     - `foredeck-orchestrator` (keys `DELEGATION_KEYS`, whose key ids differ from every gateway key
       id): a run may wait for days and its worker calls llmrouter, toolrunner and memory long after
       the gateway's principal expired. The orchestrator stores the claims of the principal that
       submitted the run and, for each downstream call of the run, mints a fresh principal with the
-      same `sub`, `tid`, `perms`, `bud` and `kind`, plus the actor claim
+      same `sub`, `tid`, `scope`, `bud` and `kind`, plus the actor claim
       `act: {"sub": "orchestrator"}` (in the style of RFC 8693) and `rid`, the run id.
 
     Every internal service verifies the signature, issuer, audience and expiry before serving a call
@@ -102,8 +104,8 @@ class Principal(_message.Message):
     """The run a delegated principal acts for, from the `rid` claim; empty when the gateway minted it."""
     @_builtins.property
     def permissions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Permissions granted to the caller, such as `runs:create` or `tools:python` (`perms`). A
-        trailing `*` grants every permission with that prefix.
+        """Permissions granted to the caller, such as `runs:create` or `tools:python` (`scope`, one
+        space-separated string). A trailing `*` grants every permission with that prefix.
         """
 
     @_builtins.property
