@@ -10,7 +10,13 @@ import pytest_asyncio
 
 from foredeck_memory.adapters.embedders import LocalEmbedder
 from foredeck_memory.server import MemoryDeps
-from foredeck_memory.testing import MemoryServer, memory_settings, signing_keys, start_memory_server
+from foredeck_memory.testing import (
+    MemoryServer,
+    delegation_signing_keys,
+    memory_settings,
+    signing_keys,
+    start_memory_server,
+)
 from foredeck_testing.stores import GraphDatabaseRef
 
 
@@ -28,6 +34,7 @@ async def memory_server(
 ) -> AsyncIterator[MemoryServer]:
     """A memory server on this test's Redis database, graph database and Edge shard."""
     keys = signing_keys()
+    delegation = delegation_signing_keys()
     settings = memory_settings(
         redis_url=redis_url,
         bolt_uri=graph_database.uri,
@@ -36,9 +43,13 @@ async def memory_server(
         graph_database=graph_database.name,
         edge_path=tmp_path / "vectors",
         keys=keys,
+        delegation_keys=delegation,
     )
     server = await start_memory_server(
-        settings, MemoryDeps(embedder=embedder, count_tokens=embedder.count_tokens), keys
+        settings,
+        MemoryDeps(embedder=embedder, count_tokens=embedder.count_tokens),
+        keys,
+        delegation,
     )
     try:
         yield server

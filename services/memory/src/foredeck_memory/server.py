@@ -326,7 +326,10 @@ def build_server(settings: MemorySettings, deps: MemoryDeps | None = None) -> Me
         domain=domain_for("memory"),
         register=register,
         service_names=SERVICE_NAMES,
-        verifier=settings.principal_verifier(),
+        # ForgetUser is gateway-only: no run may erase a user.
+        verifier=settings.principal_verifier(
+            gateway_only_methods=["/foredeck.memory.v1.LongTermMemoryService/ForgetUser"]
+        ),
         readiness=readiness,
         telemetry=deps.telemetry,
     )

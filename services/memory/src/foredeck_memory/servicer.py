@@ -90,6 +90,12 @@ def _scope(permission: str) -> tuple[Principal, Scope]:
     return principal, Scope(principal.tenant_id, principal.user_id)
 
 
+def _run_of(principal: Principal, run_id: str) -> str:
+    """The run to record as provenance: a delegated principal acts only for its own run."""
+    principal.require_run(run_id)
+    return run_id or principal.run_id or ""
+
+
 def _us(ts: timestamp_pb2.Timestamp, present: bool) -> int | None:
     return ts.ToMicroseconds() if present else None
 
@@ -332,7 +338,8 @@ class WorkingMemoryServicer(memory_service_pb2_grpc.WorkingMemoryServiceServicer
         self, request: memory_service_pb2.AppendMessagesRequest, context: Any
     ) -> memory_service_pb2.AppendMessagesResponse:
         with self._faults():
-            _, scope = _scope(WRITE)
+            principal, scope = _scope(WRITE)
+            run_id = _run_of(principal, request.run_id)
             violations = v.id_violations("session_id", request.session_id, required=True)
             violations += v.id_violations("request_id", request.request_id, required=True)
             violations += v.short_text_violations("run_id", request.run_id)
@@ -361,7 +368,7 @@ class WorkingMemoryServicer(memory_service_pb2_grpc.WorkingMemoryServiceServicer
                     scope,
                     request.session_id,
                     list(request.messages),
-                    run_id=request.run_id,
+                    run_id=run_id,
                     step_id=request.step_id,
                     expected_last_sequence=(
                         request.expected_last_sequence
@@ -556,6 +563,7 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
         self,
         item: memory_service_pb2.RememberRequest | memory_service_pb2.RememberItem,
         request: memory_service_pb2.RememberRequest | memory_service_pb2.RememberManyRequest,
+        run_id: str,
         prefix: str = "",
     ) -> RememberInput:
         v.check_content(f"{prefix}content", item.content, v.MAX_CONTENT_BYTES)
@@ -580,7 +588,7 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
             content=item.content,
             category=item.category or "fact",
             metadata=metadata,
-            run_id=request.run_id,
+            run_id=run_id,
             step_id=request.step_id,
             valid_from=valid_from,
             valid_to=valid_to,
@@ -594,9 +602,10 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
         self, request: memory_service_pb2.RememberRequest, context: Any
     ) -> memory_service_pb2.RememberResponse:
         with self._faults():
-            _, scope = _scope(WRITE)
+            principal, scope = _scope(WRITE)
             self._common_checks(request)
-            item = self._remember_input(request, request)
+            run_id = _run_of(principal, request.run_id)
+            item = self._remember_input(request, request, run_id)
 
             async def work() -> memory_service_pb2.RememberResponse:
                 result = await self._memory.remember(scope, item)
@@ -624,15 +633,16 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
         self, request: memory_service_pb2.RememberManyRequest, context: Any
     ) -> memory_service_pb2.RememberManyResponse:
         with self._faults():
-            _, scope = _scope(WRITE)
+            principal, scope = _scope(WRITE)
             self._common_checks(request)
+            run_id = _run_of(principal, request.run_id)
             if not 1 <= len(request.items) <= 100:
                 raise errors.invalid([("items", "1 to 100 items")])
             size = request.ByteSize()
             if size > 8 * 1024 * 1024:
                 raise errors.request_too_large("items", 8 * 1024 * 1024, size)
             items = [
-                self._remember_input(item, request, f"items[{i}].")
+                self._remember_input(item, request, run_id, f"items[{i}].")
                 for i, item in enumerate(request.items)
             ]
 
@@ -735,7 +745,8 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
         self, request: memory_service_pb2.UpdateMemoryRequest, context: Any
     ) -> memory_service_pb2.UpdateMemoryResponse:
         with self._faults():
-            _, scope = _scope(WRITE)
+            principal, scope = _scope(WRITE)
+            run_id = _run_of(principal, request.run_id)
             _check_memory_id(request.memory_id)
             allowed = {"content", "metadata", "category", "valid_to", "entity_refs"}
             paths = list(request.update_mask.paths)
@@ -796,7 +807,7 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
                     request.memory_id,
                     changes,
                     effective_time=effective,
-                    run_id=request.run_id,
+                    run_id=run_id,
                     step_id=request.step_id,
                     etag=request.etag,
                 )
@@ -854,6 +865,10 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
     ) -> memory_service_pb2.ForgetUserResponse:
         with self._faults():
             principal, scope = _scope(FORGET)
+            if principal.delegated:
+                # Gateway-only: no run may erase a user. The kit's verifier knows the method
+                # list, but its interceptor does not pass the method, so check here as well.
+                raise ServiceError.delegation_not_allowed()
             if len(request.user_id) > 128:
                 raise errors.invalid([("user_id", "at most 128 characters")])
             if len(request.subject_entity_refs) > 100:
@@ -924,6 +939,7 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
     ) -> memory_service_pb2.UpsertEntitiesResponse:
         with self._faults():
             principal, scope = _scope(WRITE)
+            run_id = _run_of(principal, request.run_id)
             violations = v.id_violations("request_id", request.request_id, required=True)
             violations += v.short_text_violations("run_id", request.run_id)
             violations += v.short_text_violations("step_id", request.step_id)
@@ -963,7 +979,7 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
                         "valid_from": start,
                         "valid_to": end,
                         "user_id": principal.user_id,
-                        "run_id": request.run_id,
+                        "run_id": run_id,
                         "step_id": request.step_id,
                     }
                 )
@@ -994,6 +1010,7 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
     ) -> memory_service_pb2.UpsertRelationshipsResponse:
         with self._faults():
             principal, scope = _scope(WRITE)
+            run_id = _run_of(principal, request.run_id)
             violations = v.id_violations("request_id", request.request_id, required=True)
             violations += v.short_text_violations("run_id", request.run_id)
             violations += v.short_text_violations("step_id", request.step_id)
@@ -1041,7 +1058,7 @@ class EntityMemoryServicer(memory_service_pb2_grpc.EntityMemoryServiceServicer, 
                         "valid_to": end,
                         "exclusive": rel.exclusive,
                         "user_id": principal.user_id,
-                        "run_id": request.run_id,
+                        "run_id": run_id,
                         "step_id": request.step_id,
                     }
                 )

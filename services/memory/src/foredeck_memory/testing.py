@@ -13,6 +13,7 @@ import grpc
 from pydantic import SecretStr
 
 from foredeck.memory.v1 import memory_service_pb2_grpc
+from foredeck_kit.delegation import DelegationSigner, RunClaims
 from foredeck_kit.principal import (
     PRINCIPAL_METADATA_KEY,
     PrincipalSigner,
@@ -28,6 +29,11 @@ def signing_keys() -> dict[str, bytes]:
     return {"memory-test": generate_key()}
 
 
+def delegation_signing_keys() -> dict[str, bytes]:
+    """A fresh key set for the orchestrator's delegated principals (its own key id)."""
+    return {"memory-test-run": generate_key()}
+
+
 @dataclass
 class MemoryServer:
     """A running memory server with typed stubs and a principal signer."""
@@ -35,6 +41,7 @@ class MemoryServer:
     host: MemoryHost
     channel: grpc.aio.Channel
     signer: PrincipalSigner
+    delegation: DelegationSigner | None = None
 
     @property
     def working(self) -> memory_service_pb2_grpc.WorkingMemoryServiceAsyncStub:
@@ -55,6 +62,19 @@ class MemoryServer:
         token = self.signer.mint(tenant_id=tenant, user_id=user, permissions=permissions)
         return ((PRINCIPAL_METADATA_KEY, token),)
 
+    def as_run(
+        self,
+        run_id: str,
+        tenant: str = "tenant-a",
+        user: str = "user-a",
+        permissions: Iterable[str] = ("*",),
+    ) -> tuple[tuple[str, str], ...]:
+        """Call metadata carrying a principal the orchestrator minted for ``run_id``."""
+        if self.delegation is None:
+            raise RuntimeError("the server was started without delegation keys")
+        claims = RunClaims(tenant_id=tenant, user_id=user, permissions=tuple(permissions))
+        return ((PRINCIPAL_METADATA_KEY, self.delegation.mint_for_run(claims, run_id)),)
+
     async def stop(self) -> None:
         """Close the channel and stop the server (stores flushed and closed)."""
         await self.channel.close(None)
@@ -72,6 +92,9 @@ def memory_settings(
     keys: dict[str, bytes],
     llmrouter_address: str = "",
     summarization_model: str = "local-small",
+    delegation_keys: dict[str, bytes] | None = None,
+    embedding_model: str = "",
+    embedding_dimensions: int = 384,
 ) -> MemorySettings:
     """Settings pointing at a test's own Redis database, graph database and shard."""
     return MemorySettings(
@@ -82,6 +105,9 @@ def memory_settings(
         neo4j_database=graph_database,
         edge_path=str(edge_path),
         principal_keys=SecretStr(format_keys(keys)),
+        delegation_keys=SecretStr(format_keys(delegation_keys) if delegation_keys else ""),
+        embedding_model=embedding_model,
+        embedding_dimensions=embedding_dimensions,
         llmrouter_address=llmrouter_address,
         summarization_model=summarization_model,
         grace_period_seconds=1.0,
@@ -90,7 +116,10 @@ def memory_settings(
 
 
 async def start_memory_server(
-    settings: MemorySettings, deps: MemoryDeps, keys: dict[str, bytes]
+    settings: MemorySettings,
+    deps: MemoryDeps,
+    keys: dict[str, bytes],
+    delegation_keys: dict[str, bytes] | None = None,
 ) -> MemoryServer:
     """Start a memory server and return once health shows SERVING."""
     host = build_server(settings, deps)
@@ -103,4 +132,9 @@ async def start_memory_server(
         issuer=settings.principal_issuer,
         audience=settings.principal_audience,
     )
-    return MemoryServer(host=host, channel=channel, signer=signer)
+    delegation = None
+    if delegation_keys:
+        delegation = DelegationSigner(
+            delegation_keys, next(iter(delegation_keys)), audience=settings.principal_audience
+        )
+    return MemoryServer(host=host, channel=channel, signer=signer, delegation=delegation)

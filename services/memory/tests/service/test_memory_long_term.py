@@ -272,3 +272,24 @@ async def test_update_with_a_stale_etag_is_aborted(memory_server: MemoryServer) 
     )
     assert updated.memory.content == "Judy's desk is on floor 4."
     assert updated.memory.supersedes_memory_id == first.memory.memory_id
+
+
+async def test_a_run_acts_only_for_itself(memory_server: MemoryServer) -> None:
+    as_run = memory_server.as_run("run-7")
+    stored = await memory_server.long_term.Remember(
+        ms.RememberRequest(request_id=str(uuid.uuid4()), content="Kim prefers tea."),
+        metadata=as_run,
+    )
+    assert stored.memory.provenance.run_id == "run-7"
+    with pytest.raises(grpc.aio.AioRpcError) as other_run:
+        await memory_server.long_term.Remember(
+            ms.RememberRequest(
+                request_id=str(uuid.uuid4()), content="Kim prefers coffee.", run_id="run-8"
+            ),
+            metadata=as_run,
+        )
+    assert other_run.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(other_run.value).reason == "DELEGATION_NOT_ALLOWED"
+    with pytest.raises(grpc.aio.AioRpcError) as forget:
+        await memory_server.long_term.ForgetUser(ms.ForgetUserRequest(), metadata=as_run)
+    assert error_details(forget.value).reason == "DELEGATION_NOT_ALLOWED"
