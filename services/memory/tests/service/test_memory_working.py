@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import math
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -35,6 +37,21 @@ class ScriptedRouter(lr_grpc.LlmRouterServiceServicer):
 
     replies: list[str | ServiceError] = field(default_factory=list)
     requests: list[lr.GenerateRequest] = field(default_factory=list)
+    embed_requests: list[lr.EmbedRequest] = field(default_factory=list)
+    embed_failures: list[ServiceError] = field(default_factory=list)
+
+    async def Embed(self, request: lr.EmbedRequest, context: Any) -> lr.EmbedResponse:
+        self.embed_requests.append(request)
+        if self.embed_failures:
+            raise self.embed_failures.pop(0)
+        out = lr.EmbedResponse(model=request.model, dimensions=request.dimensions)
+        for index, text in enumerate(request.texts):
+            # Deterministic, not semantic: equal texts get equal unit vectors.
+            digest = hashlib.sha256(text.encode()).digest()
+            raw = [b - 127.5 for b in digest[: request.dimensions]]
+            norm = math.sqrt(sum(x * x for x in raw))
+            out.embeddings.add(index=index, values=[x / norm for x in raw])
+        return out
 
     async def Generate(self, request: lr.GenerateRequest, context: Any) -> lr.GenerateResponse:
         self.requests.append(request)
@@ -296,3 +313,64 @@ async def test_append_rejects_bad_messages(memory_server: MemoryServer) -> None:
     details = error_details(failure.value)
     assert details.reason == "INVALID_REQUEST"
     assert {v.field for v in details.field_violations} == {"session_id", "messages[0].parts"}
+
+
+async def test_embeddings_through_llmrouter(
+    redis_url: str, graph_database: GraphDatabaseRef, tmp_path: Path, embedder: LocalEmbedder
+) -> None:
+    keys = signing_keys()
+    # The stubs mark every RPC abstract; at run time the base answers UNIMPLEMENTED.
+    router = ScriptedRouter()  # type: ignore[abstract]
+    async with running_server(
+        lambda server: lr_grpc.add_LlmRouterServiceServicer_to_server(router, server),
+        service_names=["foredeck.llmrouter.v1.LlmRouterService"],
+        domain="llmrouter.foredeck.dev",
+        keys=keys,
+    ) as router_server:
+        settings = memory_settings(
+            redis_url=redis_url,
+            bolt_uri=graph_database.uri,
+            bolt_user=graph_database.user,
+            bolt_password=graph_database.password,
+            graph_database=graph_database.name,
+            edge_path=tmp_path / "vectors",
+            keys=keys,
+            llmrouter_address=router_server.address,
+            embedding_model="router-embedding",
+            embedding_dimensions=16,
+        )
+        memory = await start_memory_server(
+            settings, MemoryDeps(count_tokens=embedder.count_tokens), keys
+        )
+        try:
+            stored = await memory.long_term.Remember(
+                ms.RememberRequest(request_id="e1", content="Lena rows on Sundays."),
+                metadata=memory.as_user(),
+            )
+            assert stored.memory.embedding_model == "router-embedding"
+            found = await memory.long_term.Recall(
+                ms.RecallRequest(query="Lena rows on Sundays.", limit=1),
+                metadata=memory.as_user(),
+            )
+            assert found.memories[0].memory.memory_id == stored.memory.memory_id
+            assert found.memories[0].score == pytest.approx(1.0, abs=1e-4)
+            assert {r.model for r in router.embed_requests} == {"router-embedding"}
+            assert {r.dimensions for r in router.embed_requests} == {16}
+
+            # The channel retries UNAVAILABLE on llmrouter's idempotent Embed (4 attempts), so
+            # only a failure that outlasts the retries reaches the caller.
+            router.embed_failures.extend(
+                ServiceError(grpc.StatusCode.UNAVAILABLE, "PROVIDER_RATE_LIMITED", "slow down")
+                for _ in range(4)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as failure:
+                await memory.long_term.Recall(
+                    ms.RecallRequest(query="anything", limit=1), metadata=memory.as_user()
+                )
+            details = error_details(failure.value)
+            assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert details.reason == "EMBEDDING_FAILED"
+            assert details.metadata["upstreamReason"] == "PROVIDER_RATE_LIMITED"
+            assert details.retry_after is not None
+        finally:
+            await memory.stop()
