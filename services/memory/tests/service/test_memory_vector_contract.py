@@ -125,3 +125,21 @@ async def test_payload_update_delete_and_forget(store: VectorStore) -> None:
 async def test_writing_into_another_partition_is_refused(store: VectorStore) -> None:
     with pytest.raises(ValueError, match="partition"):
         await store.upsert(A, [(record(B, "smuggled"), axis(0))])
+
+
+async def test_search_many_answers_each_query_in_its_partition(store: VectorStore) -> None:
+    x, y = record(A, "x", category="episode"), record(A, "y")
+    await store.upsert(A, [(x, axis(0)), (y, axis(1))])
+    await store.upsert(B, [(record(B, "b"), axis(0))])
+    answers = await store.search_many(
+        A,
+        [
+            (axis(0), VectorFilter()),
+            (axis(1), VectorFilter()),
+            (axis(0), VectorFilter(any_of={"category": ["fact"]})),
+        ],
+        1,
+        None,
+    )
+    assert [[h.record.content for h in hits] for hits in answers] == [["x"], ["y"], ["y"]]
+    assert await store.search_many(A, [], 1, None) == []

@@ -149,6 +149,37 @@ class EdgeVectorStore:
             for h in hits
         ]
 
+    async def search_many(
+        self,
+        scope: Scope,
+        queries: Sequence[tuple[list[float], VectorFilter]],
+        limit: int,
+        min_score: float | None,
+    ) -> list[list[ScoredMemory]]:
+        if not queries:
+            return []
+        batch = qe.QueryBatchRequest(
+            [
+                qe.QueryRequest(
+                    limit=limit,
+                    query=qe.Query.Nearest(vector),
+                    filter=_edge_filter(conditions(scope, where)),
+                    with_payload=True,
+                    score_threshold=min_score,
+                )
+                for vector, where in queries
+            ]
+        )
+        async with self._using() as shard:
+            answers = await asyncio.to_thread(shard.query_batch, batch)
+        return [
+            [
+                ScoredMemory(MemoryRecord.from_payload(_payload(h.payload)), float(h.score))
+                for h in hits
+            ]
+            for hits in answers
+        ]
+
     async def scroll(self, scope: Scope, where: VectorFilter, limit: int) -> list[MemoryRecord]:
         return [
             MemoryRecord.from_payload(p)

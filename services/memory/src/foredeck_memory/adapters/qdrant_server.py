@@ -122,6 +122,34 @@ class QdrantServerVectorStore:
             for p in result.points
         ]
 
+    async def search_many(
+        self,
+        scope: Scope,
+        queries: Sequence[tuple[list[float], VectorFilter]],
+        limit: int,
+        min_score: float | None,
+    ) -> list[list[ScoredMemory]]:
+        if not queries:
+            return []
+        requests = [
+            models.QueryRequest(
+                query=vector,
+                filter=_filter(conditions(scope, where)),
+                limit=limit,
+                with_payload=True,
+                score_threshold=min_score,
+            )
+            for vector, where in queries
+        ]
+        answers = await self._call(self._client.query_batch_points(self._collection, requests))
+        return [
+            [
+                ScoredMemory(MemoryRecord.from_payload(dict(p.payload or {})), float(p.score))
+                for p in answer.points
+            ]
+            for answer in answers
+        ]
+
     async def scroll(self, scope: Scope, where: VectorFilter, limit: int) -> list[MemoryRecord]:
         flt = _filter(conditions(scope, where))
         out: list[MemoryRecord] = []

@@ -119,10 +119,11 @@ class LongTermMemory:
         # serialised, so concurrent duplicates end up as one memory.
         async with self.locks.hold(f"{scope.tenant_id}\x00{scope.user_id}\x00remember"):
             plan = _BatchPlan(at=now_us())
-            results = [
-                await self._plan_one(scope, plan, item, vector)
-                for item, vector in zip(items, vectors, strict=True)
-            ]
+            await self._prefetch(scope, plan, items, vectors)
+            results = []
+            for index, (item, vector) in enumerate(zip(items, vectors, strict=True)):
+                plan.item_index = index
+                results.append(self._plan_one(scope, plan, item, vector))
             await self._write_both(
                 scope,
                 [(plan.records[i], plan.vectors[i]) for i in plan.new_ids],
@@ -139,6 +140,43 @@ class LongTermMemory:
             for r in results
         ]
 
+    async def _prefetch(
+        self,
+        scope: Scope,
+        plan: _BatchPlan,
+        items: Sequence[RememberInput],
+        vectors: Sequence[list[float]],
+    ) -> None:
+        """Look up the whole batch's duplicate and fact-key candidates in three store calls."""
+        at = plan.at
+        checked = [item for item in items if item.dedup_policy != "none"]
+        keys = sorted({dedup_key(item.category, item.content) for item in checked})
+        if keys:
+            where = current_filter(at, VectorFilter(any_of={"dedup_key": keys}))
+            for record in await self.vectors.scroll(scope, where, MAX_CHAIN):
+                plan.stored_by_key.setdefault(record.dedup_key, []).append(record)
+        facts = sorted({item.fact_key for item in items if item.fact_key})
+        if facts:
+            where = current_filter(at, VectorFilter(any_of={"fact_key": facts}))
+            for record in await self.vectors.scroll(scope, where, MAX_CHAIN):
+                plan.stored_by_fact.setdefault(record.fact_key, []).append(record)
+        near = [(index, item) for index, item in enumerate(items) if item.dedup_policy == "merge"]
+        if near:
+            answers = await self.vectors.search_many(
+                scope,
+                [
+                    (
+                        vectors[index],
+                        current_filter(at, VectorFilter(equals={"category": item.category})),
+                    )
+                    for index, item in near
+                ],
+                1,
+                min(item.near_duplicate_threshold or self.threshold for _, item in near),
+            )
+            for (index, _), hits in zip(near, answers, strict=True):
+                plan.stored_near[index] = hits
+
     def _current(self, plan: _BatchPlan, record: MemoryRecord) -> MemoryRecord | None:
         """The batch's view of a stored or planned version, if it still holds at plan time."""
         latest = plan.records.get(record.memory_id, record)
@@ -148,16 +186,14 @@ class LongTermMemory:
             return None
         return latest
 
-    async def _plan_one(
+    def _plan_one(
         self, scope: Scope, plan: _BatchPlan, item: RememberInput, vector: list[float]
     ) -> RememberResult:
         at = plan.at
         key = dedup_key(item.category, item.content)
         if item.dedup_policy != "none":
             candidates = [r for r in plan.planned() if r.dedup_key == key]
-            candidates += await self.vectors.scroll(
-                scope, current_filter(at, VectorFilter(equals={"dedup_key": key})), 1
-            )
+            candidates += plan.stored_by_key.get(key, [])
             for candidate in candidates:
                 existing = self._current(plan, candidate)
                 if existing is not None:
@@ -174,14 +210,7 @@ class LongTermMemory:
                     score = _cosine(vector, plan.vectors[memory_id])
                     if score >= threshold and (best is None or score > best[0]):
                         best = (score, record)
-                hits = await self.vectors.search(
-                    scope,
-                    vector,
-                    1,
-                    current_filter(at, VectorFilter(equals={"category": item.category})),
-                    threshold,
-                )
-                for hit in hits:
+                for hit in plan.stored_near.get(plan.item_index, []):
                     existing = self._current(plan, hit.record)
                     better = best is None or hit.score > best[0]
                     if existing is not None and hit.score >= threshold and better:
@@ -192,9 +221,7 @@ class LongTermMemory:
         previous: MemoryRecord | None = None
         if item.fact_key:
             candidates = [r for r in plan.planned() if r.fact_key == item.fact_key]
-            candidates += await self.vectors.scroll(
-                scope, current_filter(at, VectorFilter(equals={"fact_key": item.fact_key})), 1
-            )
+            candidates += plan.stored_by_fact.get(item.fact_key, [])
             for candidate in candidates:
                 previous = self._current(plan, candidate)
                 if previous is not None:
@@ -501,6 +528,10 @@ class _BatchPlan:
     new_ids: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
     original: dict[str, MemoryRecord] = field(default_factory=dict)
+    stored_by_key: dict[str, list[MemoryRecord]] = field(default_factory=dict)
+    stored_by_fact: dict[str, list[MemoryRecord]] = field(default_factory=dict)
+    stored_near: dict[int, list[ScoredMemory]] = field(default_factory=dict)
+    item_index: int = 0
 
     def planned(self) -> list[MemoryRecord]:
         """The batch's new versions so far, in order."""

@@ -59,6 +59,15 @@ class VectorStore(Protocol):
     ) -> list[ScoredMemory]:
         """The versions nearest to ``vector`` that pass ``where``, best first."""
 
+    async def search_many(
+        self,
+        scope: Scope,
+        queries: Sequence[tuple[list[float], VectorFilter]],
+        limit: int,
+        min_score: float | None,
+    ) -> list[list[ScoredMemory]]:
+        """Several searches planned as one batch; one result list per query, in order."""
+
     async def scroll(self, scope: Scope, where: VectorFilter, limit: int) -> list[MemoryRecord]:
         """Up to ``limit`` versions passing ``where``, in no particular order."""
 
