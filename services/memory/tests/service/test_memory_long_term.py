@@ -293,3 +293,35 @@ async def test_a_run_acts_only_for_itself(memory_server: MemoryServer) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as forget:
         await memory_server.long_term.ForgetUser(ms.ForgetUserRequest(), metadata=as_run)
     assert error_details(forget.value).reason == "DELEGATION_NOT_ALLOWED"
+
+
+async def test_delete_retires_or_purges(memory_server: MemoryServer) -> None:
+    first = await remember(memory_server, "Olga's locker is number 12.", fact_key="olga.locker")
+    second = await remember(memory_server, "Olga's locker is number 14.", fact_key="olga.locker")
+    retired = await memory_server.long_term.DeleteMemory(
+        ms.DeleteMemoryRequest(memory_id=first.memory.memory_id),
+        metadata=memory_server.as_user(),
+    )
+    assert retired.memory.memory_id == second.memory.memory_id
+    assert retired.memory.state == common_memory_pb2.MEMORY_STATE_RETIRED
+    history = await memory_server.long_term.GetMemoryHistory(
+        ms.GetMemoryHistoryRequest(memory_id=first.memory.memory_id),
+        metadata=memory_server.as_user(),
+    )
+    assert len(history.memories) == 2
+    purged = await memory_server.long_term.DeleteMemory(
+        ms.DeleteMemoryRequest(memory_id=second.memory.memory_id, purge=True),
+        metadata=memory_server.as_user(),
+    )
+    assert purged.purged_version_count == 2
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await memory_server.long_term.GetMemory(
+            ms.GetMemoryRequest(memory_id=first.memory.memory_id),
+            metadata=memory_server.as_user(),
+        )
+    assert error_details(gone.value).reason == "MEMORY_NOT_FOUND"
+    again = await memory_server.long_term.DeleteMemory(
+        ms.DeleteMemoryRequest(memory_id=second.memory.memory_id, purge=True, allow_missing=True),
+        metadata=memory_server.as_user(),
+    )
+    assert not again.HasField("memory")

@@ -200,7 +200,9 @@ class LongTermMemory:
                     return RememberResult(
                         self._merge(plan, existing, item), "MERGED_EXACT_DUPLICATE", 1.0
                     )
-            if item.dedup_policy == "merge":
+            # A fact key decides by exact content: a near-identical new wording of a keyed fact
+            # ("locker 12" → "locker 14") is a change to supersede, not a duplicate to merge.
+            if item.dedup_policy == "merge" and not item.fact_key:
                 threshold = item.near_duplicate_threshold or self.threshold
                 best: tuple[float, MemoryRecord] | None = None
                 for memory_id in plan.new_ids:
@@ -298,6 +300,7 @@ class LongTermMemory:
         await self.outbox.done(token)
 
     async def _compensate(self, entry: dict[str, Any]) -> None:
+        """Remove ``new_ids`` from both stores and put back the ``restore`` payloads."""
         scope = Scope(entry["tenant_id"], entry["user_id"])
         new_ids = list(entry["new_ids"])
         restore = [MemoryRecord.from_payload(p) for p in entry["restore"]]
@@ -477,11 +480,13 @@ class LongTermMemory:
         last = chain[-1]
         if purge:
             ids = [r.memory_id for r in chain]
+            # A purge rolls forward: its intent lists the ids, and a purge cut short between the
+            # stores is finished by repair(), so the chain ends up in neither store.
             entry_token = await self.outbox.begin(
                 {
                     "tenant_id": scope.tenant_id,
                     "user_id": scope.user_id,
-                    "new_ids": [],
+                    "new_ids": ids,
                     "restore": [],
                 }
             )
