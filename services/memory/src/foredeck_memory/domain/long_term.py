@@ -160,7 +160,11 @@ class LongTermMemory:
             where = current_filter(at, VectorFilter(any_of={"fact_key": facts}))
             for record in await self.vectors.scroll(scope, where, MAX_CHAIN):
                 plan.stored_by_fact.setdefault(record.fact_key, []).append(record)
-        near = [(index, item) for index, item in enumerate(items) if item.dedup_policy == "merge"]
+        near = [
+            (index, item)
+            for index, item in enumerate(items)
+            if item.dedup_policy == "merge" and not item.fact_key
+        ]
         if near:
             answers = await self.vectors.search_many(
                 scope,
