@@ -13,6 +13,7 @@ from qdrant_client import AsyncQdrantClient
 
 from foredeck_memory.adapters.qdrant_edge import EdgeVectorStore
 from foredeck_memory.adapters.qdrant_server import QdrantServerVectorStore
+from foredeck_memory.domain.errors import StoreDown
 from foredeck_memory.domain.models import (
     OPEN_END,
     MemoryRecord,
@@ -143,3 +144,21 @@ async def test_search_many_answers_each_query_in_its_partition(store: VectorStor
     )
     assert [[h.record.content for h in hits] for hits in answers] == [["x"], ["y"], ["y"]]
     assert await store.search_many(A, [], 1, None) == []
+
+
+async def test_edge_shard_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "edge"
+    first = EdgeVectorStore(path, DIM)
+    await first.open()
+    kept = record(A, "kept")
+    await first.upsert(A, [(kept, axis(2))])
+    await first.close()
+    with pytest.raises(StoreDown):
+        await first.count_tenant("tenant-a")
+    again = EdgeVectorStore(path, DIM)
+    await again.open()
+    try:
+        [hit] = await again.search(A, axis(2), 1, VectorFilter(), None)
+        assert hit.record == kept
+    finally:
+        await again.close()
