@@ -315,7 +315,11 @@ async def run(out: TextIO = sys.stdout) -> None:
         )
         endpoint: EmbeddingEndpoint | None = None
         try:
-            metadata = server.as_user(tenant=TENANT, user=USER)
+
+            def auth() -> tuple[tuple[str, str], ...]:
+                # A fresh principal per call: they live minutes, the run takes longer.
+                return server.as_user(tenant=TENANT, user=USER)
+
             vectors = server.host.vectors
             graph = server.host.graph
             assert vectors is not None
@@ -331,7 +335,7 @@ async def run(out: TextIO = sys.stdout) -> None:
                         request_id=str(uuid.uuid4()),
                         items=[ms.RememberItem(content=t) for t in texts[start : start + BATCH]],
                     ),
-                    metadata=metadata,
+                    metadata=auth(),
                     timeout=120,
                 )
             ingest = time.perf_counter() - started
@@ -362,7 +366,7 @@ async def run(out: TextIO = sys.stdout) -> None:
                         for i in range(20)
                     ],
                 ),
-                metadata=metadata,
+                metadata=auth(),
             )
 
             loaded = first
@@ -396,14 +400,14 @@ async def run(out: TextIO = sys.stdout) -> None:
 
                 for q in queries[:WARMUP]:
                     await server.long_term.Recall(
-                        ms.RecallRequest(query=q, limit=LIMIT), metadata=metadata
+                        ms.RecallRequest(query=q, limit=LIMIT), metadata=auth()
                     )
                 recall: list[float] = []
                 hits = 0
                 for q, index in chosen:
                     begin = time.perf_counter()
                     reply = await server.long_term.Recall(
-                        ms.RecallRequest(query=q, limit=LIMIT), metadata=metadata
+                        ms.RecallRequest(query=q, limit=LIMIT), metadata=auth()
                     )
                     recall.append(time.perf_counter() - begin)
                     hits += texts[index] in [m.memory.content for m in reply.memories]
