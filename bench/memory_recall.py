@@ -56,6 +56,7 @@ WARMUP = 20
 LIMIT = 5
 BATCH = 100
 SERVICE_INGEST = 10_000
+CACHE_DIR = Path(__file__).parent / "out" / "memory"
 TENANT, USER = "bench-tenant", "bench-user"
 
 _FIRST = [
@@ -345,11 +346,19 @@ async def run(out: TextIO = sys.stdout) -> None:
                 file=out,
             )
 
-            # Embeddings of every text and query, shared with the bulk load and with mem0.
+            # Embeddings of every text, shared with the bulk load and with mem0. The data are
+            # deterministic, so a rerun reuses the vectors of an earlier one.
+            cache = CACHE_DIR / f"texts-{largest}-{embedder.model_id}.npy"
             started = time.perf_counter()
-            all_vectors = np.asarray(await embedder.embed(texts), dtype=np.float32)
-            embed_rate = len(texts) / (time.perf_counter() - started)
+            sample = np.asarray(await embedder.embed(texts[:2000]), dtype=np.float32)
+            embed_rate = len(sample) / (time.perf_counter() - started)
             print(f"embedding alone (batched): {embed_rate:.0f} texts/s", file=out)
+            if cache.exists():
+                all_vectors = np.load(cache)
+            else:
+                all_vectors = np.asarray(await embedder.embed(texts), dtype=np.float32)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cache, all_vectors)
             by_text = {t: all_vectors[i] for i, t in enumerate(texts)}
 
             # A small graph so the graph part can be measured alone.
@@ -395,6 +404,10 @@ async def run(out: TextIO = sys.stdout) -> None:
                         items.append((record, by_text[text].tolist()))
                     await vectors.upsert(scope, items)
                     loaded += len(chunk)
+                optimize = getattr(vectors, "optimize", None)
+                if optimize is not None:
+                    # Build the HNSW index before timing, as a long-running service would have.
+                    await optimize()
                 chosen = [(q, i) for q, i in asked if i < size][:QUERIES]
                 queries = [q for q, _ in chosen]
 

@@ -25,6 +25,8 @@ from foredeck_memory.domain.errors import StoreDown
 from foredeck_memory.domain.models import MemoryRecord, Scope, ScoredMemory, VectorFilter
 
 _SCROLL_PAGE = 1000
+OPTIMIZE_EVERY = 5000
+"""Points written between two runs of the shard's optimizers (which build the HNSW index)."""
 
 
 def _edge_condition(c: Condition) -> qe.FieldCondition:
@@ -53,7 +55,9 @@ class EdgeVectorStore:
 
     name = "qdrant-edge"
 
-    def __init__(self, path: str | Path, dimensions: int) -> None:
+    def __init__(
+        self, path: str | Path, dimensions: int, *, optimize_every: int = OPTIMIZE_EVERY
+    ) -> None:
         self._path = Path(path)
         self._dimensions = dimensions
         self._shard: qe.EdgeShard | None = None
@@ -61,10 +65,37 @@ class EdgeVectorStore:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
+        self._optimize_every = optimize_every
+        self._written = 0
+        self._optimizing: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Create or load the shard and make sure every payload index exists."""
         await asyncio.to_thread(self._open_sync)
+        # A loaded shard may hold segments written since its last optimisation.
+        self._start_optimizing()
+
+    def _start_optimizing(self) -> None:
+        """Run the shard's optimizers in the background unless they are running already.
+
+        Without them every segment stays plain and each search is a scan; with them large
+        segments get their HNSW index. Searches go on meanwhile.
+        """
+        if self._optimizing is not None and not self._optimizing.done():
+            return
+        self._written = 0
+        self._optimizing = asyncio.get_running_loop().create_task(self._optimize_once())
+
+    async def _optimize_once(self) -> None:
+        async with self._using() as shard:
+            await asyncio.to_thread(shard.optimize)
+
+    async def optimize(self) -> None:
+        """Optimise now and return when no optimisation is pending (benchmarks, tests)."""
+        if self._optimizing is not None:
+            with contextlib.suppress(Exception):
+                await self._optimizing
+        await self._optimize_once()
 
     def _open_sync(self) -> None:
         self._path.mkdir(parents=True, exist_ok=True)
@@ -85,6 +116,9 @@ class EdgeVectorStore:
 
     async def close(self) -> None:
         """Refuse new calls, wait for the running ones, then flush and close the shard."""
+        if self._optimizing is not None:
+            with contextlib.suppress(Exception):
+                await self._optimizing
         self._closing = True
         await self._idle.wait()
         shard, self._shard = self._shard, None
@@ -120,6 +154,9 @@ class EdgeVectorStore:
             points.append(qe.Point(record.memory_id, vector, record.to_payload()))
         async with self._using() as shard:
             await asyncio.to_thread(shard.update, qe.UpdateOperation.upsert_points(points))
+        self._written += len(points)
+        if self._written >= self._optimize_every:
+            self._start_optimizing()
 
     async def set_payload(self, scope: Scope, record: MemoryRecord) -> None:
         _check_scope(scope, record)
