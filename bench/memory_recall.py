@@ -229,6 +229,10 @@ class EmbeddingEndpoint:
             }
         )
 
+    def add(self, vectors: dict[str, np.ndarray]) -> None:
+        """Serve these stored texts' vectors too."""
+        self._vectors.update(vectors)
+
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/v1/embeddings", self._embed)
@@ -346,20 +350,28 @@ async def run(out: TextIO = sys.stdout) -> None:
                 file=out,
             )
 
-            # Embeddings of every text, shared with the bulk load and with mem0. The data are
+            # Embeddings of the texts, shared with the bulk load and with mem0, computed tier by
+            # tier (the small tier reports before the large one is embedded). The data are
             # deterministic, so a rerun reuses the vectors of an earlier one.
-            cache = CACHE_DIR / f"texts-{largest}-{embedder.model_id}.npy"
             started = time.perf_counter()
-            sample = np.asarray(await embedder.embed(texts[:2000]), dtype=np.float32)
+            sample = await embedder.embed(texts[:1000])
             embed_rate = len(sample) / (time.perf_counter() - started)
             print(f"embedding alone (batched): {embed_rate:.0f} texts/s", file=out)
-            if cache.exists():
-                all_vectors = np.load(cache)
-            else:
-                all_vectors = np.asarray(await embedder.embed(texts), dtype=np.float32)
+            all_vectors = np.zeros((0, embedder.dimensions), dtype=np.float32)
+
+            async def embedded(count: int) -> np.ndarray:
+                nonlocal all_vectors
+                if len(all_vectors) >= count:
+                    return all_vectors
+                cache = CACHE_DIR / f"texts-{count}-{embedder.model_id}.npy"
+                if cache.exists():
+                    all_vectors = np.asarray(np.load(cache), dtype=np.float32)
+                    return all_vectors
+                more = await embedder.embed(texts[len(all_vectors) : count])
+                all_vectors = np.concatenate([all_vectors, np.asarray(more, dtype=np.float32)])
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 np.save(cache, all_vectors)
-            by_text = {t: all_vectors[i] for i, t in enumerate(texts)}
+                return all_vectors
 
             # A small graph so the graph part can be measured alone.
             await server.entities.UpsertRelationships(
@@ -381,6 +393,8 @@ async def run(out: TextIO = sys.stdout) -> None:
             loaded = first
             results: list[dict[str, Any]] = []
             for size in sorted(sizes):
+                vectors_now = await embedded(size)
+                by_text = {t: vectors_now[i] for i, t in enumerate(texts[:size])}
                 while loaded < size:
                     chunk = texts[loaded : min(size, loaded + 1000)]
                     at = now_us()
@@ -451,6 +465,8 @@ async def run(out: TextIO = sys.stdout) -> None:
                     if endpoint is None:
                         endpoint = EmbeddingEndpoint(dict(by_text), embedder)
                         await endpoint.start()
+                    else:
+                        endpoint.add(by_text)
                     # qdrant-client's local mode scans every point; at 100k one search takes
                     # about a second, so mem0-on-Qdrant runs at the small size only.
                     stores = ["qdrant", "faiss"] if size <= 10_000 else ["faiss"]
@@ -461,7 +477,7 @@ async def run(out: TextIO = sys.stdout) -> None:
                             texts[:size],
                             queries,
                             store,
-                            all_vectors,
+                            vectors_now,
                             tmp,
                         )
                         peer_hits = sum(
