@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import kit_overhead, memory_recall, principal_verify
+from bench import kit_overhead, llmrouter_vs_litellm, memory_recall, principal_verify
 
 
 def main() -> None:
     """Run the benchmarks one after another; each prints its own table."""
     asyncio.run(kit_overhead.run())
     principal_verify.run()
+    asyncio.run(llmrouter_vs_litellm.run())
     asyncio.run(memory_recall.run())
 
 

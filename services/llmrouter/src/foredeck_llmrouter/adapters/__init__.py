@@ -1,0 +1,1 @@
+"""Implementations of the domain's ports: provider SDKs, the local model, Redis, telemetry."""

@@ -1,0 +1,1 @@
+"""The router's domain: models, routing, retries and failures; no gRPC here."""
