@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import asyncio
 
-from bench import kit_overhead, llmrouter_vs_litellm, principal_verify, toolrunner_sandbox
+from bench import (
+    kit_overhead,
+    llmrouter_vs_litellm,
+    memory_recall,
+    principal_verify,
+    toolrunner_sandbox,
+)
 
 
 def main() -> None:
@@ -13,6 +19,7 @@ def main() -> None:
     principal_verify.run()
     asyncio.run(llmrouter_vs_litellm.run())
     asyncio.run(toolrunner_sandbox.run())
+    asyncio.run(memory_recall.run())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Foredeck memory service: working, long-term and entity memory behind foredeck.memory.v1."""

@@ -1,0 +1,1 @@
+"""The memory service's domain: models, use cases, ports and errors; no gRPC here."""
