@@ -54,7 +54,7 @@ async def test_spans_and_metrics(
             metadata=server.as_user(tenant="tenant-obs"),
         )
         names = {span.name for span in spans.get_finished_spans()}
-        assert "/foredeck.memory.v1.LongTermMemoryService/Recall" in names
+        assert "foredeck.memory.v1.LongTermMemoryService/Recall" in names
         assert {"qdrant.search", "qdrant.upsert", "neo4j.put_memories"} <= names
         registry = telemetry.metrics.registry
         assert registry.get_sample_value("memory_recall_seconds_count") == 1
