@@ -103,11 +103,16 @@ async def downstream() -> AsyncIterator[tuple[RunningServer, Seen]]:
         await context.abort(grpc.StatusCode.CANCELLED, "gave up")
         raise AssertionError("abort returned")
 
+    async def deadline_exceeded(request: Message, context: Any) -> Message:
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "too slow")
+        raise AssertionError("abort returned")
+
     handlers = {
         "Down": unary(down),
         "Reject": unary(reject),
         "Hang": unary(hang),
         "Cancelled": unary(cancelled),
+        "DeadlineExceeded": unary(deadline_exceeded),
         "Record": unary(record),
         "RecordStream": server_stream(record_stream),
         "Flaky": unary(flaky),
@@ -341,8 +346,29 @@ async def test_downstream_timeout_within_the_callers_deadline_is_a_timeout(
 ) -> None:
     target, _ = downstream
     async with _upstream(target) as upstream:
+        # The outbound call's timeout is what the caller's 10 s leave, and the downstream
+        # answers DEADLINE_EXCEEDED: the caller's own deadline is what ran out.
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            # The outbound call gets what is left of these 0.5 s and runs out with it.
+            await unary_call(upstream.channel, "CallDown")(
+                Message(value="DeadlineExceeded"), metadata=upstream.mint(), timeout=10
+            )
+    details = error_details(caught.value)
+    assert details.code is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (details.reason, details.domain) == (Reason.DEADLINE_TOO_SHORT, "upstream.foredeck.dev")
+    assert details.metadata == {"downstream": SERVICE_NAME}
+    (line,) = _rpc_lines(rpc_log, "CallDown")
+    # The caller gave up: not a server fault, no traceback, the downstream named.
+    assert (line["code"], line["level"]) == ("DEADLINE_EXCEEDED", "info")
+    assert (line["downstream"], line["downstream_code"]) == (SERVICE_NAME, "DEADLINE_EXCEEDED")
+    assert "exception" not in line
+
+
+async def test_a_real_timeout_of_the_callers_deadline_is_not_a_server_fault(
+    downstream: tuple[RunningServer, Seen], rpc_log: io.StringIO
+) -> None:
+    target, _ = downstream
+    async with _upstream(target) as upstream:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
             await unary_call(upstream.channel, "CallDown")(
                 Message(value="Hang"), metadata=upstream.mint(), timeout=0.5
             )
@@ -353,10 +379,11 @@ async def test_downstream_timeout_within_the_callers_deadline_is_a_timeout(
 
         await _eventually(logged)
     (line,) = _rpc_lines(rpc_log, "CallDown")
-    # The caller gave up: not a server fault, no traceback, the downstream named.
+    # Whether the outbound call's timeout or the inbound cancellation came first, the RPC is
+    # a timeout at info level, never an INTERNAL error with a traceback.
     assert (line["code"], line["level"]) == ("DEADLINE_EXCEEDED", "info")
-    assert line["downstream"] == SERVICE_NAME
     assert "exception" not in line
+    assert line.get("reason", Reason.DEADLINE_TOO_SHORT) == Reason.DEADLINE_TOO_SHORT
 
 
 async def test_downstream_timeout_of_a_shorter_call_timeout_is_downstream_unavailable(

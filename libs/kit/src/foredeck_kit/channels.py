@@ -206,6 +206,8 @@ def _end_span(span: trace.Span, code: grpc.StatusCode, end_time: int) -> None:
 class _Tracked:
     """Delegates a call's accessors and ends its span, recording the downstream on errors."""
 
+    __slots__ = ("_call", "_inbound_deadline", "_method", "_span")
+
     def __init__(
         self, call: Any, span: trace.Span | None, method: _Method, inbound_deadline: bool
     ) -> None:
@@ -312,6 +314,7 @@ class _StreamResponse(_Tracked):
 
 
 class _Writes:
+    __slots__ = ()
     _call: Any
 
     async def write(self, request: Any) -> None:
@@ -421,7 +424,7 @@ class _MultiCallable:
             call = self._inner(
                 request,
                 timeout=timeout,
-                metadata=tuple(pairs),
+                metadata=pairs,
                 credentials=credentials,
                 wait_for_ready=wait_for_ready,
                 compression=compression,
