@@ -1,6 +1,6 @@
-"""Per-RPC state shared between the server interceptors, servicers and outbound channels.
+"""Per-RPC state shared between the server's handler wrapper, servicers and outbound channels.
 
-The server's request-context interceptor records the inbound method, request id, deadline and
+The handler wrapper records the inbound method, request id, deadline and
 principal token here; :mod:`foredeck_kit.channels` reads them back so every downstream call
 carries the same principal and request id and never outlives the inbound deadline.
 
@@ -52,7 +52,7 @@ _outbound_token: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 @dataclass(slots=True)
 class RpcState:
-    """What the server knows about the RPC being served; filled in as interceptors run."""
+    """What the server knows about the RPC being served; filled in as the handler wrapper runs."""
 
     method: str
     request_id: str | None = None

@@ -1,6 +1,6 @@
 """Typed service errors and their wire form, a ``google.rpc.Status`` with rich details.
 
-Servers raise :class:`ServiceError`; the innermost interceptor turns it into a status carrying
+Servers raise :class:`ServiceError`; the kit's handler wrapper turns it into a status carrying
 exactly one ``ErrorInfo`` (reason + domain + metadata) followed by ``BadRequest``, ``RetryInfo``
 and ``QuotaFailure`` where they apply. Clients read it back with :func:`error_details` and branch
 on the reason, never on the message text.

@@ -866,8 +866,8 @@ class LongTermMemoryServicer(memory_service_pb2_grpc.LongTermMemoryServiceServic
         with self._faults():
             principal, scope = _scope(FORGET)
             if principal.delegated:
-                # Gateway-only: no run may erase a user. The kit's verifier knows the method
-                # list, but its interceptor does not pass the method, so check here as well.
+                # Gateway-only: no run may erase a user. The kit's verifier already refuses a
+                # delegated principal here; checking again keeps the rule next to the effect.
                 raise ServiceError.delegation_not_allowed()
             if len(request.user_id) > 128:
                 raise errors.invalid([("user_id", "at most 128 characters")])

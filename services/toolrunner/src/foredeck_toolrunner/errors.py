@@ -33,7 +33,7 @@ def to_service_error(error: ToolRunnerError) -> ServiceError:
 
 
 def maps_errors(handler: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Decorate a servicer method so domain errors reach the kit's error interceptor typed."""
+    """Decorate a servicer method so domain errors reach the kit's error mapping typed."""
 
     @functools.wraps(handler)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:

@@ -64,7 +64,7 @@ def require_registry_write(principal: Principal, method: str) -> None:
 
     A run's delegated principal is refused even when it holds ``toolregistry:write``, so no run
     can change the registry (checked here as well as by the principal verifier, so the rule
-    holds whatever the interceptor chain does).
+    holds whatever the kit's handler wrapper does).
     """
     if principal.delegated:
         raise ToolRunnerError.delegation_not_allowed(
