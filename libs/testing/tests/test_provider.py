@@ -750,8 +750,12 @@ async def test_stream_that_stalls_times_out_the_client(
     scripted_provider.enqueue(MidStreamFailure(TextReply("one two"), after_deltas=1, mode="hang"))
 
     received: list[str] = []
+    # Only reading the stream is short: connecting may take longer on a busy machine.
     async with openai.AsyncOpenAI(
-        base_url=scripted_provider.openai_base_url, api_key=API_KEY, max_retries=0, timeout=0.3
+        base_url=scripted_provider.openai_base_url,
+        api_key=API_KEY,
+        max_retries=0,
+        timeout=openai.Timeout(10.0, read=0.3),
     ) as client:
         stream = await client.chat.completions.create(
             model=GPT, messages=OPENAI_PROMPT, stream=True
