@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import importlib.util
 import json
 import os
@@ -24,7 +23,7 @@ import sys
 import urllib.error
 import urllib.request
 from base64 import b64encode
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
@@ -47,7 +46,6 @@ LOCALHOST = "127.0.0.1"
 MIN_REDIS_VERSION = (7, 0)
 _PORT_ATTEMPTS = 5
 _POLL_SECONDS = 0.05
-_PR_SET_PDEATHSIG = 1
 _DATABASE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 
 
@@ -154,29 +152,19 @@ def find_arcadedb() -> tuple[Path, str]:
 # --- child processes ------------------------------------------------------------------------
 
 
-def _parent_death_hook() -> Callable[[], None] | None:
-    """Build a pre-exec hook asking Linux to SIGTERM the child when this process dies.
+def _with_parent_death_signal(argv: Sequence[str]) -> list[str]:
+    """Prefix ``argv`` so Linux SIGTERMs the child when this process dies.
 
     Without it a parent killed with SIGKILL (a test runner timing out, a terminal closed)
-    would leave servers running on ports nobody knows about.
+    would leave servers running on ports nobody knows about. The signal is set by util-linux's
+    ``setpriv`` in the child rather than by a Python pre-exec hook: a hook forces a plain
+    ``fork()`` of a process whose gRPC threads may hold locks, and the child can abort before it
+    ever reaches ``exec`` (gRPC's fork handlers). Without a hook, ``subprocess`` uses ``vfork``.
     """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-    death_signal = int(signal.SIGTERM)
-
-    def hook() -> None:
-        prctl(_PR_SET_PDEATHSIG, death_signal)
-        # The parent may have died between fork and prctl; then nobody would ever signal us.
-        if os.getppid() != parent:
-            os.kill(os.getpid(), death_signal)
-
-    return hook
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    if setpriv is None:
+        return list(argv)
+    return [setpriv, "--pdeathsig", "TERM", "--", *argv]
 
 
 class LogFollower:
@@ -268,14 +256,13 @@ class ManagedProcess:
         log = self._open_log()
         try:
             self._process = await asyncio.create_subprocess_exec(
-                *self.argv,
+                *_with_parent_death_signal(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=self.env,
                 cwd=self.cwd,
                 start_new_session=True,
-                preexec_fn=_parent_death_hook(),
             )
         finally:
             log.close()
