@@ -1,0 +1,1 @@
+"""Foredeck's gateway: the public edge that authenticates, admits and routes calls."""

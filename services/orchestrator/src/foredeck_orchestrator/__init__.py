@@ -1,0 +1,1 @@
+"""Foredeck's orchestrator: durable agent runs, as an ``api`` role and a ``worker`` role."""
