@@ -10,6 +10,7 @@ import pytest
 
 from foredeck.common.v1 import journal_pb2, run_event_pb2, run_pb2
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as tools
+from foredeck_kit.metrics import Metrics
 from foredeck_orchestrator.domain.loop import CircuitOpenError, DownstreamError, PlanActLoop
 from foredeck_orchestrator.domain.loop.engine import LoopSettings
 from foredeck_orchestrator.domain.loop.errors import Code
@@ -449,3 +450,35 @@ async def test_a_stream_failing_after_output_is_not_generated_twice() -> None:
     assert outcome.error.metadata["upstreamReason"] == "STREAM_INTERRUPTED"
     assert [kind for kind, _ in downstreams.calls] == ["generate", "stream"]
     assert [d.text for d in events.of("token_delta")] == ["The ans"]
+
+
+async def test_a_tool_that_needs_approval_is_never_called_without_it() -> None:
+    downstreams = Scripted(
+        {"s1": plan_text(tool_step("search", {})), "s3": plan_text(tool_step("calculator", {}))}
+    )
+    journal = MemoryJournal("run-1")
+    agent = make_agent()
+    agent.approval_policy.tool_names.append("search")
+    ctx = make_context(make_run(), agent, journal, MemoryEvents("run-1"))
+    outcome = await PlanActLoop(downstreams.ports).execute(ctx)
+    assert outcome.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert [r.tool_name for r in downstreams.tool_requests] == ["calculator"]
+    refused = journal.stored[1]
+    assert refused.tool_exchange.approval_required
+    assert refused.error.metadata["approvalRequired"] == "true"
+
+
+async def test_tool_calls_and_tokens_are_counted_in_the_metrics() -> None:
+    metrics = Metrics()
+    downstreams = Scripted({"s1": plan_text(tool_step("calculator", {}))})
+    ctx = make_context(make_run(), make_agent(), MemoryJournal("run-1"), MemoryEvents("run-1"))
+    await PlanActLoop(downstreams.ports, metrics=metrics).execute(ctx)
+    registry = metrics.registry
+    calls = registry.get_sample_value(
+        "agent_tool_calls_total", {"tool_name": "calculator", "success": "true"}
+    )
+    assert calls == 1.0
+    output = registry.get_sample_value(
+        "agent_llm_tokens_total", {"model": "gpt-4o-mini", "direction": "output"}
+    )
+    assert output == 10.0

@@ -673,6 +673,25 @@ class _Run:
         exchange = draft.tool_exchange
         exchange.tool_call.CopyFrom(call)
         exchange.idempotency_key = tool_effect_key(self.run.run_id, step_id)
+        policy = self.agent.approval_policy
+        if policy.all_tools or call.tool_name in policy.tool_names:
+            # Pausing a run for a person's decision is not built yet; a call that needs one is
+            # never made without it, and the planner is told to do without the tool.
+            message = "this tool needs a person's approval, which this run cannot ask for"
+            exchange.approval_required = True
+            exchange.result.CopyFrom(
+                tool_pb2.ToolResult(tool_call_id=call.tool_call_id, content=message, is_error=True)
+            )
+            draft.outcome = _FAILED
+            draft.error.CopyFrom(
+                make_error(
+                    Code.FAILED_PRECONDITION,
+                    "STEP_FAILED",
+                    message,
+                    {"stepId": step_id, "toolName": call.tool_name, "approvalRequired": "true"},
+                )
+            )
+            return
         await self._publish(
             run_event_pb2.RunEvent(
                 tool_call_requested=run_event_pb2.ToolCallRequested(step_id=step_id, tool_call=call)
