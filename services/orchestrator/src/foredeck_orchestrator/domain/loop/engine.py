@@ -163,6 +163,7 @@ class _Run:
         self.rejections: list[str] = []
         self.replans = 0
         self.executed: set[str] = set()
+        self.parsed: dict[str, ValidPlan] = {}
         self.deadline = self._deadline()
         self.log = get_logger("foredeck.orchestrator.loop")
         planner = self.agent.planner
@@ -245,6 +246,9 @@ class _Run:
         while True:
             entry = await self._plan_step(kind)
             if entry.outcome == _SUCCEEDED:
+                parsed = self.parsed.pop(entry.step_id, None)
+                if parsed is not None:
+                    return parsed
                 try:
                     return self._parse(entry)
                 except PlanRejected as rejected:
@@ -654,6 +658,7 @@ class _Run:
                     draft.plan.CopyFrom(rejected.plan)
                 return
             draft.plan.CopyFrom(plan.to_proto())
+            self.parsed[draft.step_id] = plan
 
         return await self._step(step_id, kind, description, body)
 

@@ -9,6 +9,7 @@ never taken from the model.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ class ValidPlan:
         )
 
 
+@functools.lru_cache(maxsize=128)
+def _validator(max_steps: int) -> Draft202012Validator:
+    return Draft202012Validator(plan_schema(max_steps))
+
+
 class PlanRejected(Exception):
     """The model's plan broke a rule; nothing of it runs. ``plan`` holds what could be read."""
 
@@ -152,7 +158,7 @@ def parse_plan(
     except ValueError:
         raise PlanRejected(_invalid(plan_step_id, "the plan is not JSON")) from None
     errors = sorted(
-        Draft202012Validator(plan_schema(max_steps)).iter_errors(document),
+        _validator(max_steps).iter_errors(document),
         key=lambda error: list(error.absolute_path),
     )
     if errors:
