@@ -48,9 +48,6 @@ LLMROUTER = "llmrouter"
 TOOLRUNNER = "toolrunner"
 MEMORY = "memory"
 
-# Failures that say the downstream itself is unwell; a refused request says nothing about it.
-_UNWELL = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-
 
 def downstream_error(
     name: str, error: grpc.aio.AioRpcError, *, run_deadline: bool = False
@@ -103,9 +100,18 @@ class _Caller:
 
     def failed(self, error: grpc.aio.AioRpcError, probe: bool, capped: bool) -> DownstreamError:
         mapped = downstream_error(self.name, error, run_deadline=capped)
-        if error.code() in _UNWELL and not mapped.run_deadline:
+        code = error.code()
+        # Only failures that say the downstream itself is unwell count: it is unreachable or
+        # overloaded, or it let our own timeout pass without a word. A typed refusal, or a
+        # timeout it reported itself (a tool running too long), shows it alive.
+        unwell = code is grpc.StatusCode.UNAVAILABLE or (
+            code is grpc.StatusCode.DEADLINE_EXCEEDED
+            and not mapped.reason
+            and not mapped.run_deadline
+        )
+        if unwell:
             self.breaker.record_failure(probe)
-        elif error.code() is grpc.StatusCode.CANCELLED:
+        elif code is grpc.StatusCode.CANCELLED:
             self.breaker.release(probe)
         else:
             self.breaker.record_success(probe)

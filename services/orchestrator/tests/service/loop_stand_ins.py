@@ -50,6 +50,7 @@ class Script:
     plans: dict[str, str]
     tool_outcomes: dict[str, execution_pb2.ToolOutcome] = field(default_factory=dict)
     hold_tools: bool = False
+    tool_errors: dict[str, ServiceError] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)
     calls: list[tuple[str, str]] = field(default_factory=list)
     principals: list[Principal] = field(default_factory=list)
@@ -138,6 +139,8 @@ class ToolStandIn(tools_grpc.ToolRunnerServiceServicer):
             except asyncio.CancelledError:
                 self.script.tool_cancelled.set()
                 raise
+        if request.tool_name in self.script.tool_errors:
+            raise self.script.tool_errors[request.tool_name]
         outcome = self.script.tool_outcomes.get(request.tool_name)
         if outcome is None:
             raise ServiceError(

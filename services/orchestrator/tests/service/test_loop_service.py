@@ -8,12 +8,14 @@ import json
 import socket
 import time
 
+import grpc
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from foredeck.common.v1 import journal_pb2, run_pb2
+from foredeck_kit.errors import ServiceError
 from foredeck_kit.logs import configure_logging, flush_logging, reset_logging
 from foredeck_orchestrator.adapters.breaker import BreakerConfig
 from foredeck_orchestrator.domain.loop import PlanActLoop
@@ -289,3 +291,25 @@ async def test_an_unreachable_downstream_opens_its_breaker_and_then_fails_fast()
     assert outcome.error.metadata["downstream"] == "toolrunner"
     warnings = [e.error.reason for e in events.of("error") if not e.fatal]
     assert warnings == ["DOWNSTREAM_UNAVAILABLE", "DOWNSTREAM_UNAVAILABLE"]
+
+
+async def test_a_timeout_the_downstream_reports_itself_does_not_count_against_its_breaker() -> None:
+    script = Script(
+        plans={"s1": plan_text(tool_step("search", {"query": "x"})), "s3": plan_text()},
+        tool_errors={
+            "search": ServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                "TOOL_TIMEOUT",
+                "the tool did not finish in time",
+                metadata={"toolName": "search"},
+            )
+        },
+    )
+    async with stand_ins(script, breaker=BreakerConfig(failure_threshold=1)) as downstreams:
+        outcome, journal, _ = await run_with(downstreams)
+        assert downstreams.clients.breakers.get("toolrunner").state.value == "closed"
+    assert outcome.status == run_pb2.RUN_STATUS_SUCCEEDED
+    error = journal.stored[1].error
+    assert error.reason == "STEP_FAILED"
+    assert error.metadata["upstreamReason"] == "TOOL_TIMEOUT"
+    assert error.metadata["upstreamCode"] == "DEADLINE_EXCEEDED"
