@@ -28,13 +28,17 @@ from foredeck.toolrunner.v1 import toolrunner_service_pb2 as tools
 from foredeck.toolrunner.v1 import toolrunner_service_pb2_grpc as tools_grpc
 from foredeck_kit.channels import open_channel
 from foredeck_kit.errors import error_details
+from foredeck_kit.metrics import Metrics
 from foredeck_kit.principal import PRINCIPAL_METADATA_KEY
 from foredeck_kit.settings import ServiceSettings
 from foredeck_orchestrator.adapters.breaker import CircuitBreaker, CircuitBreakers
+from foredeck_orchestrator.domain.loop.engine import LoopSettings, PlanActLoop
 from foredeck_orchestrator.domain.loop.errors import Code, DownstreamError
 from foredeck_orchestrator.domain.loop.ports import CallOptions, Downstreams
+from foredeck_orchestrator.domain.ports import RunContext, RunOutcome
 
 __all__ = [
+    "ConnectedAgentLoop",
     "DownstreamClients",
     "LlmRouterClient",
     "MemoryClient",
@@ -299,3 +303,53 @@ class DownstreamClients:
         """Close the channels."""
         for channel in self._channels:
             await channel.close(None)
+
+
+class ConnectedAgentLoop:
+    """The agent loop over downstream clients opened on the first run, inside the event loop
+    that drives runs (grpc.aio channels belong to the loop they were opened in), so a role can
+    be wired before its event loop starts::
+
+        loop = ConnectedAgentLoop(
+            lambda: DownstreamClients.open(
+                llmrouter_address=..., toolrunner_address=..., memory_address=...,
+                settings=settings, tracer_provider=telemetry.tracer_provider,
+            ),
+            tracer_provider=telemetry.tracer_provider,
+            metrics=telemetry.metrics,
+        )
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], DownstreamClients],
+        *,
+        tracer_provider: TracerProvider | None = None,
+        metrics: Metrics | None = None,
+        settings: LoopSettings | None = None,
+    ) -> None:
+        self._connect = connect
+        self._tracer_provider = tracer_provider
+        self._metrics = metrics
+        self._settings = settings
+        self.clients: DownstreamClients | None = None
+        self._loop: PlanActLoop | None = None
+
+    async def execute(self, ctx: RunContext) -> RunOutcome:
+        """Run or resume ``ctx.run`` (see :class:`PlanActLoop`)."""
+        if self._loop is None:
+            self.clients = self._connect()
+            self._loop = PlanActLoop(
+                self.clients.downstreams,
+                settings=self._settings,
+                tracer_provider=self._tracer_provider,
+                metrics=self._metrics,
+            )
+        return await self._loop.execute(ctx)
+
+    async def close(self) -> None:
+        """Close the channels, if they were opened."""
+        if self.clients is not None:
+            await self.clients.close()
+            self.clients = None
+            self._loop = None

@@ -18,6 +18,7 @@ from foredeck.common.v1 import journal_pb2, run_pb2
 from foredeck_kit.errors import ServiceError
 from foredeck_kit.logs import configure_logging, flush_logging, reset_logging
 from foredeck_orchestrator.adapters.breaker import BreakerConfig
+from foredeck_orchestrator.clients import ConnectedAgentLoop, DownstreamClients
 from foredeck_orchestrator.domain.loop import PlanActLoop
 from foredeck_orchestrator.domain.ports import RunOutcome
 from services.orchestrator.tests.loop_support import (
@@ -313,3 +314,33 @@ async def test_a_timeout_the_downstream_reports_itself_does_not_count_against_it
     assert error.reason == "STEP_FAILED"
     assert error.metadata["upstreamReason"] == "TOOL_TIMEOUT"
     assert error.metadata["upstreamCode"] == "DEADLINE_EXCEEDED"
+
+
+async def test_the_connected_loop_opens_its_channels_on_the_first_run() -> None:
+    async with stand_ins(calculator_script()) as downstreams:
+        opened: list[DownstreamClients] = []
+
+        def connect() -> DownstreamClients:
+            clients = DownstreamClients.open(
+                llmrouter_address=downstreams.llmrouter.address,
+                toolrunner_address=downstreams.toolrunner.address,
+                memory_address=downstreams.memory.address,
+            )
+            opened.append(clients)
+            return clients
+
+        loop = ConnectedAgentLoop(connect)
+        assert opened == []
+        for run_id in ("run-1", "run-2"):
+            ctx = make_context(
+                make_run(run_id),
+                make_agent(),
+                MemoryJournal(run_id),
+                MemoryEvents(run_id),
+                credentials=downstreams.credentials_for(run_id),
+            )
+            outcome = await loop.execute(ctx)
+            assert outcome.status == run_pb2.RUN_STATUS_SUCCEEDED
+        await loop.close()
+    assert len(opened) == 1
+    assert downstreams.script.counts["ExecuteTool"] == 2
