@@ -243,7 +243,7 @@ async def test_the_run_deadline_bounds_the_tool_call() -> None:
     script = calculator_script()
     script.hold_tools = True
     async with stand_ins(script) as downstreams:
-        outcome, journal, _ = await run_with(downstreams, deadline=time.monotonic() + 1.0)
+        outcome, journal, _ = await run_with(downstreams, deadline=time.monotonic() + 2.0)
         async with asyncio.timeout(10):
             await script.tool_cancelled.wait()
     assert outcome.error is not None
