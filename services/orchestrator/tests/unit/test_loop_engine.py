@@ -482,3 +482,15 @@ async def test_tool_calls_and_tokens_are_counted_in_the_metrics() -> None:
         "agent_llm_tokens_total", {"model": "gpt-4o-mini", "direction": "output"}
     )
     assert output == 10.0
+
+
+async def test_a_requested_revision_past_the_limit_lets_the_plan_go_on() -> None:
+    downstreams = Scripted(
+        {
+            "s1": plan_text(tool_step("calculator", {}, replan_after=True), reason_step("a")),
+            "s3": plan_text(tool_step("calculator", {}, replan_after=True), reason_step("b")),
+        }
+    )
+    outcome, journal, _ = await execute(downstreams, agent_args={"max_replans": 1})
+    assert outcome.status == run_pb2.RUN_STATUS_SUCCEEDED
+    assert [e.step_id for e in journal.stored] == ["s1", "s1.1", "s3", "s3.1", "s3.2", "s6"]

@@ -188,15 +188,24 @@ class _Run:
         try:
             if self.agent.memory_policy.recall_enabled:
                 await self._recall()
-            plan = await self._valid_plan(run_event_pb2.STEP_KIND_PLAN)
+            actions = (await self._valid_plan(run_event_pb2.STEP_KIND_PLAN)).actions
+            position = 0
             while True:
                 failure: error_pb2.Error | None = None
                 asked = False
-                for action in plan.actions:
+                while position < len(actions):
+                    action = actions[position]
+                    position += 1
                     failure = await self._action(action)
                     if failure is not None:
                         break
-                    if action.replan_after and not self.agent.planner.replanning_disabled:
+                    # A revision the plan asked for is taken while revisions are left; past
+                    # the limit the plan goes on as written.
+                    if (
+                        action.replan_after
+                        and not self.agent.planner.replanning_disabled
+                        and self.replans < self.max_replans
+                    ):
                         asked = True
                         break
                 if failure is None and not asked:
@@ -206,7 +215,8 @@ class _Run:
                 if self.replans >= self.max_replans:
                     raise RunFailed(self._replan_limit(failure))
                 self.replans += 1
-                plan = await self._valid_plan(run_event_pb2.STEP_KIND_REPLAN)
+                actions = (await self._valid_plan(run_event_pb2.STEP_KIND_REPLAN)).actions
+                position = 0
             answer = await self._synthesize()
             if self.agent.memory_policy.remember_results:
                 await self._remember(answer)
