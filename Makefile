@@ -6,7 +6,7 @@ SHELL := bash
 # uv comes from PyPI; `make setup` installs it when it is missing.
 UV ?= $(shell command -v uv 2>/dev/null || echo "python3 -m uv")
 RUN := $(UV) run --frozen --all-packages
-PY_PATHS := libs/kit libs/client libs/stack libs/testing libs/embeddings $(wildcard services/*/) tests scripts bench
+PY_PATHS := libs/kit libs/client libs/stack libs/testing libs/embeddings $(wildcard services/*/) tests scripts bench deploy/docker
 PYTEST_ARGS ?=
 
 .PHONY: help
@@ -55,6 +55,10 @@ typecheck: setup ## mypy --strict over libraries, services, tests and the genera
 .PHONY: test-only
 test-only: setup ## Run the test suites only (PYTEST_ARGS=... to narrow).
 	$(RUN) pytest $(PYTEST_ARGS)
+
+.PHONY: check-deploy
+check-deploy: setup ## Images, compose, every Kubernetes overlay and the telemetry of the services, offline.
+	$(RUN) pytest tests/deploy -q
 
 .PHONY: test
 test: setup lint typecheck check-gen breaking check-stubs test-only ## Everything CI runs: lint, types, generated code, buf checks, C++ stubs, all tests.

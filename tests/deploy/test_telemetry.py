@@ -1,0 +1,479 @@
+"""Traces, metrics and logs of the real services, run as processes the way their images run them.
+
+llmrouter, toolrunner and memory start with ``python -m`` on real Redis and a real Bolt server,
+exporting spans over OTLP/gRPC to a collector this test runs in-process. A client span plays
+the orchestrator worker's step and calls all three with the worker's delegated principal; the
+test then checks that every span lands in that one trace as a tree, that the services'
+Prometheus endpoints counted the calls, and that their log lines are JSON carrying the trace.
+
+The whole run tree (gateway call, queue hop, worker steps) needs the gateway and the
+orchestrator; this test covers the calls the worker makes to the services that exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+from opentelemetry.proto.collector.trace.v1 import (
+    trace_service_pb2,
+    trace_service_pb2_grpc,
+)
+from opentelemetry.proto.trace.v1 import trace_pb2
+from opentelemetry.sdk.resources import SERVICE_NAME, Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client.parser import text_string_to_metric_families
+
+from foredeck.common.v1 import chat_pb2
+from foredeck.llmrouter.v1 import llmrouter_service_pb2 as router_pb
+from foredeck.llmrouter.v1 import llmrouter_service_pb2_grpc as router_grpc
+from foredeck.memory.v1 import memory_service_pb2 as memory_pb
+from foredeck.memory.v1 import memory_service_pb2_grpc as memory_grpc
+from foredeck.toolrunner.v1 import toolrunner_service_pb2 as tool_pb
+from foredeck.toolrunner.v1 import toolrunner_service_pb2_grpc as tool_grpc
+from foredeck_kit.delegation import DelegationSigner, RunClaims
+from foredeck_kit.idempotency import tool_effect_key
+from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, format_keys, generate_key
+from foredeck_stack.stores import ArcadeDbProcess, RedisProcess, free_port
+from foredeck_testing.provider import ScriptedProvider
+
+pytestmark = pytest.mark.slow
+
+START_TIMEOUT = 120.0
+EXPORT_TIMEOUT = 30.0
+SERVER = trace_pb2.Span.SPAN_KIND_SERVER
+
+
+# --- an OTLP/gRPC trace receiver ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    service: str
+    span: trace_pb2.Span
+
+    @property
+    def trace_id(self) -> str:
+        return self.span.trace_id.hex()
+
+    @property
+    def span_id(self) -> str:
+        return self.span.span_id.hex()
+
+    @property
+    def parent_id(self) -> str:
+        return self.span.parent_span_id.hex()
+
+    @property
+    def attributes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for kv in self.span.attributes:
+            kind = kv.value.WhichOneof("value")
+            if kind == "array_value":
+                out[kv.key] = [
+                    getattr(v, v.WhichOneof("value") or "string_value")
+                    for v in kv.value.array_value.values
+                ]
+            else:
+                out[kv.key] = getattr(kv.value, kind) if kind else None
+        return out
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """Keeps every span exported to it; waiters wake on each export."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self._changed = asyncio.Condition()
+
+    async def Export(
+        self,
+        request: trace_service_pb2.ExportTraceServiceRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> trace_service_pb2.ExportTraceServiceResponse:
+        async with self._changed:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (
+                        kv.value.string_value
+                        for kv in resource_spans.resource.attributes
+                        if kv.key == SERVICE_NAME
+                    ),
+                    "",
+                )
+                for scope_spans in resource_spans.scope_spans:
+                    self.spans.extend(ReceivedSpan(service, s) for s in scope_spans.spans)
+            self._changed.notify_all()
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    async def wait_for(self, done: Callable[[list[ReceivedSpan]], bool]) -> list[ReceivedSpan]:
+        async with asyncio.timeout(EXPORT_TIMEOUT), self._changed:
+            await self._changed.wait_for(lambda: done(self.spans))
+            return list(self.spans)
+
+
+# --- the services as processes --------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    name: str
+    process: asyncio.subprocess.Process
+    port: int
+    metrics_port: int
+    log: Path
+    channel: grpc.aio.Channel = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.port}")
+
+    def log_lines(self) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()
+
+    def scrape(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            text = response.read().decode()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+
+def base_environment() -> dict[str, str]:
+    """The test's environment without any Foredeck or OpenTelemetry setting of its own."""
+    return {
+        k: v for k, v in os.environ.items() if not k.startswith(("FOREDECK_", "OTEL_", "PYTEST"))
+    }
+
+
+async def start_service(
+    name: str, env: Mapping[str, str], tmp: Path, extra: Mapping[str, str]
+) -> Service:
+    prefix = f"FOREDECK_{name.upper()}_"
+    port, metrics_port = free_port(), free_port()
+    log = tmp / f"{name}.log"
+    full = {
+        **env,
+        f"{prefix}HOST": "127.0.0.1",
+        f"{prefix}PORT": str(port),
+        f"{prefix}METRICS_HOST": "127.0.0.1",
+        f"{prefix}METRICS_PORT": str(metrics_port),
+        f"{prefix}LOG_FORMAT": "json",
+        f"{prefix}LOG_LEVEL": "info",
+        f"{prefix}GRACE_PERIOD_SECONDS": "2",
+        **{prefix + k: v for k, v in extra.items()},
+    }
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"foredeck_{name}", env=full, stdout=out, stderr=out
+        )
+    return Service(name, process, port, metrics_port, log)
+
+
+async def wait_serving(service: Service) -> None:
+    """Follow the standard health Watch until the service reports SERVING."""
+    stub = health_pb2_grpc.HealthStub(service.channel)
+    try:
+        async with asyncio.timeout(START_TIMEOUT):
+            while True:
+                watch = stub.Watch(health_pb2.HealthCheckRequest(), wait_for_ready=True)
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    async for update in watch:
+                        if update.status == health_pb2.HealthCheckResponse.SERVING:
+                            watch.cancel()
+                            return
+                if service.process.returncode is not None:
+                    break
+    except TimeoutError:
+        pass
+    tail = "\n".join(service.log_lines()[-30:])
+    pytest.fail(f"{service.name} did not become healthy:\n{tail}")
+
+
+@dataclass
+class Stack:
+    receiver: Receiver
+    services: dict[str, Service]
+    delegation: DelegationSigner
+    client_provider: TracerProvider
+
+    def run_metadata(self, run_id: str, carrier: Mapping[str, str]) -> Sequence[tuple[str, str]]:
+        """What the worker sends: a principal for the run, and the trace context."""
+        token = self.delegation.mint_for_run(
+            RunClaims(tenant_id="tenant-t", user_id="user-t", permissions=("*",)), run_id
+        )
+        return ((PRINCIPAL_METADATA_KEY, token), *carrier.items())
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(
+    redis_server: RedisProcess,
+    arcadedb_server: ArcadeDbProcess,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[Stack]:
+    tmp = tmp_path_factory.mktemp("telemetry-stack")
+    receiver = Receiver()
+    collector = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(  # type: ignore[no-untyped-call]
+        receiver, collector
+    )
+    collector_port = collector.add_insecure_port("127.0.0.1:0")
+    await collector.start()
+
+    provider = ScriptedProvider()
+    await provider.start()
+    graph = f"telemetry_{secrets.token_hex(4)}"
+    await arcadedb_server.create_database(graph)
+    # A database index of its own on the session's Redis, emptied first.
+    redis_url = redis_server.url_for(14)
+    from redis.asyncio import Redis
+
+    client = Redis.from_url(redis_url)
+    await client.flushdb()
+    await client.aclose()
+
+    principal = format_keys({"test": generate_key()})
+    delegation_keys = {"test-delegation": generate_key()}
+    env = {
+        **base_environment(),
+        "PYTHONUNBUFFERED": "1",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{collector_port}",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    }
+    shared = {
+        "PRINCIPAL_KEYS": principal,
+        "DELEGATION_KEYS": format_keys(delegation_keys),
+        "REDIS_URL": redis_url,
+    }
+    extras = {
+        "llmrouter": {
+            **shared,
+            "OPENAI_API_KEY": "test-key",
+            "OPENAI_BASE_URL": provider.openai_base_url,
+            "ANTHROPIC_API_KEY": "test-key",
+            "ANTHROPIC_BASE_URL": provider.anthropic_base_url,
+            "LOCAL_ENABLED": "false",
+            "LOCAL_EMBEDDINGS_ENABLED": "false",
+        },
+        "toolrunner": {**shared, "SANDBOX_POOL_SIZE": "0", "SANDBOX_UID_BASE": "450000"},
+        "memory": {
+            **shared,
+            "NEO4J_URI": arcadedb_server.bolt_uri,
+            "NEO4J_USER": arcadedb_server.user,
+            "NEO4J_PASSWORD": arcadedb_server.password,
+            "NEO4J_DATABASE": graph,
+            "EDGE_PATH": str(tmp / "vectors"),
+            "EMBEDDING_THREADS": "1",
+        },
+    }
+    services: dict[str, Service] = {}
+    client_provider = TracerProvider(resource=Resource.create({SERVICE_NAME: "worker-stand-in"}))
+    # Exported from the processor's own thread: the receiver answers on this event loop.
+    client_provider.add_span_processor(
+        BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=f"127.0.0.1:{collector_port}", insecure=True),
+            schedule_delay_millis=100,
+        )
+    )
+    try:
+        for name, extra in extras.items():
+            services[name] = await start_service(name, env, tmp, extra)
+        await asyncio.gather(*(wait_serving(s) for s in services.values()))
+        yield Stack(
+            receiver,
+            services,
+            DelegationSigner(delegation_keys, "test-delegation"),
+            client_provider,
+        )
+    finally:
+        await asyncio.to_thread(client_provider.shutdown)
+        for service in services.values():
+            if service.process.returncode is None:
+                service.process.terminate()
+        for service in services.values():
+            try:
+                async with asyncio.timeout(20):
+                    await service.process.wait()
+            except TimeoutError:
+                service.process.kill()
+                await service.process.wait()
+            await service.channel.close(None)
+        await provider.close()
+        await collector.stop(grace=None)
+        await arcadedb_server.drop_database(graph)
+
+
+async def worker_step(stack: Stack, run_id: str, step: str) -> str:
+    """Call llmrouter, toolrunner and memory inside one span, as a worker's step does.
+
+    Returns the trace id (hex)."""
+    tracer = stack.client_provider.get_tracer("foredeck.test")
+    with tracer.start_as_current_span(f"step {step}", kind=SpanKind.INTERNAL) as span:
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier)
+        metadata = stack.run_metadata(run_id, carrier)
+        router = router_grpc.LlmRouterServiceStub(stack.services["llmrouter"].channel)
+        answer = await router.Generate(
+            router_pb.GenerateRequest(
+                model="gpt-4o",
+                messages=[
+                    chat_pb2.ChatMessage(
+                        role=chat_pb2.ROLE_USER,
+                        parts=[chat_pb2.ContentPart(text=chat_pb2.TextPart(text="Plan a trip."))],
+                    )
+                ],
+            ),
+            metadata=metadata,
+            timeout=30,
+        )
+        assert answer.usage.input_tokens > 0
+        tools = tool_grpc.ToolRunnerServiceStub(stack.services["toolrunner"].channel)
+        result = await tools.ExecuteTool(
+            tool_pb.ExecuteToolRequest(
+                tool_name="calculator",
+                arguments_json=json.dumps({"expression": "6*7"}),
+                run_id=run_id,
+                step_id=step,
+                idempotency_key=tool_effect_key(run_id, step),
+            ),
+            metadata=metadata,
+            timeout=30,
+        )
+        assert json.loads(result.outcome.output.output_json) == {"result": 42}
+        memory = memory_grpc.LongTermMemoryServiceStub(stack.services["memory"].channel)
+        await memory.Remember(
+            memory_pb.RememberRequest(
+                request_id=f"{run_id}-{step}", content="The trip goes to Lisbon in May."
+            ),
+            metadata=metadata,
+            timeout=60,
+        )
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    assert await asyncio.to_thread(stack.client_provider.force_flush, 10_000)
+    return trace_id
+
+
+async def test_one_trace_joins_the_step_and_every_service_call(stack: Stack) -> None:
+    trace_id = await worker_step(stack, "run-trace", "s1")
+    services = {"llmrouter", "toolrunner", "memory"}
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        serving = {s.service for s in mine if s.span.kind == SERVER}
+        has_llm = any("gen_ai.system" in s.attributes for s in mine)
+        has_tool = any("tool.outcome" in s.attributes for s in mine)
+        return services <= serving and has_llm and has_tool
+
+    spans = [s for s in await stack.receiver.wait_for(complete) if s.trace_id == trace_id]
+    by_id = {s.span_id: s for s in spans}
+    roots = [s for s in spans if not s.parent_id]
+    assert [(r.service, r.span.name) for r in roots] == [("worker-stand-in", "step s1")]
+    root = roots[0]
+    # One tree: every span's parent is in the trace.
+    assert all(s.parent_id in by_id for s in spans if s is not root)
+
+    for service in services:
+        server_spans = [s for s in spans if s.service == service and s.span.kind == SERVER]
+        assert server_spans, service
+        # Each service call is a child of the step that made it.
+        assert all(s.parent_id == root.span_id for s in server_spans), service
+
+    def server_ancestor(span: ReceivedSpan) -> ReceivedSpan:
+        while span.span.kind != SERVER:
+            span = by_id[span.parent_id]
+        return span
+
+    llm = [s for s in spans if "gen_ai.system" in s.attributes]
+    assert llm
+    for span in llm:
+        assert span.service == "llmrouter"
+        assert server_ancestor(span).span.name.endswith("LlmRouterService/Generate")
+        attributes = span.attributes
+        assert attributes["gen_ai.request.model"] == "gpt-4o"
+        assert attributes["gen_ai.system"] == "openai"
+        assert attributes["gen_ai.usage.input_tokens"] > 0
+        assert attributes["gen_ai.usage.output_tokens"] > 0
+
+    (tool,) = [s for s in spans if "tool.outcome" in s.attributes]
+    assert tool.service == "toolrunner"
+    assert server_ancestor(tool).span.name.endswith("ToolRunnerService/ExecuteTool")
+    assert tool.attributes["tool.name"] == "calculator"
+    assert tool.attributes["tool.outcome"]
+    assert tool.attributes["foredeck.run_id"] == "run-trace"
+
+
+def value(
+    samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str
+) -> float:
+    """Sum of the samples named ``name`` whose labels include ``labels``."""
+    return sum(
+        v
+        for (sample, sample_labels), v in samples.items()
+        if sample == name and labels.items() <= dict(sample_labels).items()
+    )
+
+
+async def test_each_service_counts_the_calls_of_a_step(stack: Stack) -> None:
+    services = stack.services
+    before = {n: await asyncio.to_thread(s.scrape) for n, s in services.items()}
+    await worker_step(stack, "run-metrics", "s1")
+    after = {n: await asyncio.to_thread(s.scrape) for n, s in services.items()}
+
+    def moved(service: str, name: str, **labels: str) -> float:
+        return value(after[service], name, **labels) - value(before[service], name, **labels)
+
+    handled = "grpc_server_handled_total"
+    assert moved("llmrouter", handled, grpc_method="Generate", grpc_code="OK") == 1
+    assert moved("toolrunner", handled, grpc_method="ExecuteTool", grpc_code="OK") == 1
+    assert moved("memory", handled, grpc_method="Remember", grpc_code="OK") == 1
+    assert moved("llmrouter", "grpc_server_handling_seconds_count", grpc_method="Generate") == 1
+    assert moved("llmrouter", "agent_llm_tokens_total", model="gpt-4o", direction="input") > 0
+    assert moved("llmrouter", "agent_llm_tokens_total", model="gpt-4o", direction="output") > 0
+    assert moved("toolrunner", "agent_tool_calls_total", tool_name="calculator") == 1
+    # The platform's metric families are exported by every service.
+    for samples in after.values():
+        names = {name for name, _ in samples}
+        assert {"grpc_server_handled_total", "process_cpu_seconds_total"} <= names
+
+
+async def test_log_lines_are_json_and_carry_the_trace(stack: Stack) -> None:
+    trace_id = await worker_step(stack, "run-logs", "s1")
+
+    async def logged(service: Service) -> list[dict[str, Any]]:
+        # Lines are written by a background thread; wait for this trace's line to land.
+        async with asyncio.timeout(EXPORT_TIMEOUT):
+            while True:
+                lines = service.log_lines()
+                if any(trace_id in line for line in lines):
+                    return [json.loads(line) for line in lines if line.strip()]
+                await asyncio.sleep(0.05)
+
+    for service in stack.services.values():
+        records = await logged(service)
+        assert all(isinstance(r, dict) and r.get("event") for r in records), service.name
+        rpcs = [r for r in records if r.get("event") == "rpc" and r.get("trace_id") == trace_id]
+        assert rpcs, service.name
+        assert all(r["service"] == service.name for r in rpcs)
+        assert all(r["tenant_id"] == "tenant-t" for r in rpcs)
