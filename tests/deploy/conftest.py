@@ -51,12 +51,6 @@ def manifests(rendered: dict[str, str]) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.fixture(scope="session")
-def compose() -> dict[str, Any]:
-    spec: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    return spec
-
-
-@pytest.fixture(scope="session")
 def find_tool() -> Any:
     """The function that locates a dev-dependency tool (kubectl, hadolint, ...)."""
     return tool
