@@ -60,6 +60,7 @@ pytestmark = pytest.mark.slow
 START_TIMEOUT = 120.0
 EXPORT_TIMEOUT = 30.0
 SERVER = trace_pb2.Span.SPAN_KIND_SERVER
+EMBEDDING_DIMENSIONS = 16
 
 
 # --- an OTLP/gRPC trace receiver ------------------------------------------------------------
@@ -240,7 +241,7 @@ async def stack(
     collector_port = collector.add_insecure_port("127.0.0.1:0")
     await collector.start()
 
-    provider = ScriptedProvider()
+    provider = ScriptedProvider(embedding_dimensions=EMBEDDING_DIMENSIONS)
     await provider.start()
     graph = f"telemetry_{secrets.token_hex(4)}"
     await arcadedb_server.create_database(graph)
@@ -280,12 +281,14 @@ async def stack(
         "toolrunner": {**shared, "SANDBOX_POOL_SIZE": "0", "SANDBOX_UID_BASE": "450000"},
         "memory": {
             **shared,
+            # Embeddings through the router: memory's own downstream call joins the trace too.
+            "EMBEDDING_MODEL": "text-embedding-3-small",
+            "EMBEDDING_DIMENSIONS": str(EMBEDDING_DIMENSIONS),
             "NEO4J_URI": arcadedb_server.bolt_uri,
             "NEO4J_USER": arcadedb_server.user,
             "NEO4J_PASSWORD": arcadedb_server.password,
             "NEO4J_DATABASE": graph,
             "EDGE_PATH": str(tmp / "vectors"),
-            "EMBEDDING_THREADS": "1",
         },
     }
     services: dict[str, Service] = {}
@@ -298,9 +301,12 @@ async def stack(
         )
     )
     try:
-        for name, extra in extras.items():
-            services[name] = await start_service(name, env, tmp, extra)
+        for name in ("llmrouter", "toolrunner"):
+            services[name] = await start_service(name, env, tmp, extras[name])
         await asyncio.gather(*(wait_serving(s) for s in services.values()))
+        extras["memory"]["LLMROUTER_ADDRESS"] = f"127.0.0.1:{services['llmrouter'].port}"
+        services["memory"] = await start_service("memory", env, tmp, extras["memory"])
+        await wait_serving(services["memory"])
         yield Stack(
             receiver,
             services,
@@ -394,11 +400,17 @@ async def test_one_trace_joins_the_step_and_every_service_call(stack: Stack) -> 
     # One tree: every span's parent is in the trace.
     assert all(s.parent_id in by_id for s in spans if s is not root)
 
-    for service in services:
-        server_spans = [s for s in spans if s.service == service and s.span.kind == SERVER]
-        assert server_spans, service
-        # Each service call is a child of the step that made it.
-        assert all(s.parent_id == root.span_id for s in server_spans), service
+    # Each call the step made is a child of the step's span.
+    direct = {
+        s.span.name.rpartition(".")[2]
+        for s in spans
+        if s.span.kind == SERVER and s.parent_id == root.span_id
+    }
+    assert direct == {
+        "LlmRouterService/Generate",
+        "ToolRunnerService/ExecuteTool",
+        "LongTermMemoryService/Remember",
+    }
 
     def server_ancestor(span: ReceivedSpan) -> ReceivedSpan:
         while span.span.kind != SERVER:
@@ -406,15 +418,29 @@ async def test_one_trace_joins_the_step_and_every_service_call(stack: Stack) -> 
         return span
 
     llm = [s for s in spans if "gen_ai.system" in s.attributes]
-    assert llm
+    operations = {}
     for span in llm:
         assert span.service == "llmrouter"
-        assert server_ancestor(span).span.name.endswith("LlmRouterService/Generate")
         attributes = span.attributes
-        assert attributes["gen_ai.request.model"] == "gpt-4o"
+        method = server_ancestor(span).span.name.rpartition("/")[2]
+        operations[method] = attributes["gen_ai.operation.name"]
         assert attributes["gen_ai.system"] == "openai"
         assert attributes["gen_ai.usage.input_tokens"] > 0
-        assert attributes["gen_ai.usage.output_tokens"] > 0
+        if method == "Generate":
+            assert attributes["gen_ai.request.model"] == "gpt-4o"
+            assert attributes["gen_ai.usage.output_tokens"] > 0
+    assert operations == {"Generate": "chat", "Embed": "embeddings"}
+
+    # Memory's own call to the router (embedding the memory) hangs under memory's span.
+    (remember,) = [s for s in spans if s.span.name.endswith("LongTermMemoryService/Remember")]
+    embeds = [s for s in spans if s.span.name.endswith("LlmRouterService/Embed")]
+    served = [s for s in embeds if s.span.kind == SERVER]
+    assert served
+    for embed in served:
+        assert embed.service == "llmrouter"
+        caller = by_id[embed.parent_id]
+        assert (caller.service, caller.span.kind) == ("memory", trace_pb2.Span.SPAN_KIND_CLIENT)
+        assert server_ancestor(caller) is remember
 
     (tool,) = [s for s in spans if "tool.outcome" in s.attributes]
     assert tool.service == "toolrunner"
