@@ -422,3 +422,17 @@ def test_the_edge_check_notices_a_widened_or_missing_rule(manifests: Manifests) 
     edges = net.edges()
     assert ("toolrunner", "metadata-service", 80) in edges - architecture(net)
     assert ("memory", "qdrant", 6333) in architecture(net) - edges
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_only_the_orchestrator_and_the_services_it_calls_hold_delegation_keys(
+    overlay: str, manifests: Manifests
+) -> None:
+    holders = {
+        name
+        for name, d in objects(manifests[overlay], "Deployment").items()
+        for c in d["spec"]["template"]["spec"]["containers"]
+        for e in c.get("env", [])
+        if e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") == "delegation-keys"
+    }
+    assert holders == set(FOREDECK) - {"gateway"}
