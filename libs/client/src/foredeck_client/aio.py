@@ -37,6 +37,7 @@ from foredeck.common.v1 import (
     run_pb2,
     usage_pb2,
 )
+from foredeck.gateway.v1 import api_key_pb2
 from foredeck.gateway.v1 import gateway_service_pb2 as gw
 from foredeck.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from foredeck_client.connection import Connection, resolve_connection
@@ -382,6 +383,43 @@ class AsyncClient:
     async def delete_agent(self, name: str) -> None:
         """Archive an agent: no new runs; its runs and versions stay readable."""
         await self._call(self.gateway.DeleteAgent, gw.DeleteAgentRequest(agent_name=name))
+
+    # API keys (AdminService: an admin credential, e.g. the local stack's `admin` role)
+
+    async def create_api_key(
+        self,
+        tenant_id: str,
+        user_id: str,
+        display_name: str,
+        *,
+        permissions: Iterable[str] = (),
+        request_id: str | None = None,
+    ) -> gw.CreateApiKeyResponse:
+        """Create an API key; the response holds its secret, shown this once."""
+        request = gw.CreateApiKeyRequest(
+            tenant_id=tenant_id,
+            user_id=user_id,
+            display_name=display_name,
+            permissions=list(permissions),
+            request_id=_request_id(request_id),
+        )
+        return await self._call(self.admin.CreateApiKey, request)
+
+    async def list_api_keys(
+        self, *, tenant_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[api_key_pb2.ApiKey]:
+        """One page of API keys (without secrets), of one tenant or of all."""
+        request = gw.ListApiKeysRequest(
+            tenant_id=tenant_id, page_size=page_size, page_token=page_token
+        )
+        response = await self._call(self.admin.ListApiKeys, request)
+        return Page(response.api_keys, response.next_page_token)
+
+    async def revoke_api_key(self, api_key_id: str, reason: str = "") -> api_key_pb2.ApiKey:
+        """Revoke a key: it is refused from now on."""
+        request = gw.RevokeApiKeyRequest(api_key_id=api_key_id, reason=reason)
+        response = await self._call(self.admin.RevokeApiKey, request)
+        return response.api_key
 
 
 def is_retryable(error: ForedeckError) -> bool:

@@ -31,6 +31,7 @@ from foredeck.common.v1 import (
     run_pb2,
     usage_pb2,
 )
+from foredeck.gateway.v1 import api_key_pb2
 from foredeck.gateway.v1 import gateway_service_pb2 as gw
 from foredeck_client.aio import DEFAULT_TIMEOUT, AsyncClient, Page
 
@@ -298,3 +299,37 @@ class Client:
     def delete_agent(self, name: str) -> None:
         """See :meth:`AsyncClient.delete_agent`."""
         self._run(self._async.delete_agent(name))
+
+    def create_api_key(
+        self,
+        tenant_id: str,
+        user_id: str,
+        display_name: str,
+        *,
+        permissions: Iterable[str] = (),
+        request_id: str | None = None,
+    ) -> gw.CreateApiKeyResponse:
+        """See :meth:`AsyncClient.create_api_key`."""
+        return self._run(
+            self._async.create_api_key(
+                tenant_id,
+                user_id,
+                display_name,
+                permissions=permissions,
+                request_id=request_id,
+            )
+        )
+
+    def list_api_keys(
+        self, *, tenant_id: str = "", page_size: int = 0, page_token: str = ""
+    ) -> Page[api_key_pb2.ApiKey]:
+        """See :meth:`AsyncClient.list_api_keys`."""
+        return self._run(
+            self._async.list_api_keys(
+                tenant_id=tenant_id, page_size=page_size, page_token=page_token
+            )
+        )
+
+    def revoke_api_key(self, api_key_id: str, reason: str = "") -> api_key_pb2.ApiKey:
+        """See :meth:`AsyncClient.revoke_api_key`."""
+        return self._run(self._async.revoke_api_key(api_key_id, reason))
