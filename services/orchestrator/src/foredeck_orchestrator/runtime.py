@@ -397,7 +397,7 @@ class Worker:
         finally:
             if slot:
                 with contextlib.suppress(Exception):
-                    await asyncio.shield(self.runs.release_slot(member, user))
+                    await self.runs.release_slot(member, user)
             self.held.pop(held.run_id, None)
             self._room.set()
 
