@@ -24,6 +24,17 @@ class OrchestratorSettings(ServiceSettings):
         default="redis://127.0.0.1:6379/0",
         description="Redis holding agents, runs, journals, events, queues and leases.",
     )
+    redis_max_connections: int = Field(
+        default=512,
+        ge=4,
+        description="Most Redis connections one process opens; callers beyond wait for one.",
+    )
+    redis_pool_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a call waits for a free Redis connection before it fails "
+        "with STORE_UNAVAILABLE.",
+    )
     key_prefix: str = Field(
         default="fdorch",
         pattern=r"^[a-z][a-z0-9_-]{0,31}$",

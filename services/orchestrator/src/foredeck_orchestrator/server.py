@@ -15,7 +15,7 @@ from foredeck_kit.server import ServiceHost
 from foredeck_kit.telemetry import Telemetry
 from foredeck_orchestrator.adapters.keys import Keys
 from foredeck_orchestrator.adapters.redis_agents import RedisAgents
-from foredeck_orchestrator.adapters.redis_runs import RedisRuns
+from foredeck_orchestrator.adapters.redis_runs import RedisRuns, redis_client
 from foredeck_orchestrator.config import OrchestratorSettings
 from foredeck_orchestrator.servicer import (
     AGENT_SERVICE,
@@ -51,7 +51,7 @@ class ApiHost(ServiceHost):
 
     async def start(self) -> int:
         s = self.orchestrator_settings
-        self.redis = self.deps.redis or Redis.from_url(s.redis_url)
+        self.redis = self.deps.redis or redis_client(s)
         keys = Keys(s.key_prefix)
         self.runs = RedisRuns(
             self.redis,

@@ -7,16 +7,19 @@ another user without ``runs:all_users``, are reported as not found.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import inspect
 import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
 from opentelemetry import propagate
+from redis.exceptions import RedisError
 
 from foredeck.common.v1 import agent_pb2, error_pb2, journal_pb2, run_event_pb2, run_pb2
 from foredeck.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -65,6 +68,8 @@ GATEWAY_ONLY_METHODS = (
     f"/{RUN_SERVICE}/ForkRun",
 )
 
+T = TypeVar("T")
+
 _EVENT_ID = re.compile(r"\d{1,20}-\d{1,20}")
 _UNENQUEUED_GRACE_MS = 5_000
 _SETTABLE = (
@@ -101,6 +106,41 @@ _EVENT_FIELDS = {
 }
 
 
+def store_errors(cls: type[T]) -> type[T]:
+    """Turn Redis failures in every RPC of ``cls`` into UNAVAILABLE STORE_UNAVAILABLE."""
+    for name, method in list(vars(cls).items()):
+        if name.startswith("_") or not callable(method):
+            continue
+        if inspect.isasyncgenfunction(method):
+            setattr(cls, name, _guard_stream(method))
+        elif inspect.iscoroutinefunction(method):
+            setattr(cls, name, _guard_unary(method))
+    return cls
+
+
+def _guard_unary(method: Any) -> Any:
+    @functools.wraps(method)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisError, OSError) as error:
+            raise ServiceError.store_unavailable("redis") from error
+
+    return guarded
+
+
+def _guard_stream(method: Any) -> Any:
+    @functools.wraps(method)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            async for item in method(*args, **kwargs):
+                yield item
+        except (RedisError, OSError) as error:
+            raise ServiceError.store_unavailable("redis") from error
+
+    return guarded
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -126,6 +166,7 @@ def _etag(tenant_id: str, name: str, version: int) -> str:
 # --- agents ---------------------------------------------------------------------------------
 
 
+@store_errors
 class AgentServicer(pb_grpc.AgentServiceServicer):
     """Versioned agent definitions of the caller's tenant."""
 
@@ -368,6 +409,7 @@ def _visible(principal: Principal, record: RunRecord | None) -> bool:
     return run.user_id == principal.user_id or principal.has("runs:all_users")
 
 
+@store_errors
 class RunServicer(pb_grpc.RunServiceServicer):
     """Submit, read, watch and cancel runs."""
 

@@ -22,7 +22,7 @@ from foredeck_kit.settings import load_settings
 from foredeck_kit.telemetry import Telemetry, setup_telemetry
 from foredeck_orchestrator.adapters.keys import Keys
 from foredeck_orchestrator.adapters.redis_agents import RedisAgents
-from foredeck_orchestrator.adapters.redis_runs import RedisRuns
+from foredeck_orchestrator.adapters.redis_runs import RedisRuns, redis_client
 from foredeck_orchestrator.clients import ConnectedAgentLoop, DownstreamClients
 from foredeck_orchestrator.config import OrchestratorSettings
 from foredeck_orchestrator.domain.ports import AgentLoop
@@ -75,7 +75,7 @@ class WorkerHost(ServiceHost):
 
     async def start(self) -> int:
         s = self.orchestrator_settings
-        self.redis = self.deps.redis or Redis.from_url(s.redis_url)
+        self.redis = self.deps.redis or redis_client(s)
         keys = Keys(s.key_prefix)
         runs = RedisRuns(
             self.redis, keys, event_retention=s.event_retention, run_ttl_seconds=s.run_ttl_seconds

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from google.protobuf import timestamp_pb2
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from foredeck.common.v1 import error_pb2, journal_pb2, run_event_pb2, run_pb2, usage_pb2
 from foredeck_orchestrator.adapters import scripts
@@ -37,6 +37,16 @@ _TERMINAL = frozenset(
         run_pb2.RUN_STATUS_DEAD_LETTERED,
     }
 )
+
+
+def redis_client(settings: Any) -> Redis:
+    """A client whose calls wait for a free connection (up to a bound) instead of failing."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_seconds,
+    )
+    return Redis(connection_pool=pool)
 
 
 def is_terminal(status: int) -> bool:
