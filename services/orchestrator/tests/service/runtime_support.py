@@ -39,9 +39,10 @@ from foredeck_kit.principal import (
     PrincipalSigner,
     format_keys,
 )
+from foredeck_kit.telemetry import Telemetry
 from foredeck_orchestrator.config import OrchestratorSettings
-from foredeck_orchestrator.server import ApiHost, build_server
-from foredeck_orchestrator.worker import WorkerHost, build_worker
+from foredeck_orchestrator.server import ApiDeps, ApiHost, build_server
+from foredeck_orchestrator.worker import WorkerDeps, WorkerHost, build_worker
 from foredeck_testing.server import (
     RunningServer,
     fresh_delegation_keys,
@@ -333,9 +334,11 @@ class Api:
 
 
 @asynccontextmanager
-async def api_server(settings: OrchestratorSettings) -> AsyncIterator[Api]:
+async def api_server(
+    settings: OrchestratorSettings, telemetry: Telemetry | None = None
+) -> AsyncIterator[Api]:
     """Start the API role on a free port."""
-    host = build_server(settings)
+    host = build_server(settings, ApiDeps(telemetry=telemetry))
     await host.start()
     try:
         async with asyncio.timeout(30):
@@ -369,9 +372,11 @@ def _parse(spec: str) -> Mapping[str, bytes]:
 
 
 @asynccontextmanager
-async def worker_in_process(settings: OrchestratorSettings) -> AsyncIterator[WorkerHost]:
+async def worker_in_process(
+    settings: OrchestratorSettings, telemetry: Telemetry | None = None
+) -> AsyncIterator[WorkerHost]:
     """Start a worker role in this process."""
-    host = build_worker(settings)
+    host = build_worker(settings, WorkerDeps(telemetry=telemetry))
     await host.start()
     try:
         yield host
