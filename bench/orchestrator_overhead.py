@@ -335,6 +335,15 @@ def _langgraph(echo_server: RunningServer) -> list[float] | str:
     return [seconds / steps for seconds in result["invocation_seconds"]]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a live process has used (Linux /proc)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _consumers(redis: Any) -> list[Any]:
     try:
         return list(await redis.xinfo_consumers("fdorch:queue:{low}", "workers"))
@@ -349,7 +358,7 @@ async def _throughput(
     delegation: Any,
     redis: Any,
     llm_servicer: _Llm,
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, float]:
     llm_servicer.latency = LLM_LATENCY
     settings = _settings(redis_url, servers, keys, delegation, worker_concurrency=SLOTS_PER_WORKER)
     await redis.flushdb()
@@ -402,7 +411,8 @@ async def _throughput(
         measured = CONCURRENT_RUNS / window
         ceiling = WORKERS * SLOTS_PER_WORKER / (2 * LLM_LATENCY)
         durations = [(int(row[1]) - int(row[0])) / 1000 for row in rows]
-        return measured, ceiling, window, statistics.mean(durations)
+        cpu = sum(_cpu_seconds(worker.pid) for worker in workers) / CONCURRENT_RUNS
+        return measured, ceiling, window, statistics.mean(durations), cpu
     finally:
         for worker in workers:
             worker.terminate()
@@ -427,7 +437,7 @@ async def run() -> None:
                 steps = await _per_step(redis_process.url, servers, keys, delegation, redis)
                 floor = await _floor(servers[3], redis)
                 langgraph = await asyncio.to_thread(_langgraph, servers[3])
-                measured, ceiling, window, mean_run = await _throughput(
+                measured, ceiling, window, mean_run, cpu = await _throughput(
                     redis_process.url, servers, keys, delegation, redis, llm_servicer
                 )
             await redis.aclose()
@@ -450,7 +460,8 @@ async def run() -> None:
         f"{WORKERS} workers x {SLOTS_PER_WORKER} slots: {measured:.1f} runs/s over "
         f"{window:.2f} s; Little's-law ceiling {ceiling:.1f} runs/s; "
         f"ratio {measured / ceiling:.2f} (goal >= 0.95); mean run {mean_run:.3f} s "
-        f"(model time alone {2 * LLM_LATENCY:.1f} s)"
+        f"(model time alone {2 * LLM_LATENCY:.1f} s); worker CPU {cpu * 1000:.1f} ms per run "
+        f"({os.cpu_count()} cores on this machine)"
     )
 
 
