@@ -71,6 +71,7 @@ run: setup ## Start the whole platform locally on embedded defaults (Ctrl-C stop
 # Outside the repository, so linters and type checks never walk into it.
 LITELLM_VENV ?= $(HOME)/.cache/foredeck-bench/litellm-venv
 MEM0_VENV ?= $(HOME)/.cache/foredeck-bench/mem0-venv
+LANGGRAPH_VENV ?= $(HOME)/.cache/foredeck-bench/langgraph-venv
 
 bench: setup ## Run the benchmarks; each prints its figures and the ratio to its baseline.
 	@# The LiteLLM proxy (peer of the llmrouter) lives in its own environment, never in the lock.
@@ -79,7 +80,11 @@ bench: setup ## Run the benchmarks; each prints its figures and the ratio to its
 	@# mem0 (peer of the memory service) likewise.
 	test -x $(MEM0_VENV)/bin/python || ($(UV) venv -q --python 3.11 $(MEM0_VENV) \
 		&& $(UV) pip install -q --python $(MEM0_VENV)/bin/python mem0ai faiss-cpu)
-	LITELLM_VENV=$(LITELLM_VENV) MEM0_PYTHON=$(MEM0_VENV)/bin/python $(RUN) python -m bench
+	@# LangGraph with its SQLite checkpointer (peer of the orchestrator) likewise.
+	test -x $(LANGGRAPH_VENV)/bin/python || ($(UV) venv -q --python 3.11 $(LANGGRAPH_VENV) \
+		&& $(UV) pip install -q --python $(LANGGRAPH_VENV)/bin/python langgraph langgraph-checkpoint-sqlite grpcio)
+	LITELLM_VENV=$(LITELLM_VENV) MEM0_PYTHON=$(MEM0_VENV)/bin/python \
+		LANGGRAPH_PYTHON=$(LANGGRAPH_VENV)/bin/python $(RUN) python -m bench
 
 .PHONY: clean
 clean: ## Remove caches, build output and the local stack's data directory.

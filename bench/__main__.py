@@ -8,6 +8,7 @@ from bench import (
     kit_overhead,
     llmrouter_vs_litellm,
     memory_recall,
+    orchestrator_overhead,
     principal_verify,
     toolrunner_sandbox,
 )
@@ -20,6 +21,7 @@ def main() -> None:
     asyncio.run(llmrouter_vs_litellm.run())
     asyncio.run(toolrunner_sandbox.run())
     asyncio.run(memory_recall.run())
+    asyncio.run(orchestrator_overhead.run())
 
 
 if __name__ == "__main__":

@@ -3,17 +3,21 @@
 ``alpha`` needs Redis; ``beta`` needs Redis, the graph store and alpha (it checks alpha's
 health before serving, so it only becomes healthy if the runner started alpha first and
 passed its address); ``broken`` exits at start the way a misconfigured service does.
+A service reports NOT_SERVING while the Redis key ``fake:<name>:down`` exists, so a test can
+make its health change.
 Run as ``python -m fake_stack_service`` with the environment the runner builds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -65,6 +69,23 @@ async def _upstream_serving(address: str) -> bool:
     return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+async def _follow_switch(redis: Redis, name: str, servicer: Any, stop: asyncio.Event) -> None:
+    """Serve NOT_SERVING while ``fake:<name>:down`` exists in Redis, SERVING otherwise."""
+    down = False
+    while not stop.is_set():
+        now_down = bool(await redis.exists(f"fake:{name}:down"))
+        if now_down != down:
+            down = now_down
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if down
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            await servicer.set(f"fake.{name.title()}", status)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.1)
+
+
 async def serve() -> int:
     """Serve the standard health service until SIGTERM or SIGINT; return the exit code."""
     name = os.environ["FAKE_SERVICE"]
@@ -79,8 +100,9 @@ async def serve() -> int:
     redis = Redis.from_url(os.environ["FAKE_REDIS_URL"])
     try:
         await redis.ping()
-    finally:
+    except Exception:
         await redis.aclose()
+        raise
     upstream = os.environ.get("FAKE_UPSTREAM")
     if upstream is not None and not await _upstream_serving(upstream):
         log.error("%s: upstream %s is not serving", name, upstream)
@@ -99,7 +121,11 @@ async def serve() -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    follow = asyncio.create_task(_follow_switch(redis, name, servicer, stop))
     await stop.wait()
+    follow.cancel()
+    await asyncio.gather(follow, return_exceptions=True)
+    await redis.aclose()
     await servicer.enter_graceful_shutdown()
     await server.stop(1)
     log.info("%s stopped gracefully", name)

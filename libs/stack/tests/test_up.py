@@ -25,6 +25,7 @@ from foredeck_stack.up import StackNotRunningError, read_stack_file
 
 TESTS_DIR = Path(__file__).resolve().parent
 MARKER_VARIABLE = "FOREDECK_UP_TEST_RUN"
+CLI = (sys.executable, "-m", "foredeck_client.cli")
 ENTRY_POINTS = """\
 [foredeck.stack]
 alpha = fake_stack_service:ALPHA
@@ -268,3 +269,74 @@ def test_children_do_not_outlive_a_killed_runner(
     again = start_up(data_dir, "--only", "alpha")
     assert list(again.wait_ready()["components"]) == ["redis", "arcadedb", "alpha"]
     assert again.interrupt() == 0
+
+
+def wait_for_text(up: Up, text: str, within: float = 30.0) -> None:
+    """Poll the runner's output until ``text`` appears; fail if it exits or time runs out."""
+    deadline = time.monotonic() + within
+    while text not in up.text:
+        if up.process.poll() is not None:
+            pytest.fail(f"foredeck up exited with {up.process.returncode}:\n{up.text}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{text!r} did not appear within {within} s:\n{up.text}")
+        time.sleep(0.05)
+
+
+def test_up_prints_progress_and_health_changes_and_leaves_logs_in_their_files(
+    tmp_path: Path, start_up: Any, environment: Environment
+) -> None:
+    data_dir = tmp_path / "data"
+    up = start_up(data_dir, "--only", "alpha")
+    info = up.wait_ready()
+    alpha = info["components"]["alpha"]["address"]
+
+    for name in ("redis", "arcadedb", "alpha"):
+        assert f"{name:<8}  starting" in up.text
+    assert f"alpha     ready on {alpha} (" in up.text
+    assert "foredeck logs NAME" in up.text
+    # The service's own log line is in its file, not on the terminal.
+    assert "alpha listening on" in (data_dir / "logs" / "alpha.log").read_text()
+    assert "alpha listening on" not in up.text
+    assert "| " not in up.text
+
+    with Redis.from_url(info["components"]["redis"]["url"]) as redis:
+        redis.set("fake:alpha:down", "1")
+        wait_for_text(up, "alpha     health NOT_SERVING")
+        redis.delete("fake:alpha:down")
+        wait_for_text(up, "alpha     health SERVING again")
+
+    shown = subprocess.run(
+        [*CLI, "logs", "alpha", "--no-follow", "--data-dir", str(data_dir)],
+        capture_output=True,
+        text=True,
+        env=environment.variables,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"alpha listening on {alpha}" in shown.stdout
+    assert up.interrupt() == 0
+
+    streamed = start_up(data_dir, "--only", "alpha", "--logs")
+    address = streamed.wait_ready()["components"]["alpha"]["address"]
+    wait_for_text(streamed, f"alpha    | INFO alpha listening on {address}")
+    assert streamed.interrupt() == 0
+    assert environment.leftover_processes() == []
+
+
+def test_logs_names_the_known_components_when_asked_for_an_unknown_one(tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "redis.log").write_text("ready\n", encoding="utf-8")
+
+    shown = subprocess.run(
+        [*CLI, "logs", "nope", "--no-follow", "--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert shown.returncode == 2
+    assert "no log for 'nope'" in shown.stderr
+    assert "known: redis" in shown.stderr

@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from foredeck_client.commands import add_commands
 
 __all__ = ["build_parser", "main"]
 
@@ -39,6 +42,7 @@ def _up(args: argparse.Namespace) -> int:
         only=_names(args.only),
         ready_within=args.ready_timeout,
         stop_grace=args.stop_grace,
+        follow_logs=args.logs,
     )
     return asyncio.run(run_up(options))
 
@@ -83,7 +87,76 @@ def _add_up(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         metavar="SECONDS",
         help="time each service gets to exit after SIGTERM before SIGKILL (default: %(default)s)",
     )
+    up.add_argument(
+        "--logs",
+        action="store_true",
+        help="stream every component's log here, prefixed by its name (default: logs stay in "
+        "their files and only progress, health changes and failures are printed)",
+    )
     up.set_defaults(handler=_up)
+
+
+_FOLLOW_POLL_SECONDS = 0.2
+
+
+def _logs(args: argparse.Namespace) -> int:
+    path: Path = args.data_dir / "logs" / f"{args.name}.log"
+    if not path.is_file():
+        known = sorted(p.stem for p in (args.data_dir / "logs").glob("*.log"))
+        hint = f"known: {', '.join(known)}" if known else "has `foredeck up` run here?"
+        print(
+            f"foredeck logs: no log for {args.name!r} in {args.data_dir / 'logs'} ({hint})",
+            file=sys.stderr,
+        )
+        return 2
+    with path.open("rb") as log:
+        lines = log.read().splitlines(keepends=True)
+        for line in lines[-args.tail :] if args.tail > 0 else lines:
+            sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        if not args.follow:
+            return 0
+        try:
+            while True:
+                chunk = log.read()
+                if chunk:
+                    sys.stdout.buffer.write(chunk)
+                    sys.stdout.flush()
+                else:
+                    time.sleep(_FOLLOW_POLL_SECONDS)
+        except KeyboardInterrupt:
+            return 0
+
+
+def _add_logs(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    logs = commands.add_parser(
+        "logs",
+        help="show and follow one component's log from the local stack",
+        description="Print the end of a component's log (redis, arcadedb or a service) from "
+        "the local stack's data directory, then follow it until Ctrl-C.",
+    )
+    logs.add_argument("name", metavar="NAME", help="component name, as `foredeck up` lists it")
+    logs.add_argument(
+        "--data-dir",
+        type=Path,
+        default=_DEFAULT_DATA_DIR,
+        metavar="DIR",
+        help="the local stack's data directory (default: %(default)s)",
+    )
+    logs.add_argument(
+        "--tail",
+        type=int,
+        default=100,
+        metavar="N",
+        help="lines printed before following; 0 prints the whole log (default: %(default)s)",
+    )
+    logs.add_argument(
+        "--no-follow",
+        dest="follow",
+        action="store_false",
+        help="print and exit instead of following",
+    )
+    logs.set_defaults(handler=_logs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_up(commands)
+    _add_logs(commands)
+    add_commands(commands)
     return parser
 
 

@@ -65,6 +65,9 @@ class RpcState:
     error: BaseException | None = None
     """Unexpected exception the RPC ended with; logged with its traceback, never sent."""
     code: grpc.StatusCode | None = None
+    peer: str = "unknown"
+    """The caller's address, read when the RPC begins: once a cancelled call is torn down,
+    asking grpc for it can crash the process."""
 
     def time_remaining(self) -> float | None:
         """Seconds left before the inbound deadline (negative once passed), None without one."""

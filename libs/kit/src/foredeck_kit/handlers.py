@@ -433,10 +433,15 @@ class _Method:
                     carrier = {}
                 carrier[key] = value
         remaining = context.time_remaining()
+        try:
+            peer = context.peer()
+        except Exception:
+            peer = "unknown"
         state = RpcState(
             method=self.full_method,
             request_id=request_id,
             deadline=time.monotonic() + remaining if remaining is not None else None,
+            peer=peer,
         )
         # Each RPC runs in its own task with its own copy of the context, dropped when the RPC
         # ends, so values set here need no reset (a reset would fail when a stream is closed
@@ -603,11 +608,7 @@ class _Method:
         elapsed = time.perf_counter() - started
         end_time = time.time_ns()
         state.code = code
-        try:
-            peer = context.peer()
-        except Exception:
-            peer = "unknown"
-        arguments = (state, peer, span, elapsed, end_time, code, mapped)
+        arguments = (state, state.peer, span, elapsed, end_time, code, mapped)
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:

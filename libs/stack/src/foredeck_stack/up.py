@@ -63,6 +63,7 @@ _SERVICE_START_ATTEMPTS = 3
 _BIND_FAILURES = ("address already in use", "failed to bind")
 _LOG_POLL_SECONDS = 0.1
 _HEALTH_POLL_SECONDS = 0.1
+_HEALTH_CHECK_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,11 @@ class UpOptions:
     """Seconds each component gets to become ready."""
     stop_grace: float = 10.0
     """Seconds each service gets to exit after SIGTERM before it is killed."""
+    follow_logs: bool = False
+    """Stream every component's log to the terminal; by default each log stays in its file and
+    the terminal shows only progress, health changes and failures."""
+    health_interval: float = 2.0
+    """Seconds between health checks of the running services (a change is printed)."""
 
 
 class StackNotRunningError(RuntimeError):
@@ -257,14 +263,26 @@ class _Stack:
         return str(path)
 
     def _pump_logs(self) -> None:
+        if not self.options.follow_logs:
+            return
         for component in self.components:
             for line in component.follower.read_lines():
                 self.say(f"{component.name:<{self._name_width}} | {line}")
 
     def _drain_logs(self) -> None:
+        if not self.options.follow_logs:
+            return
         for component in self.components:
             for line in component.follower.flush():
                 self.say(f"{component.name:<{self._name_width}} | {line}")
+
+    def _status(self, name: str, message: str) -> None:
+        """One progress line: the component's name in a column, then what happened."""
+        self.say(f"{name:<{self._name_width}}  {message}")
+
+    def _ready(self, component: _Component, since: float) -> None:
+        seconds = time.monotonic() - since
+        self._status(component.name, f"ready on {component.address} ({seconds:.1f} s)")
 
     async def _stream_logs(self) -> None:
         while True:
@@ -298,6 +316,8 @@ class _Stack:
         redis_log = self.logs_dir / "redis.log"
         redis = RedisProcess(self.data_dir / "redis", log_path=redis_log)
         follower = self._follower(redis_log)
+        self._status("redis", "starting")
+        since = time.monotonic()
         await redis.start(ready_within=self.options.ready_within)
         self.redis = redis
         self.components.append(
@@ -312,6 +332,7 @@ class _Stack:
                 details={"url": redis.url, "host": LOCALHOST, "port": redis.port},
             )
         )
+        self._ready(self.components[-1], since)
         graph_log = self.logs_dir / "arcadedb.log"
         graph = ArcadeDbProcess(
             self.data_dir / "arcadedb",
@@ -320,6 +341,8 @@ class _Stack:
             default_database=GRAPH_DATABASE,
         )
         follower = self._follower(graph_log)
+        self._status("arcadedb", "starting")
+        since = time.monotonic()
         await graph.start(ready_within=self.options.ready_within)
         self.graph = graph
         self.components.append(
@@ -340,6 +363,7 @@ class _Stack:
                 },
             )
         )
+        self._ready(self.components[-1], since)
 
     def _context(self, service: StackService, port: int) -> StackContext:
         if self.redis is None or self.graph is None:
@@ -402,6 +426,8 @@ class _Stack:
                 },
             )
             self.components.append(component)
+            self._status(service.name, "starting")
+            since = time.monotonic()
             await process.spawn()
             try:
                 await self._wait_healthy(service, process, context.address)
@@ -416,6 +442,7 @@ class _Stack:
                 self._pump_logs()
                 self.components.remove(component)
             else:
+                self._ready(component, since)
                 return
 
     async def _wait_healthy(
@@ -506,6 +533,46 @@ class _Stack:
                 f"{self._relative(self.data_dir / ARCADEDB_PASSWORD_FILE)}; "
                 f"addresses in {self._relative(self.data_dir / STACK_FILE)}; Ctrl-C stops"
             )
+        if not self.options.follow_logs:
+            self.say(
+                f"Logs are in {self._relative(self.logs_dir)}: `foredeck logs NAME` follows one, "
+                "`foredeck up --logs` streams them all. Health changes and crashes show here."
+            )
+
+    async def _watch_health(self) -> None:
+        """Check every running service's health now and then; print each change of status."""
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        services = [c for c in self.components if c.kind == "service"]
+        channels = {
+            c.name: grpc.aio.insecure_channel(c.address, options=[("grpc.enable_http_proxy", 0)])
+            for c in services
+        }
+        last = dict.fromkeys(channels, "SERVING")
+        try:
+            while True:
+                await asyncio.sleep(self.options.health_interval)
+                for component in services:
+                    if not component.child.running:
+                        continue  # an exit is reported by the supervisor, with its log
+                    stub = health_pb2_grpc.HealthStub(channels[component.name])
+                    request = health_pb2.HealthCheckRequest(
+                        service=str(component.details.get("health_service", ""))
+                    )
+                    try:
+                        response = await stub.Check(request, timeout=_HEALTH_CHECK_TIMEOUT)
+                    except grpc.aio.AioRpcError as error:
+                        status = f"unreachable ({error.code().name})"
+                    else:
+                        status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+                    if status != last[component.name]:
+                        again = " again" if status == "SERVING" else ""
+                        self._status(component.name, f"health {status}{again}")
+                        last[component.name] = status
+        finally:
+            for channel in channels.values():
+                await channel.close(None)
 
     async def _supervise(self) -> int:
         """Wait for a stop request or for any component to exit on its own."""
@@ -569,7 +636,8 @@ class _Stack:
                 self.complain(f"foredeck up: {error}")
                 return 2
             started_at = time.monotonic()
-            streaming = asyncio.create_task(self._stream_logs())
+            if self.options.follow_logs:
+                streaming = asyncio.create_task(self._stream_logs())
             starting = asyncio.create_task(self._start_all(services))
             stop = asyncio.create_task(self.stop_requested.wait())
             await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -590,7 +658,13 @@ class _Stack:
             self._write_stack_file()
             self._pump_logs()
             self._print_table(time.monotonic() - started_at)
-            code = await self._supervise()
+            watching = asyncio.create_task(self._watch_health())
+            try:
+                code = await self._supervise()
+            finally:
+                watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await watching
             if code == 0:
                 self.say(f"foredeck up: {self.signal_name}; stopping")
             return code
