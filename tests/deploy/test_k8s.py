@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 import yaml
 
+from foredeck_orchestrator.adapters.keys import Keys
+
 ROOT = Path(__file__).resolve().parents[2]
 
 Manifests = dict[str, list[dict[str, Any]]]
@@ -155,7 +157,10 @@ def test_scaling(overlay: str, manifests: Manifests) -> None:
         assert int(meta["lagCount"]) > 0
         assert meta["consumerGroup"]
         streams.add(meta["stream"])
-    assert streams == {"orch:queue:high", "orch:queue:normal", "orch:queue:low"}
+    # The orchestrator's own key names, so a renamed queue fails here rather than in a cluster.
+    keys = Keys()
+    assert streams == set(keys.queues())
+    assert {t["metadata"]["consumerGroup"] for t in spec["triggers"]} == {keys.group}
 
 
 @pytest.mark.parametrize("overlay", ["dev", "prod"])
