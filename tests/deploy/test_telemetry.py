@@ -1,13 +1,12 @@
 """Traces, metrics and logs of the real services, run as processes the way their images run them.
 
-llmrouter, toolrunner and memory start with ``python -m`` on real Redis and a real Bolt server,
-exporting spans over OTLP/gRPC to a collector this test runs in-process. A client span plays
-the orchestrator worker's step and calls all three with the worker's delegated principal; the
-test then checks that every span lands in that one trace as a tree, that the services'
-Prometheus endpoints counted the calls, and that their log lines are JSON carrying the trace.
-
-The whole run tree (gateway call, queue hop, worker steps) needs the gateway and the
-orchestrator; this test covers the calls the worker makes to the services that exist.
+llmrouter, toolrunner, memory and both orchestrator roles start with ``python -m`` on real Redis
+and a real Bolt server, exporting spans over OTLP/gRPC to a collector this test runs in-process.
+One test sends a run to the orchestrator API and follows it through the Redis stream into the
+worker and every service it calls: one trace, as a tree. Others call the services as a worker's
+step does and check that their Prometheus endpoints counted the calls and that their log lines
+are JSON carrying the trace. The caller's span stands in for the gateway's, which is not built
+yet.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import os
 import secrets
 import sys
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,18 +42,25 @@ from opentelemetry.trace import SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client.parser import text_string_to_metric_families
 
-from foredeck.common.v1 import chat_pb2
+from foredeck.common.v1 import agent_pb2, chat_pb2, run_pb2
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as router_pb
 from foredeck.llmrouter.v1 import llmrouter_service_pb2_grpc as router_grpc
 from foredeck.memory.v1 import memory_service_pb2 as memory_pb
 from foredeck.memory.v1 import memory_service_pb2_grpc as memory_grpc
+from foredeck.orchestrator.v1 import orchestrator_service_pb2 as orchestrator_pb
+from foredeck.orchestrator.v1 import orchestrator_service_pb2_grpc as orchestrator_grpc
 from foredeck.toolrunner.v1 import toolrunner_service_pb2 as tool_pb
 from foredeck.toolrunner.v1 import toolrunner_service_pb2_grpc as tool_grpc
 from foredeck_kit.delegation import DelegationSigner, RunClaims
 from foredeck_kit.idempotency import tool_effect_key
-from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, format_keys, generate_key
+from foredeck_kit.principal import (
+    PRINCIPAL_METADATA_KEY,
+    PrincipalSigner,
+    format_keys,
+    generate_key,
+)
 from foredeck_stack.stores import ArcadeDbProcess, RedisProcess, free_port
-from foredeck_testing.provider import ScriptedProvider
+from foredeck_testing.provider import ScriptedProvider, TextReply
 
 pytestmark = pytest.mark.slow
 
@@ -137,6 +144,7 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 @dataclass
 class Service:
     name: str
+    service_name: str
     process: asyncio.subprocess.Process
     port: int
     metrics_port: int
@@ -167,11 +175,27 @@ def base_environment() -> dict[str, str]:
     }
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def unused_port() -> int:
+    """A free port not handed to another process of this test: a process started a moment
+    ago may not have bound the port it was given yet, and the kernel would offer it again."""
+    while True:
+        port = free_port()
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
 async def start_service(
-    name: str, env: Mapping[str, str], tmp: Path, extra: Mapping[str, str]
+    name: str, env: Mapping[str, str], tmp: Path, extra: Mapping[str, str], module: str = ""
 ) -> Service:
-    prefix = f"FOREDECK_{name.upper()}_"
-    port, metrics_port = free_port(), free_port()
+    """Start ``python -m <module>`` (default ``foredeck_<name>``) with its settings in ``env``."""
+    service_name = name.split("-")[0]
+    module = module or f"foredeck_{service_name}"
+    prefix = f"FOREDECK_{service_name.upper()}_"
+    port, metrics_port = unused_port(), unused_port()
     log = tmp / f"{name}.log"
     full = {
         **env,
@@ -186,9 +210,9 @@ async def start_service(
     }
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"foredeck_{name}", env=full, stdout=out, stderr=out
+            sys.executable, "-m", module, env=full, stdout=out, stderr=out
         )
-    return Service(name, process, port, metrics_port, log)
+    return Service(name, service_name, process, port, metrics_port, log)
 
 
 async def wait_serving(service: Service) -> None:
@@ -217,6 +241,13 @@ class Stack:
     services: dict[str, Service]
     delegation: DelegationSigner
     client_provider: TracerProvider
+    provider: ScriptedProvider
+    principals: PrincipalSigner
+
+    def caller_metadata(self, carrier: Mapping[str, str]) -> Sequence[tuple[str, str]]:
+        """What the gateway sends the orchestrator: the caller's principal and the trace."""
+        token = self.principals.mint(tenant_id="tenant-t", user_id="user-t", permissions=("*",))
+        return ((PRINCIPAL_METADATA_KEY, token), *carrier.items())
 
     def run_metadata(self, run_id: str, carrier: Mapping[str, str]) -> Sequence[tuple[str, str]]:
         """What the worker sends: a principal for the run, and the trace context."""
@@ -253,7 +284,8 @@ async def stack(
     await client.flushdb()
     await client.aclose()
 
-    principal = format_keys({"test": generate_key()})
+    principal_keys = {"test": generate_key()}
+    principal = format_keys(principal_keys)
     delegation_keys = {"test-delegation": generate_key()}
     env = {
         **base_environment(),
@@ -307,11 +339,30 @@ async def stack(
         extras["memory"]["LLMROUTER_ADDRESS"] = f"127.0.0.1:{services['llmrouter'].port}"
         services["memory"] = await start_service("memory", env, tmp, extras["memory"])
         await wait_serving(services["memory"])
+        orchestrator = {
+            **shared,
+            **{
+                f"{name.upper()}_ADDRESS": f"127.0.0.1:{services[name].port}"
+                for name in ("llmrouter", "toolrunner", "memory")
+            },
+        }
+        services["orchestrator-api"] = await start_service(
+            "orchestrator-api", env, tmp, orchestrator
+        )
+        services["orchestrator-worker"] = await start_service(
+            "orchestrator-worker", env, tmp, orchestrator, module="foredeck_orchestrator.worker"
+        )
+        await asyncio.gather(
+            wait_serving(services["orchestrator-api"]),
+            wait_serving(services["orchestrator-worker"]),
+        )
         yield Stack(
             receiver,
             services,
             DelegationSigner(delegation_keys, "test-delegation"),
             client_provider,
+            provider,
+            PrincipalSigner(principal_keys, "test"),
         )
     finally:
         await asyncio.to_thread(client_provider.shutdown)
@@ -496,10 +547,164 @@ async def test_log_lines_are_json_and_carry_the_trace(stack: Stack) -> None:
                     return [json.loads(line) for line in lines if line.strip()]
                 await asyncio.sleep(0.05)
 
-    for service in stack.services.values():
+    for name in ("llmrouter", "toolrunner", "memory"):
+        service = stack.services[name]
         records = await logged(service)
         assert all(isinstance(r, dict) and r.get("event") for r in records), service.name
         rpcs = [r for r in records if r.get("event") == "rpc" and r.get("trace_id") == trace_id]
         assert rpcs, service.name
-        assert all(r["service"] == service.name for r in rpcs)
+        assert all(r["service"] == service.service_name for r in rpcs)
         assert all(r["tenant_id"] == "tenant-t" for r in rpcs)
+
+
+async def test_a_run_is_one_trace_from_the_caller_through_the_queue_to_every_service(
+    stack: Stack,
+) -> None:
+    """Caller → orchestrator API → Redis stream → worker → steps → llmrouter, toolrunner, memory.
+
+    The caller's span stands in for the gateway's (the gateway service is not part of this
+    test yet); everything after it is the real path of a run."""
+    model = "gpt-4o-mini"
+    plan = {
+        "rationale": "Multiply with the calculator.",
+        "steps": [
+            {
+                "kind": "tool_call",
+                "description": "multiply",
+                "tool_name": "calculator",
+                "arguments": {"expression": "6*7"},
+            }
+        ],
+    }
+    stack.provider.enqueue(
+        TextReply(json.dumps(plan)), TextReply("Six times seven is 42."), model=model
+    )
+    api = stack.services["orchestrator-api"].channel
+    agents = orchestrator_grpc.AgentServiceStub(api)
+    runs = orchestrator_grpc.RunServiceStub(api)
+    await agents.CreateAgent(
+        orchestrator_pb.CreateAgentRequest(
+            agent=agent_pb2.Agent(
+                name="traced",
+                model=model,
+                allowed_tools=["calculator"],
+                memory_policy=agent_pb2.MemoryPolicy(recall_enabled=True, remember_results=True),
+            ),
+            request_id=uuid.uuid4().hex,
+        ),
+        metadata=stack.caller_metadata({}),
+        timeout=30,
+    )
+    worker = stack.services["orchestrator-worker"]
+    before = await asyncio.to_thread(worker.scrape)
+    tracer = stack.client_provider.get_tracer("foredeck.test")
+    with tracer.start_as_current_span("gateway SubmitRun", kind=SpanKind.SERVER) as span:
+        carrier: dict[str, str] = {}
+        TraceContextTextMapPropagator().inject(carrier)
+        submitted = await runs.SubmitRun(
+            orchestrator_pb.SubmitRunRequest(
+                agent_name="traced", input="What is 6 times 7?", request_id=uuid.uuid4().hex
+            ),
+            metadata=stack.caller_metadata(carrier),
+            timeout=30,
+        )
+        trace_id = format(span.get_span_context().trace_id, "032x")
+    assert await asyncio.to_thread(stack.client_provider.force_flush, 10_000)
+    run_id = submitted.run.run_id
+
+    async with asyncio.timeout(90):
+        while True:
+            run = (
+                await runs.GetRun(
+                    orchestrator_pb.GetRunRequest(run_id=run_id),
+                    metadata=stack.caller_metadata({}),
+                    timeout=10,
+                )
+            ).run
+            if run.status >= run_pb2.RUN_STATUS_SUCCEEDED:
+                break
+            await asyncio.sleep(0.1)
+    assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, run
+    # The worker counted the run, its tool call and its tokens.
+    after = await asyncio.to_thread(worker.scrape)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("agent_execution_seconds_count", model=model) == 1
+    assert moved("agent_tool_calls_total", tool_name="calculator") == 1
+    assert moved("agent_llm_tokens_total", model=model) > 0
+    assert value(after, "agent_concurrent_executions") == 0
+
+    called = {
+        "llmrouter": "LlmRouterService/Generate",
+        "toolrunner": "ToolRunnerService/ExecuteTool",
+        "memory": "LongTermMemoryService/Remember",
+    }
+
+    def complete(spans: list[ReceivedSpan]) -> bool:
+        mine = [s for s in spans if s.trace_id == trace_id]
+        names = {(s.service, s.span.name.rpartition(".")[2]) for s in mine}
+        done = any(s.span.name == "orchestrator.run" and s.span.end_time_unix_nano for s in mine)
+        return done and all((service, rpc) in names for service, rpc in called.items())
+
+    spans = [s for s in await stack.receiver.wait_for(complete) if s.trace_id == trace_id]
+    by_id = {s.span_id: s for s in spans}
+
+    def chain(span: ReceivedSpan) -> list[ReceivedSpan]:
+        """The span and its ancestors, up to the root."""
+        out = [span]
+        while out[-1].parent_id:
+            out.append(by_id[out[-1].parent_id])
+        return out
+
+    roots = [s for s in spans if not s.parent_id]
+    assert [(r.service, r.span.name) for r in roots] == [("worker-stand-in", "gateway SubmitRun")]
+    assert all(s.parent_id in by_id for s in spans if s.parent_id)
+
+    (submit,) = [
+        s for s in spans if s.span.kind == SERVER and s.span.name.endswith("RunService/SubmitRun")
+    ]
+    assert submit.service == "orchestrator"
+    assert submit.parent_id == roots[0].span_id
+    # The queue hop: the worker's run span continues the submitter's context.
+    (run_span,) = [s for s in spans if s.span.name == "orchestrator.run"]
+    assert run_span.service == "orchestrator-worker"
+    assert submit in chain(run_span)
+    steps = sorted(
+        (s for s in spans if s.span.name.startswith("step ")),
+        key=lambda s: s.span.start_time_unix_nano,
+    )
+    assert all(step.parent_id == run_span.span_id for step in steps)
+    # The agent's loop, in order: recall, plan, the tool call, the answer, remember.
+    assert [s.span.name for s in steps] == [
+        "step recall",
+        "step plan",
+        "step tool_call",
+        "step synthesize",
+        "step remember",
+    ]
+
+    for service, rpc in called.items():
+        served = [s for s in spans if s.service == service and s.span.name.endswith(rpc)]
+        assert served, service
+        for server_span in served:
+            assert server_span.span.kind == SERVER
+            # Worker step -> the worker's client span -> the service's server span.
+            caller = by_id[server_span.parent_id]
+            assert caller.service == "orchestrator-worker"
+            assert caller.span.kind == trace_pb2.Span.SPAN_KIND_CLIENT
+            assert by_id[caller.parent_id] in steps, (service, rpc)
+
+    llm = [
+        s
+        for s in spans
+        if s.attributes.get("gen_ai.operation.name") == "chat"
+        and s.attributes.get("gen_ai.request.model") == model
+    ]
+    assert len(llm) >= 2  # the plan and the answer
+    assert all(s.attributes["gen_ai.usage.output_tokens"] > 0 for s in llm)
+    (tool,) = [s for s in spans if "tool.outcome" in s.attributes]
+    assert tool.attributes["tool.name"] == "calculator"
+    assert tool.attributes["foredeck.run_id"] == run_id
+    assert run_span in chain(tool)
