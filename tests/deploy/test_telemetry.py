@@ -535,21 +535,25 @@ async def test_each_service_counts_the_calls_of_a_step(stack: Stack) -> None:
         assert {"grpc_server_handled_total", "process_cpu_seconds_total"} <= names
 
 
+async def logged(service: Service, *needles: str) -> list[dict[str, Any]]:
+    """The service's log lines as JSON, once a line holding every needle is written.
+
+    A background thread writes the lines, so the one wanted may land a moment after the call.
+    """
+    async with asyncio.timeout(EXPORT_TIMEOUT):
+        while True:
+            lines = service.log_lines()
+            if any(all(n in line for n in needles) for line in lines):
+                return [json.loads(line) for line in lines if line.strip()]
+            await asyncio.sleep(0.05)
+
+
 async def test_log_lines_are_json_and_carry_the_trace(stack: Stack) -> None:
     trace_id = await worker_step(stack, "run-logs", "s1")
 
-    async def logged(service: Service) -> list[dict[str, Any]]:
-        # Lines are written by a background thread; wait for this trace's line to land.
-        async with asyncio.timeout(EXPORT_TIMEOUT):
-            while True:
-                lines = service.log_lines()
-                if any(trace_id in line for line in lines):
-                    return [json.loads(line) for line in lines if line.strip()]
-                await asyncio.sleep(0.05)
-
     for name in ("llmrouter", "toolrunner", "memory"):
         service = stack.services[name]
-        records = await logged(service)
+        records = await logged(service, trace_id)
         assert all(isinstance(r, dict) and r.get("event") for r in records), service.name
         rpcs = [r for r in records if r.get("event") == "rpc" and r.get("trace_id") == trace_id]
         assert rpcs, service.name
@@ -635,6 +639,18 @@ async def test_a_run_is_one_trace_from_the_caller_through_the_queue_to_every_ser
     assert moved("agent_tool_calls_total", tool_name="calculator") == 1
     assert moved("agent_llm_tokens_total", model=model) > 0
     assert value(after, "agent_concurrent_executions") == 0
+
+    # The worker's log lines of the run are JSON and carry the run id and the trace id.
+    records = await logged(worker, run_id, "run finished")
+    of_run = [r for r in records if r.get("run_id") == run_id]
+    assert [r["step_kind"] for r in of_run if r["event"] == "step"] == [
+        "recall",
+        "plan",
+        "tool_call",
+        "synthesize",
+        "remember",
+    ]
+    assert {r.get("trace_id") for r in of_run} == {trace_id}
 
     called = {
         "llmrouter": "LlmRouterService/Generate",
