@@ -98,7 +98,7 @@ def run_uv(argv: list[str], cwd: Path, env: dict[str, str]) -> str:
     result = subprocess.run(
         argv, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600
     )
-    assert result.returncode == 0, f"{shlex.join(argv[1:])}\n{result.stderr[-4000:]}"
+    assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stderr[-4000:]}"
     return result.stdout + result.stderr
 
 
@@ -107,11 +107,21 @@ def service_of(dockerfile: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def uv() -> str:
+def uv() -> list[str]:
+    """The uv command: on PATH, or the module `make setup` installs with pip when it is not."""
     found = shutil.which("uv") or shutil.which("uv", path=str(Path(sys.executable).parent))
-    if found is None:
-        pytest.fail("uv is not on PATH; `make setup` installs it")
-    return found
+    if found is not None:
+        return [found]
+    for python in ("python3", "python"):
+        interpreter = shutil.which(python)
+        if interpreter is None:
+            continue
+        probe = subprocess.run(
+            [interpreter, "-m", "uv", "--version"], capture_output=True, check=False
+        )
+        if probe.returncode == 0:
+            return [interpreter, "-m", "uv"]
+    pytest.fail("uv is neither on PATH nor a module of python3; `make setup` installs it")
 
 
 def test_every_service_has_a_dockerfile() -> None:
@@ -173,7 +183,7 @@ def test_image_shape(dockerfile: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=service_of)
-def test_build_stage_uv_steps_resolve(dockerfile: Path, tmp_path: Path, uv: str) -> None:
+def test_build_stage_uv_steps_resolve(dockerfile: Path, tmp_path: Path, uv: list[str]) -> None:
     """Replay the build stage's COPY and uv steps; the result is the service, without dev tools."""
     build = parse(dockerfile)[0]
     image_root = tmp_path / "image"
@@ -219,10 +229,10 @@ def test_build_stage_uv_steps_resolve(dockerfile: Path, tmp_path: Path, uv: str)
                 "UV_NO_PROGRESS": "1",
             }
             run_env.pop("VIRTUAL_ENV", None)
-            argv = [uv, *shlex.split(rest)[1:]]
-
+            words = shlex.split(rest)[1:]
+            argv = [*uv, *words]
             cwd = inside(".")
-            if argv[1] == "sync":
+            if words[0] == "sync":
                 plan = run_uv([*argv, "--dry-run"], cwd, run_env)
                 planned.update(re.findall(r"^ \+ ([A-Za-z0-9_.-]+)==", plan, re.MULTILINE))
                 skipped = [p for p in source_only_packages() if p in planned]
