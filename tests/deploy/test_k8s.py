@@ -441,3 +441,27 @@ def test_only_the_orchestrator_and_the_services_it_calls_hold_delegation_keys(
         if e.get("valueFrom", {}).get("secretKeyRef", {}).get("key") == "delegation-keys"
     }
     assert holders == set(FOREDECK) - {"gateway"}
+
+
+@pytest.mark.parametrize("overlay", ["dev", "prod"])
+def test_every_foredeck_image_is_built_by_a_dockerfile(overlay: str, manifests: Manifests) -> None:
+    images = {
+        c["image"].partition(":")[0]
+        for d in objects(manifests[overlay], "Deployment").values()
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["image"].startswith("foredeck/")
+    }
+    assert images
+    for image in images:
+        assert (ROOT / "services" / image.removeprefix("foredeck/") / "Dockerfile").is_file()
+    tags = {
+        c["image"].partition(":")[2]
+        for d in objects(manifests[overlay], "Deployment").values()
+        for c in d["spec"]["template"]["spec"]["containers"]
+        if c["image"].startswith("foredeck/")
+    }
+    # One release of the platform at a time, never a moving tag in production.
+    assert len(tags) == 1
+    if overlay == "prod":
+        assert tags != {"latest"}
+        assert tags != {"dev"}
