@@ -65,6 +65,8 @@ class RpcState:
     error: BaseException | None = None
     """Unexpected exception the RPC ended with; logged with its traceback, never sent."""
     code: grpc.StatusCode | None = None
+    log_fields: dict[str, str] | None = None
+    """Extra fields the service adds to the RPC's log line (ids it learns while serving)."""
 
     def time_remaining(self) -> float | None:
         """Seconds left before the inbound deadline (negative once passed), None without one."""
