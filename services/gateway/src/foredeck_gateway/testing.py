@@ -27,7 +27,7 @@ from foredeck_kit.principal import Principal, PrincipalVerifier, current_princip
 from foredeck_kit.server import ServiceHost, build_grpc_server
 from foredeck_kit.settings import ServiceSettings
 
-__all__ = ["ScriptedOrchestrator", "SeenCall"]
+__all__ = ["Gateway", "ScriptedOrchestrator", "SeenCall", "bearer", "make_jwt", "running_gateway"]
 
 DOMAIN = domain_for("orchestrator")
 SERVICE_NAMES = ("foredeck.orchestrator.v1.RunService", "foredeck.orchestrator.v1.AgentService")
@@ -371,3 +371,148 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
         return orch.ListAgentsResponse(
             agents=[a for (t, _), a in sorted(self.agents.items()) if t == principal.tenant_id]
         )
+
+
+# -- a gateway in front of the scripted orchestrator, for tests and the benchmark -----------------
+
+import contextlib  # noqa: E402
+import time  # noqa: E402
+import uuid  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+
+import jwt  # noqa: E402
+
+from foredeck.gateway.v1 import api_key_pb2  # noqa: E402
+from foredeck.gateway.v1 import gateway_service_pb2 as gw  # noqa: E402
+from foredeck.gateway.v1 import gateway_service_pb2_grpc as gw_grpc  # noqa: E402
+from foredeck_gateway.config import GatewaySettings  # noqa: E402
+from foredeck_gateway.credentials import hash_secret, new_api_key_secret  # noqa: E402
+from foredeck_gateway.server import GatewayHost, build_server  # noqa: E402
+from foredeck_kit.principal import format_keys, generate_key  # noqa: E402
+
+JWT_SECRET = "j" * 40
+JWT_ISSUER = "https://idp.test"
+JWT_AUDIENCE = "foredeck"
+ALL_USER_PERMISSIONS = (
+    "agents:read",
+    "agents:write",
+    "runs:create",
+    "runs:read",
+    "runs:cancel",
+    "approvals:resolve",
+)
+
+
+def bearer(secret: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying ``secret`` as the credential."""
+    return (("authorization", f"Bearer {secret}"),)
+
+
+def make_jwt(
+    tenant: str = "acme",
+    user: str = "jo",
+    scope: str = "runs:read runs:create",
+    *,
+    key: str = JWT_SECRET,
+    algorithm: str = "HS256",
+    lifetime: int = 300,
+    **claims: Any,
+) -> str:
+    """An identity provider's token as the gateway is configured to accept it."""
+
+    now = int(time.time())
+    body: dict[str, Any] = {
+        "iss": JWT_ISSUER,
+        "aud": JWT_AUDIENCE,
+        "sub": user,
+        "tid": tenant,
+        "scope": scope,
+        "iat": now,
+        "exp": now + lifetime,
+    }
+    body.update(claims)
+    return jwt.encode(body, key, algorithm=algorithm, headers={"kid": "idp"})
+
+
+@dataclass
+class Gateway:
+    """A running gateway with stubs, its admin credential and the orchestrator behind it."""
+
+    host: GatewayHost
+    channel: grpc.aio.Channel
+    api: Any
+    admin: Any
+    admin_md: tuple[tuple[str, str], ...]
+    orchestrator: ScriptedOrchestrator
+    settings: GatewaySettings
+
+    async def new_key(
+        self,
+        tenant: str = "acme",
+        user: str = "jo",
+        permissions: Sequence[str] = ALL_USER_PERMISSIONS,
+        **fields: Any,
+    ) -> tuple[str, api_key_pb2.ApiKey]:
+        """Create a key through the admin API; return its secret and record."""
+        response = await self.admin.CreateApiKey(
+            gw.CreateApiKeyRequest(
+                tenant_id=tenant,
+                user_id=user,
+                display_name="test key",
+                permissions=list(permissions),
+                request_id=uuid.uuid4().hex,
+                **fields,
+            ),
+            metadata=self.admin_md,
+            timeout=5,
+        )
+        return response.secret, response.api_key
+
+
+def gateway_settings(
+    redis_url: str, orchestrator_address: str, principal_keys: str, **overrides: Any
+) -> GatewaySettings:
+    admin_secret = overrides.pop("admin_secret")
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "orchestrator_address": orchestrator_address,
+        "principal_keys": principal_keys,
+        "admin_key_hashes": hash_secret(admin_secret),
+        "jwt_hs256_secrets": f"idp:{JWT_SECRET}",
+        "jwt_issuer": JWT_ISSUER,
+        "jwt_audience": JWT_AUDIENCE,
+        "metrics_port": -1,
+        "grace_period_seconds": 0.5,
+        "settle_interval_seconds": 0.2,
+    }
+    values.update(overrides)
+    return GatewaySettings(**values)
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[Gateway]:
+    keys = {"gw-test": generate_key()}
+    orchestrator = ScriptedOrchestrator(keys)
+    address = await orchestrator.start()
+    admin_secret = new_api_key_secret()
+    settings = gateway_settings(
+        redis_url, address, format_keys(keys), admin_secret=admin_secret, **overrides
+    )
+    host = build_server(settings)
+    await host.start()
+    channel = grpc.aio.insecure_channel(host.address)
+    try:
+        await host.wait_ready()
+        yield Gateway(
+            host,
+            channel,
+            gw_grpc.GatewayServiceStub(channel),
+            gw_grpc.AdminServiceStub(channel),
+            bearer(admin_secret),
+            orchestrator,
+            settings,
+        )
+    finally:
+        await channel.close(None)
+        await host.stop(0.5)
+        await orchestrator.stop()
