@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -36,6 +37,9 @@ class GatewaySettings(ServiceSettings):
         gt=0,
         le=10,
         description="Longest a Redis round trip may take before the route fails open or closed.",
+    )
+    redis_max_connections: int = Field(
+        default=64, ge=1, le=10_000, description="Most Redis connections a replica opens."
     )
     orchestrator_address: str = Field(
         default="127.0.0.1:50051",
@@ -140,7 +144,9 @@ class GatewaySettings(ServiceSettings):
     @field_validator("fail_open_routes", mode="before")
     @classmethod
     def _split_routes(cls, value: object) -> object:
-        if isinstance(value, str) and not value.strip().startswith("["):
+        if isinstance(value, str):
+            if value.strip().startswith("["):
+                return json.loads(value)
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 

@@ -10,7 +10,7 @@ from datetime import timedelta
 from typing import Any
 
 import grpc
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -101,13 +101,17 @@ class GatewayHost(ServiceHost):
             tenant_claim=s.jwt_tenant_claim,
             permissions_claim=s.jwt_permissions_claim,
         )
-        self.redis = Redis.from_url(
+        # A blocking pool: under a burst, calls wait (within the timeout) for a connection
+        # instead of failing at once as if Redis were down.
+        pool = BlockingConnectionPool.from_url(
             s.redis_url,
+            max_connections=s.redis_max_connections,
+            timeout=s.redis_timeout_seconds,
             socket_timeout=s.redis_timeout_seconds,
             socket_connect_timeout=s.redis_timeout_seconds,
             retry=Retry(NoBackoff(), 0),
-            max_connections=256,
         )
+        self.redis = Redis(connection_pool=pool)
         self.state = RedisState(self.redis, prefix=s.key_prefix, timeout=s.redis_timeout_seconds)
         tracer = self.telemetry.tracer_provider if self.telemetry else None
         self._channel = open_channel(
