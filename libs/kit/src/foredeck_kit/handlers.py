@@ -332,6 +332,7 @@ class _Method:
             span = self._start_span(state, carrier) if self._tracer is not None else None
             code = _OK
             mapped: _Mapped | None = None
+            gone = False
             try:
                 if rejection is not None:
                     raise rejection
@@ -359,6 +360,7 @@ class _Method:
                 raise
             except asyncio.CancelledError:
                 code = self._cancelled_code(state)
+                gone = True
                 raise
             except Exception as exc:
                 mapped = self._map(state, context, exc)
@@ -370,7 +372,7 @@ class _Method:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                self._done(state, context, span, started, code, mapped)
+                self._done(state, context, span, started, code, mapped, gone)
 
         return unary_response
 
@@ -382,6 +384,7 @@ class _Method:
             span = self._start_span(state, carrier) if self._tracer is not None else None
             code = _OK
             mapped: _Mapped | None = None
+            gone = False
             try:
                 if rejection is not None:
                     raise rejection
@@ -396,6 +399,7 @@ class _Method:
                 raise
             except (asyncio.CancelledError, GeneratorExit):
                 code = self._cancelled_code(state)
+                gone = True
                 raise
             except Exception as exc:
                 mapped = self._map(state, context, exc)
@@ -407,7 +411,7 @@ class _Method:
                 code = grpc.StatusCode.UNKNOWN
                 raise
             finally:
-                self._done(state, context, span, started, code, mapped)
+                self._done(state, context, span, started, code, mapped, gone)
 
         return stream_response
 
@@ -593,6 +597,7 @@ class _Method:
         started: float,
         code: grpc.StatusCode,
         mapped: _Mapped | None,
+        gone: bool = False,
     ) -> None:
         """Record the RPC's outcome; the log line, metrics and span end follow a moment later.
 
@@ -603,10 +608,14 @@ class _Method:
         elapsed = time.perf_counter() - started
         end_time = time.time_ns()
         state.code = code
-        try:
-            peer = context.peer()
-        except Exception:
-            peer = "unknown"
+        # A call the client cancelled may already be torn down inside grpc, where asking
+        # for its peer crashes the process.
+        peer = "unknown"
+        if not gone:
+            try:
+                peer = context.peer()
+            except Exception:
+                peer = "unknown"
         arguments = (state, peer, span, elapsed, end_time, code, mapped)
         try:
             loop = asyncio.get_running_loop()
