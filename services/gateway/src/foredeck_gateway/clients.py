@@ -85,7 +85,7 @@ def map_orchestrator_error(error: grpc.aio.AioRpcError) -> ServiceError:
         # Principal and permission failures between gateway and orchestrator, and anything
         # unknown, are the gateway's own fault, not the caller's.
         return ServiceError.internal()
-    violations = list(details.field_violations)
+    violations: list[tuple[str, str]] = [(v.field, v.description) for v in details.field_violations]
     if reason in {"INVALID_REQUEST", "BUDGET_INVALID"} and not violations:
         violations = [("request", "refused by the orchestrator")]
     return ServiceError(
@@ -114,9 +114,9 @@ class Orchestrator:
         self.runs: Any = orch_grpc.RunServiceStub(channel)
         self.agents: Any = orch_grpc.AgentServiceStub(channel)
 
-    async def call(self, method: Any, request: Any, timeout: float | None = None) -> Any:
+    async def call(self, method: Any, request: Any) -> Any:
         """Make a unary call; raise the gateway's error when it fails."""
         try:
-            return await method(request, timeout=timeout)
+            return await method(request)
         except grpc.aio.AioRpcError as exc:
             raise map_orchestrator_error(exc) from None

@@ -9,7 +9,6 @@ tenant, a user and permissions.
 
 from __future__ import annotations
 
-import base64
 import binascii
 import hashlib
 import json
@@ -24,7 +23,6 @@ import jwt
 from jwt.algorithms import RSAAlgorithm
 
 from foredeck_gateway.errors import GatewayReason
-from foredeck_kit.errors import ServiceError
 from foredeck_kit.principal import MIN_KEY_BYTES, PrincipalKind, parse_keys
 
 __all__ = [
@@ -105,7 +103,7 @@ def _load_public_keys(path: Path | None, jwks: Path | None) -> dict[str, Any]:
         if not isinstance(document, dict):
             raise ValueError(f"{path}: expected a JSON object of key id to PEM")
         for kid, pem in document.items():
-            keys[str(kid)] = jwt.algorithms.RSAAlgorithm.prepare_key(pem.encode())
+            keys[str(kid)] = RSAAlgorithm(RSAAlgorithm.SHA256).prepare_key(pem.encode())
     if jwks is not None:
         document = json.loads(jwks.read_text())
         for entry in document.get("keys", []):
@@ -262,21 +260,3 @@ class JwtVerifier:
             token_id=jti if isinstance(jti, str) else "",
             claims=dict(claims),
         )
-
-
-def b64url(data: bytes) -> str:
-    """Unpadded base64url, as JWTs and key secrets use it."""
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def check_token_shape(error: ServiceError) -> bool:
-    """Whether ``error`` is one of the credential rejections (UNAUTHENTICATED)."""
-    return error.reason in {
-        "CREDENTIALS_MISSING",
-        "CREDENTIALS_MALFORMED",
-        "API_KEY_INVALID",
-        "API_KEY_REVOKED",
-        "API_KEY_EXPIRED",
-        "JWT_INVALID",
-        "JWT_EXPIRED",
-    }

@@ -86,7 +86,9 @@ end
 if op == 'auth' then return ok(0, 0, '', '') end
 
 local windows = {}
-if keyid ~= '' then table.insert(windows, {P .. ':rl:k:' .. keyid, klim, 'key', 'key:' .. keyid}) end
+if keyid ~= '' then
+  table.insert(windows, {P .. ':rl:k:' .. keyid, klim, 'key', 'key:' .. keyid})
+end
 table.insert(windows, {P .. ':rl:u:' .. tenant .. ':' .. user, ulim, 'user', 'user:' .. user})
 table.insert(windows, {P .. ':rl:t:' .. tenant, tlim, 'tenant', 'tenant'})
 for _, w in ipairs(windows) do

@@ -62,7 +62,8 @@ class GatewayHost(ServiceHost):
         self._admin: AdminServicer | None = None
 
     def _register_servicers(self, server: grpc.aio.Server) -> None:
-        assert self._gateway is not None and self._admin is not None
+        assert self._gateway is not None
+        assert self._admin is not None
         gw_grpc.add_GatewayServiceServicer_to_server(self._gateway, server)
         gw_grpc.add_AdminServiceServicer_to_server(self._admin, server)
 
@@ -160,7 +161,7 @@ class GatewayHost(ServiceHost):
         if self.settler is not None:
             await self.settler.stop()
         if self._channel is not None:
-            await self._channel.close()
+            await self._channel.close(None)
         if self.redis is not None:
             await self.redis.aclose()
 

@@ -230,10 +230,10 @@ class _Script:
         if self.sha is None:
             self.sha = await redis.script_load(self.source)
         try:
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             self.sha = await redis.script_load(self.source)
-            return await redis.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await redis.evalsha(self.sha, len(keys), *keys, *args)
 
 
 class RedisState:
@@ -249,15 +249,15 @@ class RedisState:
         self._claim = _Script(lua.CLAIM_DUE)
         self._set_budget = _Script(lua.SET_BUDGET)
 
-    async def _bounded(self, call: Awaitable[T], timeout: float | None = None) -> T:
+    async def _bounded(self, call: Awaitable[T]) -> T:
         try:
-            async with asyncio.timeout(timeout or self.timeout):
+            async with asyncio.timeout(self.timeout):
                 return await call
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreDown(str(type(exc).__name__)) from exc
 
     async def ping(self) -> bool:
-        return bool(await self._bounded(self.redis.ping()))  # type: ignore[misc]
+        return bool(await self._bounded(self.redis.ping()))
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -374,21 +374,22 @@ class RedisState:
         return due
 
     async def active_runs(self, tenant_id: str, user_id: str) -> int:
-        return int(await self._bounded(self.redis.scard(f"{self.p}:act:{tenant_id}:{user_id}")))  # type: ignore[misc]
+        return int(await self._bounded(self.redis.scard(f"{self.p}:act:{tenant_id}:{user_id}")))
 
     # -- API keys ----------------------------------------------------------------------------
 
     async def create_key(self, record: KeyRecord, key_hash: str) -> None:
         """Write a key, its hash index and its listing entries in one transaction."""
         pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(f"{self.p}:key:{record.api_key_id}", mapping=record.to_hash())
+        mapping: dict[Any, Any] = dict(record.to_hash())
+        pipe.hset(f"{self.p}:key:{record.api_key_id}", mapping=mapping)
         pipe.set(f"{self.p}:kh:{key_hash}", record.api_key_id)
         pipe.zadd(f"{self.p}:keys", {record.api_key_id: record.create_ms})
         pipe.zadd(f"{self.p}:keys:t:{record.tenant_id}", {record.api_key_id: record.create_ms})
         await self._bounded(pipe.execute())
 
     async def get_key(self, api_key_id: str) -> KeyRecord | None:
-        raw = await self._bounded(self.redis.hgetall(f"{self.p}:key:{api_key_id}"))  # type: ignore[misc]
+        raw: dict[Any, Any] = await self._bounded(self.redis.hgetall(f"{self.p}:key:{api_key_id}"))
         return KeyRecord.from_hash(raw) if raw else None
 
     async def key_for_hash(self, key_hash: str) -> KeyRecord | None:
@@ -396,20 +397,14 @@ class RedisState:
         return await self.get_key(_s(key_id)) if key_id else None
 
     async def revoke_key(self, api_key_id: str, by: str, reason: str, now_ms: int) -> None:
-        key = f"{self.p}:key:{api_key_id}"
-        # HSETNX keeps the first revocation's time and reason on a repeat.
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, "state", "revoked")
-        pipe.hsetnx(key, "revoke_ms_first", str(now_ms))
-        await self._bounded(pipe.execute())
-        current = await self._bounded(self.redis.hget(key, "revoke_ms"))  # type: ignore[misc]
-        if not current or _s(current) == "0":
-            await self._bounded(
-                self.redis.hset(  # type: ignore[misc]
-                    key,
-                    mapping={"revoke_ms": str(now_ms), "revoked_by": by, "revoke_reason": reason},
-                )
-            )
+        """Mark a key revoked; its calls fail from the next admission on, on every replica."""
+        fields: dict[Any, Any] = {
+            "state": "revoked",
+            "revoke_ms": str(now_ms),
+            "revoked_by": by,
+            "revoke_reason": reason,
+        }
+        await self._bounded(self.redis.hset(f"{self.p}:key:{api_key_id}", mapping=fields))
 
     async def list_key_ids(self, tenant_id: str, start: int, count: int) -> list[str]:
         index = f"{self.p}:keys:t:{tenant_id}" if tenant_id else f"{self.p}:keys"
@@ -493,7 +488,7 @@ class RedisState:
         return _s(raw[0]) == "ok"
 
     async def get_budget(self, tenant_id: str, budget_id: str) -> Budget | None:
-        raw = await self._bounded(self.redis.hgetall(self.budget_key(tenant_id, budget_id)))  # type: ignore[misc]
+        raw = await self._bounded(self.redis.hgetall(self.budget_key(tenant_id, budget_id)))
         if not raw:
             return None
         h = {_s(k): _s(v) for k, v in raw.items()}
@@ -533,10 +528,10 @@ class RedisState:
         async with self.redis.pipeline(transaction=True) as pipe:
             try:
                 await self._bounded(pipe.watch(key))
-                raw = await self._bounded(pipe.hmget(key, ["etag", "spent_t", "spent_c"]))  # type: ignore[misc]
+                raw = await self._bounded(pipe.hmget(key, ["etag", "spent_t", "spent_c"]))
                 if etag and _s(raw[0] or b"") != etag:
                     return None
-                pipe.multi()
+                pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(
                     key,
                     mapping={

@@ -12,22 +12,46 @@ it finishes. Tests drive runs with :meth:`ScriptedOrchestrator.finish` and frien
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
-from collections.abc import AsyncIterator, Mapping
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import jwt
 
 from foredeck.common.v1 import agent_pb2, run_event_pb2, run_pb2, usage_pb2
+from foredeck.gateway.v1 import api_key_pb2
+from foredeck.gateway.v1 import gateway_service_pb2 as gw
+from foredeck.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from foredeck.orchestrator.v1 import orchestrator_service_pb2 as orch
 from foredeck.orchestrator.v1 import orchestrator_service_pb2_grpc as orch_grpc
+from foredeck_gateway.config import GatewaySettings
+from foredeck_gateway.credentials import hash_secret, new_api_key_secret
+from foredeck_gateway.server import GatewayHost, build_server
 from foredeck_kit.errors import ServiceError, domain_for
-from foredeck_kit.principal import Principal, PrincipalVerifier, current_principal
+from foredeck_kit.principal import (
+    Principal,
+    PrincipalVerifier,
+    current_principal,
+    format_keys,
+    generate_key,
+)
 from foredeck_kit.server import ServiceHost, build_grpc_server
 from foredeck_kit.settings import ServiceSettings
 
-__all__ = ["Gateway", "ScriptedOrchestrator", "SeenCall", "bearer", "make_jwt", "running_gateway"]
+__all__ = [
+    "Gateway",
+    "ScriptedOrchestrator",
+    "SeenCall",
+    "bearer",
+    "eventually",
+    "make_jwt",
+    "running_gateway",
+]
 
 DOMAIN = domain_for("orchestrator")
 SERVICE_NAMES = ("foredeck.orchestrator.v1.RunService", "foredeck.orchestrator.v1.AgentService")
@@ -57,6 +81,13 @@ class _Run:
     run: run_pb2.Run
     events: list[run_event_pb2.RunEvent] = field(default_factory=list)
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+
+def _more(entry: _Run, position: int) -> Any:
+    def ready() -> bool:
+        return len(entry.events) > position
+
+    return ready
 
 
 class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceServicer):
@@ -157,7 +188,7 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
         await self.publish(
             run_id,
             status_changed=run_event_pb2.RunStatusChanged(
-                previous_status=previous,  # type: ignore[arg-type]
+                previous_status=previous,
                 status=status,  # type: ignore[arg-type]
             ),
         )
@@ -265,7 +296,7 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
                 if event.WhichOneof("payload") == "run_finished":
                     return
             async with entry.changed:
-                await entry.changed.wait_for(lambda e=entry, p=position: len(e.events) > p)
+                await entry.changed.wait_for(_more(entry, position))
 
     async def CancelRun(self, request: orch.CancelRunRequest, context: Any) -> Any:
         principal = self._see("CancelRun", context)
@@ -366,6 +397,44 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
             )
         return orch.GetAgentResponse(agent=agent)
 
+    async def CreateAgentVersion(
+        self, request: orch.CreateAgentVersionRequest, context: Any
+    ) -> Any:
+        principal = self._see("CreateAgentVersion", context)
+        key = (principal.tenant_id, request.agent.name)
+        current = self.agents.get(key)
+        if current is None:
+            raise _error(
+                grpc.StatusCode.NOT_FOUND,
+                "AGENT_NOT_FOUND",
+                "agent not found",
+                agentName=request.agent.name,
+            )
+        agent = agent_pb2.Agent()
+        agent.CopyFrom(current)
+        agent.MergeFrom(request.agent)
+        agent.version = current.version + 1
+        self.agents[key] = agent
+        return orch.CreateAgentVersionResponse(agent=agent)
+
+    async def ListAgentVersions(self, request: orch.ListAgentVersionsRequest, context: Any) -> Any:
+        principal = self._see("ListAgentVersions", context)
+        agent = self.agents.get((principal.tenant_id, request.agent_name))
+        return orch.ListAgentVersionsResponse(agents=[agent] if agent is not None else [])
+
+    async def DeleteAgent(self, request: orch.DeleteAgentRequest, context: Any) -> Any:
+        principal = self._see("DeleteAgent", context)
+        agent = self.agents.get((principal.tenant_id, request.agent_name))
+        if agent is None:
+            raise _error(
+                grpc.StatusCode.NOT_FOUND,
+                "AGENT_NOT_FOUND",
+                "agent not found",
+                agentName=request.agent_name,
+            )
+        agent.archive_time.GetCurrentTime()
+        return orch.DeleteAgentResponse(agent=agent)
+
     async def ListAgents(self, request: orch.ListAgentsRequest, context: Any) -> Any:
         principal = self._see("ListAgents", context)
         return orch.ListAgentsResponse(
@@ -374,21 +443,6 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
 
 
 # -- a gateway in front of the scripted orchestrator, for tests and the benchmark -----------------
-
-import contextlib  # noqa: E402
-import time  # noqa: E402
-import uuid  # noqa: E402
-from collections.abc import Sequence  # noqa: E402
-
-import jwt  # noqa: E402
-
-from foredeck.gateway.v1 import api_key_pb2  # noqa: E402
-from foredeck.gateway.v1 import gateway_service_pb2 as gw  # noqa: E402
-from foredeck.gateway.v1 import gateway_service_pb2_grpc as gw_grpc  # noqa: E402
-from foredeck_gateway.config import GatewaySettings  # noqa: E402
-from foredeck_gateway.credentials import hash_secret, new_api_key_secret  # noqa: E402
-from foredeck_gateway.server import GatewayHost, build_server  # noqa: E402
-from foredeck_kit.principal import format_keys, generate_key  # noqa: E402
 
 JWT_SECRET = "j" * 40
 JWT_ISSUER = "https://idp.test"
@@ -516,3 +570,15 @@ async def running_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[Gat
         await channel.close(None)
         await host.stop(0.5)
         await orchestrator.stop()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
+    """Wait until ``check`` passes, polling state that has no notification (Redis records)."""
+    deadline = time.monotonic() + within
+    for _ in range(int(within / 0.02) + 1):
+        if await check():
+            return
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"condition not met within {within} s")

@@ -120,7 +120,7 @@ async def test_revoked_key_stops_at_once_and_expired_key_is_refused(gateway: Gat
     assert state is not None
     stored = await state.key_for_hash(hash_secret(expiring))
     assert stored is not None
-    await gateway.host.redis.hset(  # type: ignore[union-attr,misc]
+    await gateway.host.redis.hset(  # type: ignore[union-attr]
         f"gw:key:{stored.api_key_id}", "expire_ms", str(int(time.time() * 1000) - 1000)
     )
     code, reason, _ = await _reason(
@@ -188,7 +188,7 @@ async def test_keys_store_only_a_hash_and_list_without_secrets(gateway: Gateway)
     async for name in gateway.host.redis.scan_iter("*"):  # type: ignore[union-attr]
         kind = await gateway.host.redis.type(name)  # type: ignore[union-attr]
         if kind == b"hash":
-            dump += repr(await gateway.host.redis.hgetall(name)).encode()  # type: ignore[union-attr,misc]
+            dump += repr(await gateway.host.redis.hgetall(name)).encode()  # type: ignore[union-attr]
         elif kind == b"string":
             dump += repr(await gateway.host.redis.get(name)).encode()  # type: ignore[union-attr]
         dump += name

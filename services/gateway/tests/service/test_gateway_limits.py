@@ -26,6 +26,7 @@ from foredeck_gateway.testing import (
     Gateway,
     ScriptedOrchestrator,
     bearer,
+    eventually,
     make_jwt,
     running_gateway,
 )
@@ -172,19 +173,19 @@ async def test_budget_is_never_overspent_by_concurrent_runs(gateway: Gateway) ->
             run_id, usage_pb2.Usage(input_tokens=600, output_tokens=300)
         )
 
-    async def settled() -> budget_pb2.BudgetAccount:
-        while True:
-            current = (
-                await gateway.admin.GetBudget(
-                    gw.GetBudgetRequest(tenant_id="acme", scope=budget_pb2.BUDGET_SCOPE_TENANT),
-                    metadata=gateway.admin_md,
-                )
-            ).budget
-            if current.reservation_count == 0:
-                return current
-            await asyncio.sleep(0.05)  # polling the settled state, bounded by wait_for
+    async def tenant_budget() -> budget_pb2.BudgetAccount:
+        response = await gateway.admin.GetBudget(
+            gw.GetBudgetRequest(tenant_id="acme", scope=budget_pb2.BUDGET_SCOPE_TENANT),
+            metadata=gateway.admin_md,
+        )
+        found: budget_pb2.BudgetAccount = response.budget
+        return found
 
-    budget = await asyncio.wait_for(settled(), 10)
+    async def settled() -> bool:
+        return (await tenant_budget()).reservation_count == 0
+
+    await eventually(settled)
+    budget = await tenant_budget()
     assert (budget.spent_tokens, budget.reserved_tokens) == (9000, 0)
     assert budget.spent_tokens <= budget.token_limit
     # 1,500 tokens are left: one more run of 1,000 fits, a second does not.
@@ -230,11 +231,10 @@ async def test_concurrency_cap_and_idempotent_create(gateway: Gateway) -> None:
     state = gateway.host.state
     assert state is not None
 
-    async def freed() -> None:
-        while await state.active_runs("acme", "jo") != 1:
-            await asyncio.sleep(0.05)  # polling the settled state, bounded by wait_for
+    async def freed() -> bool:
+        return await state.active_runs("acme", "jo") == 1
 
-    await asyncio.wait_for(freed(), 10)
+    await eventually(freed)
     created = await gateway.api.CreateRun(
         gw.CreateRunRequest(input="f", request_id="five"), metadata=md
     )
@@ -266,13 +266,12 @@ async def test_sweeper_releases_reservations_of_crashed_work(redis_url: str) -> 
             lease_ms=1,
         )
         assert getattr(admitted, "reservation", "") == "new"
-        await state.redis.hset("gw:res:crashed", "created_ms", "1")  # type: ignore[misc]
+        await state.redis.hset("gw:res:crashed", "created_ms", "1")
 
-        async def released() -> None:
-            while await state.active_runs("acme", "jo") != 0:
-                await asyncio.sleep(0.05)  # polling the sweeper's effect, bounded by wait_for
+        async def released() -> bool:
+            return await state.active_runs("acme", "jo") == 0
 
-        await asyncio.wait_for(released(), 10)
+        await eventually(released)
         budget = await state.get_budget("acme", "tenant")
         assert budget is not None
         assert (budget.reserved_tokens, budget.spent_tokens) == (0, 0)

@@ -41,10 +41,15 @@ async def test_watch_resumes_after_a_dropped_connection_without_loss_or_repeat(
     broken = gateway.api.WatchRun(
         gw.WatchRunRequest(run_id=run_id, after_event_id=last), metadata=md
     )
-    with pytest.raises(grpc.aio.AioRpcError) as failure:
+
+    async def read_until_broken() -> None:
+        nonlocal last
         async for message in broken:
             received.append(message.event.sequence)
             last = message.event.event_id
+
+    with pytest.raises(grpc.aio.AioRpcError) as failure:
+        await read_until_broken()
     assert error_details(failure.value).reason == "ORCHESTRATOR_UNAVAILABLE"
     orchestrator.break_streams_after = None
     await orchestrator.finish(run_id, usage_pb2.Usage(input_tokens=5))
