@@ -42,6 +42,7 @@ from foredeck_kit.principal import (
 )
 from foredeck_kit.server import ServiceHost, build_grpc_server
 from foredeck_kit.settings import ServiceSettings
+from foredeck_kit.telemetry import Telemetry
 
 __all__ = [
     "Gateway",
@@ -544,7 +545,10 @@ def gateway_settings(
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[Gateway]:
+async def running_gateway(
+    redis_url: str, *, telemetry: Telemetry | None = None, **overrides: Any
+) -> AsyncIterator[Gateway]:
+    """A gateway on a free port in front of a fresh scripted orchestrator, with an admin key."""
     keys = {"gw-test": generate_key()}
     orchestrator = ScriptedOrchestrator(keys)
     address = await orchestrator.start()
@@ -552,7 +556,7 @@ async def running_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[Gat
     settings = gateway_settings(
         redis_url, address, format_keys(keys), admin_secret=admin_secret, **overrides
     )
-    host = build_server(settings)
+    host = build_server(settings, telemetry=telemetry)
     await host.start()
     channel = grpc.aio.insecure_channel(host.address)
     try:
