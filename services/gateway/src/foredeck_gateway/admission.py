@@ -12,6 +12,7 @@ is refused with ``RATE_LIMITER_UNAVAILABLE``.
 from __future__ import annotations
 
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,18 +33,25 @@ from foredeck_kit.principal import Principal, PrincipalKind, PrincipalSigner
 __all__ = ["AdmissionMetrics", "Caller", "Gate", "RunAdmission"]
 
 _PRINCIPAL_CACHE = 4096
+_COUNTERS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
 
 
 class AdmissionMetrics:
     """``gateway_admission_decisions_total{outcome}``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.decisions = Counter(
-            "gateway_admission_decisions_total",
-            "Admission decisions of the gateway, by outcome.",
-            ["outcome"],
-            registry=registry,
-        )
+        # One counter per registry: hosts that share a registry (a restart in one process)
+        # share the counter instead of registering it twice.
+        existing = _COUNTERS.get(registry)
+        if existing is None:
+            existing = Counter(
+                "gateway_admission_decisions_total",
+                "Admission decisions of the gateway, by outcome.",
+                ["outcome"],
+                registry=registry,
+            )
+            _COUNTERS[registry] = existing
+        self.decisions = existing
 
     def count(self, outcome: str) -> None:
         self.decisions.labels(outcome).inc()
