@@ -21,6 +21,16 @@ __all__ = ["ADMIT", "CLAIM_DUE", "RECORD_RUN", "SETTLE", "SET_BUDGET"]
 # Request windows are exact sliding windows: the last `limit` admission times of a subject, in
 # a list capped at `limit`; a call is admitted when fewer than `limit` fall within 60 s.
 ADMIT = r"""
+-- The arguments and the reply travel as one string each, fields separated by \31: a client
+-- spends far more encoding and parsing two dozen values than Redis spends splitting one.
+local ARGV = (function(packed)
+  local out = {}
+  for value in string.gmatch(packed .. '\31', '([^\31]*)\31') do table.insert(out, value) end
+  return out
+end)(ARGV[1])
+local function reply(list) return table.concat(list, '\31') end
+-- Numbers go to Redis and back as integer strings: tostring() would write 1e+15.
+local function n(x) return string.format('%.0f', tonumber(x) or 0) end
 local P = ARGV[1]
 local op = ARGV[2]
 local t = redis.call('TIME')
@@ -44,15 +54,15 @@ end
 
 if ARGV[3] ~= '' then
   keyid = redis.call('GET', P .. ':kh:' .. ARGV[3])
-  if not keyid then return {'invalid'} end
+  if not keyid then return reply({'invalid'}) end
   local kk = P .. ':key:' .. keyid
   local r = redis.call('HMGET', kk, 'tenant', 'user', 'kind', 'perms', 'klim', 'ulim', 'tlim',
     'conc', 'rb_steps', 'rb_tokens', 'rb_cost', 'rb_wall_ms', 'rb_depth', 'rb_subs', 'state',
     'expire_ms', 'last_use_ms')
-  if not r[1] then return {'invalid'} end
-  if r[15] == 'revoked' then return {'revoked', keyid} end
+  if not r[1] then return reply({'invalid'}) end
+  if r[15] == 'revoked' then return reply({'revoked', keyid}) end
   local expires = tonumber(r[16] or '0') or 0
-  if expires > 0 and expires <= now then return {'expired', keyid} end
+  if expires > 0 and expires <= now then return reply({'expired', keyid}) end
   tenant, user, kind, perms = r[1], r[2], r[3], r[4] or ''
   if tonumber(r[5]) > 0 then klim = tonumber(r[5]) end
   if tonumber(r[6]) > 0 then ulim = tonumber(r[6]) end
@@ -60,27 +70,30 @@ if ARGV[3] ~= '' then
   if tonumber(r[8]) > 0 then conc = tonumber(r[8]) end
   rb = {r[9], r[10], r[11], r[12], r[13], r[14]}
   local minute = now - now % 60000
-  if tonumber(r[17] or '0') ~= minute then redis.call('HSET', kk, 'last_use_ms', minute) end
+  if tonumber(r[17] or '0') ~= minute then redis.call('HSET', kk, 'last_use_ms', n(minute)) end
   if ARGV[4] == '!admin' then
-    if kind ~= 'admin' then return {'admin'} end
+    if kind ~= 'admin' then return reply({'admin'}) end
   elseif ARGV[4] ~= '' and not has(perms, ARGV[4]) then
-    return {'perm', ARGV[4]}
+    return reply({'perm', ARGV[4]})
   end
 end
 
 local budget_ids = {}
 local candidates = {'tenant', 'user:' .. user}
 if keyid ~= '' then table.insert(candidates, 1, 'key:' .. keyid) end
-for _, id in ipairs(candidates) do
-  if redis.call('EXISTS', P .. ':b:' .. tenant .. ':' .. id) == 1 then
-    table.insert(budget_ids, id)
+-- A run reads every budget in full below; a call only needs to know which exist.
+if op ~= 'run' then
+  for _, id in ipairs(candidates) do
+    if redis.call('EXISTS', P .. ':b:' .. tenant .. ':' .. id) == 1 then
+      table.insert(budget_ids, id)
+    end
   end
 end
 
 local function ok(tokens, cost, state, resid)
-  return {'ok', tenant, user, kind, perms, keyid, tostring(klim), tostring(ulim), tostring(tlim),
-    tostring(conc), rb[1], rb[2], rb[3], rb[4], rb[5], rb[6], table.concat(budget_ids, ' '),
-    tostring(tokens), tostring(cost), state, resid}
+  return reply({'ok', tenant, user, kind, perms, keyid, n(klim), n(ulim), n(tlim), n(conc),
+    rb[1], rb[2], rb[3], rb[4], rb[5], rb[6], table.concat(budget_ids, ' '), n(tokens), n(cost),
+    state, resid})
 end
 
 if op == 'auth' then return ok(0, 0, '', '') end
@@ -91,18 +104,15 @@ if keyid ~= '' then
 end
 table.insert(windows, {P .. ':rl:u:' .. tenant .. ':' .. user, ulim, 'user', 'user:' .. user})
 table.insert(windows, {P .. ':rl:t:' .. tenant, tlim, 'tenant', 'tenant'})
+-- The limit-th newest admission of a full window decides; a shorter list has no such entry.
 for _, w in ipairs(windows) do
-  local n = redis.call('LLEN', w[1])
-  if n >= w[2] then
-    local oldest = tonumber(redis.call('LINDEX', w[1], w[2] - 1))
-    if oldest > now - 60000 then
-      return {'rate', w[3], w[4], tostring(w[2]), tostring(oldest + 60000 - now)}
-    end
+  local oldest = redis.call('LINDEX', w[1], w[2] - 1)
+  if oldest and tonumber(oldest) > now - 60000 then
+    return reply({'rate', w[3], w[4], n(w[2]), n(tonumber(oldest) + 60000 - now)})
   end
 end
 for _, w in ipairs(windows) do
-  redis.call('LPUSH', w[1], now)
-  redis.call('LTRIM', w[1], 0, w[2] - 1)
+  if redis.call('LPUSH', w[1], n(now)) > w[2] then redis.call('LTRIM', w[1], 0, w[2] - 1) end
   redis.call('PEXPIRE', w[1], 61000)
 end
 
@@ -114,14 +124,19 @@ local seen = redis.call('GET', reqkey)
 if seen then
   local sep = string.find(seen, ' ', 1, true)
   local earlier, fingerprint = string.sub(seen, 1, sep - 1), string.sub(seen, sep + 1)
-  if fingerprint ~= ARGV[13] then return {'reused'} end
+  if fingerprint ~= ARGV[13] then return reply({'reused'}) end
   local held = redis.call('HMGET', P .. ':res:' .. earlier, 'tokens', 'cost')
+  for _, id in ipairs(candidates) do
+    if redis.call('EXISTS', P .. ':b:' .. tenant .. ':' .. id) == 1 then
+      table.insert(budget_ids, id)
+    end
+  end
   return ok(held[1] or '0', held[2] or '0', 'existing', earlier)
 end
 
 local active = P .. ':act:' .. tenant .. ':' .. user
 if redis.call('SCARD', active) >= conc then
-  return {'conc', 'user:' .. user, tostring(conc)}
+  return reply({'conc', 'user:' .. user, n(conc)})
 end
 
 local function cap(a, b)
@@ -134,51 +149,58 @@ local cost = cap(ARGV[15], rb[3])
 
 local budgets = {}
 local limits_tokens, limits_cost = false, false
-for _, id in ipairs(budget_ids) do
+for _, id in ipairs(candidates) do
   local bk = P .. ':b:' .. tenant .. ':' .. id
   local b = redis.call('HMGET', bk, 'tlim', 'clim', 'period', 'pstart', 'spent_t', 'spent_c',
-    'res_t', 'res_c')
-  local period = b[3] or 'lifetime'
-  local current, ends = 0, -1
-  if period == 'daily' then current, ends = tonumber(ARGV[19]), tonumber(ARGV[21])
-  elseif period == 'monthly' then current, ends = tonumber(ARGV[20]), tonumber(ARGV[22]) end
-  local spent_t, spent_c = tonumber(b[5] or '0'), tonumber(b[6] or '0')
-  local rolled = tonumber(b[4] or '0') ~= current
-  if rolled then spent_t, spent_c = 0, 0 end
-  local entry = {id = id, key = bk, tlim = tonumber(b[1] or '0'), clim = tonumber(b[2] or '0'),
-    spent_t = spent_t, spent_c = spent_c, res_t = tonumber(b[7] or '0'),
-    res_c = tonumber(b[8] or '0'), rolled = rolled, current = current, ends = ends}
-  if entry.tlim > 0 then limits_tokens = true end
-  if entry.clim > 0 then limits_cost = true end
-  table.insert(budgets, entry)
+    'res_t', 'res_c', 'rcount')
+  if b[1] then
+    table.insert(budget_ids, id)
+    local period = b[3] or 'lifetime'
+    local current, ends = 0, -1
+    if period == 'daily' then current, ends = tonumber(ARGV[19]), tonumber(ARGV[21])
+    elseif period == 'monthly' then current, ends = tonumber(ARGV[20]), tonumber(ARGV[22]) end
+    local spent_t, spent_c = tonumber(b[5] or '0'), tonumber(b[6] or '0')
+    local rolled = tonumber(b[4] or '0') ~= current
+    if rolled then spent_t, spent_c = 0, 0 end
+    local entry = {id = id, key = bk, tlim = tonumber(b[1]), clim = tonumber(b[2] or '0'),
+      spent_t = spent_t, spent_c = spent_c, res_t = tonumber(b[7] or '0'),
+      res_c = tonumber(b[8] or '0'), rcount = tonumber(b[9] or '0'), rolled = rolled,
+      current = current, ends = ends}
+    if entry.tlim > 0 then limits_tokens = true end
+    if entry.clim > 0 then limits_cost = true end
+    table.insert(budgets, entry)
+  end
 end
 if tokens == 0 and limits_tokens then tokens = tonumber(ARGV[16]) end
 if cost == 0 and limits_cost then cost = tonumber(ARGV[17]) end
 
 for _, b in ipairs(budgets) do
   local retry = '-1'
-  if b.ends > 0 then retry = tostring(b.ends - now) end
+  if b.ends > 0 then retry = n(b.ends - now) end
   if b.tlim > 0 and b.spent_t + b.res_t + tokens > b.tlim then
-    return {'budget', b.id, 'tokens', tostring(b.tlim - b.spent_t - b.res_t), retry}
+    return reply({'budget', b.id, 'tokens', n(b.tlim - b.spent_t - b.res_t), retry})
   end
   if b.clim > 0 and b.spent_c + b.res_c + cost > b.clim then
-    return {'budget', b.id, 'cost', tostring(b.clim - b.spent_c - b.res_c), retry}
+    return reply({'budget', b.id, 'cost', n(b.clim - b.spent_c - b.res_c), retry})
   end
 end
 
 for _, b in ipairs(budgets) do
+  -- Absolute values: every amount was read above, inside this same atomic script.
   if b.rolled then
-    redis.call('HSET', b.key, 'spent_t', 0, 'spent_c', 0, 'pstart', b.current)
+    redis.call('HSET', b.key, 'spent_t', 0, 'spent_c', 0, 'pstart', n(b.current),
+      'res_t', n(b.res_t + tokens), 'res_c', n(b.res_c + cost), 'rcount', n(b.rcount + 1))
+  else
+    redis.call('HSET', b.key, 'res_t', n(b.res_t + tokens), 'res_c', n(b.res_c + cost),
+      'rcount', n(b.rcount + 1))
   end
-  redis.call('HINCRBY', b.key, 'res_t', tokens)
-  redis.call('HINCRBY', b.key, 'res_c', cost)
-  redis.call('HINCRBY', b.key, 'rcount', 1)
 end
 redis.call('SADD', active, resid)
 redis.call('HSET', P .. ':res:' .. resid, 'tenant', tenant, 'user', user,
-  'budgets', table.concat(budget_ids, ' '), 'tokens', tokens, 'cost', cost, 'created_ms', now,
+  'budgets', table.concat(budget_ids, ' '), 'tokens', n(tokens), 'cost', n(cost),
+  'created_ms', n(now),
   'request_id', ARGV[12], 'perms', perms, 'kind', kind)
-redis.call('ZADD', P .. ':leases', now + tonumber(ARGV[18]), resid)
+redis.call('ZADD', P .. ':leases', n(now + tonumber(ARGV[18])), resid)
 redis.call('SET', reqkey, resid .. ' ' .. ARGV[13], 'EX', tonumber(ARGV[23]))
 return ok(tokens, cost, 'new', resid)
 """
@@ -189,15 +211,15 @@ return ok(tokens, cost, 'new', resid)
 # not found and nothing changes.
 SETTLE = r"""
 local P, resid, mode = ARGV[1], ARGV[2], ARGV[3]
-local used_t, used_c = tonumber(ARGV[4]), tonumber(ARGV[5])
+local used_t, used_c = ARGV[4], ARGV[5]
 local rk = P .. ':res:' .. resid
 local r = redis.call('HMGET', rk, 'tenant', 'user', 'budgets', 'tokens', 'cost')
 if not r[1] then return 0 end
 for id in string.gmatch(r[3] or '', '%S+') do
   local bk = P .. ':b:' .. r[1] .. ':' .. id
   if redis.call('EXISTS', bk) == 1 then
-    redis.call('HINCRBY', bk, 'res_t', -tonumber(r[4]))
-    redis.call('HINCRBY', bk, 'res_c', -tonumber(r[5]))
+    redis.call('HINCRBY', bk, 'res_t', string.format('%.0f', 0 - tonumber(r[4])))
+    redis.call('HINCRBY', bk, 'res_c', string.format('%.0f', 0 - tonumber(r[5])))
     redis.call('HINCRBY', bk, 'rcount', -1)
     if mode == 'settle' then
       redis.call('HINCRBY', bk, 'spent_t', used_t)

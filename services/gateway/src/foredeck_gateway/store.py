@@ -10,6 +10,7 @@ import asyncio
 import calendar
 import json
 import secrets
+import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -248,6 +249,7 @@ class RedisState:
         self._record = _Script(lua.RECORD_RUN)
         self._claim = _Script(lua.CLAIM_DUE)
         self._set_budget = _Script(lua.SET_BUDGET)
+        self._period_cache: tuple[float, tuple[tuple[int, int], tuple[int, int]]] | None = None
 
     async def _bounded(self, call: Awaitable[T]) -> T:
         try:
@@ -255,6 +257,14 @@ class RedisState:
                 return await call
         except (TimeoutError, RedisError, OSError) as exc:
             raise StoreDown(str(type(exc).__name__)) from exc
+
+    def _periods(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """The current day and month, worked out at most once a second."""
+        now = time.time()
+        if self._period_cache is None or now >= self._period_cache[0]:
+            periods = (period_bounds("daily"), period_bounds("monthly"))
+            self._period_cache = (int(now) + 1.0, periods)
+        return self._period_cache[1]
 
     async def ping(self) -> bool:
         return bool(await self._bounded(self.redis.ping()))
@@ -280,8 +290,7 @@ class RedisState:
         lease_ms: int = 0,
     ) -> Admission | Refusal:
         """Run the admission script once; see :data:`lua.ADMIT`."""
-        day = period_bounds("daily")
-        month = period_bounds("monthly")
+        day, month = self._periods()
         args = [
             self.p,
             op,
@@ -306,8 +315,9 @@ class RedisState:
             kind,
             " ".join(permissions),
         ]
-        raw = await self._bounded(self._admit(self.redis, (), args))
-        values = [_s(v) for v in raw]
+        packed = "\x1f".join(str(a) for a in args)
+        raw = await self._bounded(self._admit(self.redis, (), (packed,)))
+        values = _s(raw).split("\x1f")
         if values[0] != "ok":
             return Refusal(values[0], tuple(values[1:]))
         return Admission(
