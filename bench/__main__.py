@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from bench import (
+    gateway_admission,
     kit_overhead,
     llmrouter_vs_litellm,
     memory_recall,
@@ -20,6 +21,7 @@ def main() -> None:
     asyncio.run(llmrouter_vs_litellm.run())
     asyncio.run(toolrunner_sandbox.run())
     asyncio.run(memory_recall.run())
+    asyncio.run(gateway_admission.run())
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from foredeck.gateway.v1 import gateway_service_pb2 as gw
@@ -81,7 +82,7 @@ async def _admission(redis_url: str) -> dict[str, tuple[float, float]]:
     state = RedisState(redis, prefix="bench", timeout=5.0)
     settings = GatewaySettings(
         key_prefix="bench",
-        jwt_hs256_secrets=f"idp:{JWT_SECRET}",
+        jwt_hs256_secrets=SecretStr(f"idp:{JWT_SECRET}"),
         jwt_issuer="https://idp.test",
         jwt_audience="foredeck",
         default_user_requests_per_minute=1_000_000,
@@ -140,7 +141,7 @@ async def _admission(redis_url: str) -> dict[str, tuple[float, float]]:
     jwt_md = bearer(make_jwt(scope="runs:read"))
 
     async def floor(_: int) -> None:
-        await redis.evalsha(floor_sha, 0)  # type: ignore[misc]
+        await redis.evalsha(floor_sha, 0)
 
     async def create_run(index: int) -> None:
         await gate.admit(

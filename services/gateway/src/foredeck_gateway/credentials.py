@@ -14,6 +14,8 @@ import hashlib
 import json
 import re
 import secrets
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +45,7 @@ _JWT = re.compile(r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$")
 _MAX_CREDENTIAL_CHARS = 8192
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9._@:-]{1,128}$")
 _TENANT = re.compile(r"^[a-z0-9_.-]{1,64}$")
+_CACHE_SIZE = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +149,7 @@ class JwtVerifier:
         self._tenant_claim = tenant_claim
         self._permissions_claim = permissions_claim
         self._decoder = jwt.PyJWT()
+        self._cache: OrderedDict[str, tuple[JwtIdentity, float]] = OrderedDict()
 
     @classmethod
     def from_settings(
@@ -196,7 +200,29 @@ class JwtVerifier:
         return key, alg
 
     def verify(self, token: str) -> JwtIdentity:
-        """Return the caller a JWT names, or raise UNAUTHENTICATED JWT_INVALID / JWT_EXPIRED."""
+        """Return the caller a JWT names, or raise UNAUTHENTICATED JWT_INVALID / JWT_EXPIRED.
+
+        A client sends the same token on many calls: a token that passed is remembered (up to
+        :data:`_CACHE_SIZE`, least recently used dropped first) and then only its expiry is
+        checked again.
+        """
+        cached = self._cache.get(token)
+        if cached is not None:
+            identity, expires = cached
+            if time.time() > expires + self._leeway:
+                del self._cache[token]
+                raise GatewayReason.jwt_expired()
+            self._cache.move_to_end(token)
+            return identity
+        identity = self._verify(token)
+        claimed = identity.claims.get("exp")
+        if isinstance(claimed, int | float):
+            self._cache[token] = (identity, float(claimed))
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return identity
+
+    def _verify(self, token: str) -> JwtIdentity:
         try:
             header = jwt.get_unverified_header(token)
         except (jwt.InvalidTokenError, ValueError, binascii.Error):
