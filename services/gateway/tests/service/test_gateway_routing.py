@@ -9,7 +9,7 @@ import pytest
 
 from foredeck.common.v1 import usage_pb2
 from foredeck.gateway.v1 import gateway_service_pb2 as gw
-from foredeck_gateway.testing import Gateway, bearer, make_jwt
+from foredeck_gateway.testing import Gateway, bearer, eventually, make_jwt
 from foredeck_kit.errors import error_details
 
 
@@ -150,3 +150,36 @@ async def test_whoami_and_replay_and_cancel(gateway: Gateway) -> None:
     assert cancelled.run.run_id == run_id
     replay = await gateway.api.ReplayRun(gw.ReplayRunRequest(run_id=run_id), metadata=md)
     assert replay.identical
+
+
+async def test_orchestrator_down_is_mapped_and_the_reservation_waits_for_the_sweeper(
+    gateway: Gateway,
+) -> None:
+    md = bearer(make_jwt(scope="runs:create runs:read"))
+    await gateway.orchestrator.stop()
+    with pytest.raises(grpc.aio.AioRpcError) as down:
+        await gateway.api.CreateRun(
+            gw.CreateRunRequest(input="x", request_id="maybe"), metadata=md, timeout=5
+        )
+    details = error_details(down.value)
+    assert (details.code, details.reason) == (
+        grpc.StatusCode.UNAVAILABLE,
+        "ORCHESTRATOR_UNAVAILABLE",
+    )
+    assert details.retry_after is not None
+    state = gateway.host.state
+    assert state is not None
+    # The run may have been accepted: its reservation is held, not released...
+    assert await state.active_runs("acme", "jo") == 1
+    with pytest.raises(grpc.aio.AioRpcError) as read:
+        await gateway.api.GetRun(gw.GetRunRequest(run_id="run-1"), metadata=md, timeout=5)
+    assert error_details(read.value).reason == "ORCHESTRATOR_UNAVAILABLE"
+    # ...until its submission grace is over, when the sweeper releases it.
+    async for name in state.redis.scan_iter("gw:res:*"):
+        await state.redis.hset(name, "created_ms", "1")
+        await state.redis.zadd("gw:leases", {name.decode().rpartition(":")[2]: 0})
+
+    async def released() -> bool:
+        return await state.active_runs("acme", "jo") == 0
+
+    await eventually(released)
