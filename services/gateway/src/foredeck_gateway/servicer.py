@@ -326,7 +326,15 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
             if reserved:
                 await self._undo(a.reservation_id, a.tenant_id, request.request_id)
             raise GatewayReason.budget_invalid(loosened)
-        submit.budget.CopyFrom(_tightened(budget, a.run_budget, a.reserved_tokens, a.reserved_cost))
+        tokens, cost = a.reserved_tokens, a.reserved_cost
+        defaulted = (tokens > 0 and budget.max_tokens == 0 and a.run_budget[1] == 0) or (
+            cost > 0 and budget.max_cost_usd_micros == 0 and a.run_budget[2] == 0
+        )
+        if defaulted:
+            # The default reservation stands in for a cap nobody set; the run's own caps (the
+            # agent's) may be tighter, and a cap above them would be refused as a loosening.
+            tokens, cost = await self._own_caps(caller, route, submit, tokens, cost)
+        submit.budget.CopyFrom(_tightened(budget, a.run_budget, tokens, cost))
         method = self._orch.runs.SubmitRun if route == "CreateRun" else self._orch.runs.ForkRun
         try:
             with outbound_principal(caller.principal_token):
@@ -353,6 +361,31 @@ class GatewayServicer(gw_grpc.GatewayServiceServicer):
             if held:
                 self._settler.watch(a.reservation_id, run_id, a.tenant_id, a.user_id, a.kind)
         return convert(response, response_cls)
+
+    async def _own_caps(
+        self, caller: Caller, route: str, submit: Any, tokens: int, cost: int
+    ) -> tuple[int, int]:
+        """Lower reserved-by-default caps to the agent's (CreateRun) or the source run's
+        (ForkRun) caps; the reservation itself stays, which only over-reserves."""
+        try:
+            with outbound_principal(caller.principal_token):
+                if route == "CreateRun":
+                    found = await self._orch.agents.GetAgent(
+                        orch.GetAgentRequest(
+                            agent_name=submit.agent_name, agent_version=submit.agent_version
+                        )
+                    )
+                    own = found.agent.budget
+                else:
+                    found = await self._orch.runs.GetRun(orch.GetRunRequest(run_id=submit.run_id))
+                    own = found.run.budget
+        except grpc.aio.AioRpcError:
+            return tokens, cost  # the submission itself gives the definitive answer
+        if own.max_tokens > 0 and (tokens == 0 or own.max_tokens < tokens):
+            tokens = own.max_tokens if tokens > 0 else 0
+        if own.max_cost_usd_micros > 0 and (cost == 0 or own.max_cost_usd_micros < cost):
+            cost = own.max_cost_usd_micros if cost > 0 else 0
+        return tokens, cost
 
     async def _undo(self, reservation_id: str, tenant_id: str, request_id: str) -> None:
         try:

@@ -218,6 +218,21 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
                 "agent not found",
                 agentName=request.agent_name,
             )
+        agent = self.agents.get((principal.tenant_id, request.agent_name))
+        if agent is not None:
+            loosened = [
+                f"budget.{name}"
+                for name in ("max_tokens", "max_cost_usd_micros", "max_steps")
+                if getattr(agent.budget, name) > 0
+                and getattr(request.budget, name) > getattr(agent.budget, name)
+            ]
+            if loosened:
+                raise ServiceError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "BUDGET_INVALID",
+                    "budget loosens the agent's",
+                    field_violations=[(name, "above the agent's cap") for name in loosened],
+                )
         run_id = f"run-{next(self._ids):06d}"
         run = run_pb2.Run(
             run_id=run_id,

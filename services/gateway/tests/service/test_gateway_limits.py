@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis.asyncio import Redis
 
-from foredeck.common.v1 import usage_pb2
+from foredeck.common.v1 import agent_pb2, usage_pb2
 from foredeck.gateway.v1 import budget_pb2
 from foredeck.gateway.v1 import gateway_service_pb2 as gw
 from foredeck.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
@@ -306,3 +306,33 @@ async def test_redis_down_fails_closed_and_open_within_the_deadline(tmp_path: Pa
         with pytest.raises(grpc.aio.AioRpcError) as listed:
             await gateway.api.ListRuns(gw.ListRunsRequest(), metadata=token, timeout=2)
         assert error_details(listed.value).reason == "RATE_LIMITER_UNAVAILABLE"
+
+
+async def test_default_reservation_never_loosens_the_agents_cap(gateway: Gateway) -> None:
+    md = bearer(make_jwt(scope="runs:create agents:write"))
+    await gateway.api.CreateAgent(
+        gw.CreateAgentRequest(
+            agent=agent_pb2.Agent(name="small", budget=usage_pb2.Budget(max_tokens=500)),
+            request_id="agent-1",
+        ),
+        metadata=md,
+        timeout=5,
+    )
+    await gateway.admin.SetBudget(
+        gw.SetBudgetRequest(
+            tenant_id="acme", scope=budget_pb2.BUDGET_SCOPE_TENANT, token_limit=10**6
+        ),
+        metadata=gateway.admin_md,
+    )
+    created = await gateway.api.CreateRun(
+        gw.CreateRunRequest(agent_name="small", input="x", request_id="small-1"),
+        metadata=md,
+        timeout=5,
+    )
+    # The default reservation is held; the run is submitted with the agent's tighter cap.
+    assert created.run.budget.max_tokens == 500
+    state = gateway.host.state
+    assert state is not None
+    budget = await state.get_budget("acme", "tenant")
+    assert budget is not None
+    assert budget.reserved_tokens == gateway.settings.default_run_tokens
