@@ -183,3 +183,35 @@ async def test_orchestrator_down_is_mapped_and_the_reservation_waits_for_the_swe
         return await state.active_runs("acme", "jo") == 0
 
     await eventually(released)
+
+
+async def test_fork_is_admitted_like_a_new_run(gateway: Gateway) -> None:
+    secret, _ = await gateway.new_key(rate_limits={"max_concurrent_runs": 1})
+    md = bearer(secret)
+    source = await gateway.api.CreateRun(
+        gw.CreateRunRequest(input="task", request_id="src"), metadata=md, timeout=5
+    )
+    # The user is at its cap while the source runs: a fork is refused like a new run.
+    with pytest.raises(grpc.aio.AioRpcError) as capped:
+        await gateway.api.ForkRun(
+            gw.ForkRunRequest(run_id=source.run.run_id, from_step_index=1, request_id="fork"),
+            metadata=md,
+            timeout=5,
+        )
+    assert error_details(capped.value).reason == "CONCURRENCY_LIMITED"
+    await gateway.orchestrator.finish(source.run.run_id, usage_pb2.Usage(output_tokens=3))
+    state = gateway.host.state
+    assert state is not None
+
+    async def freed() -> bool:
+        return await state.active_runs("acme", "jo") == 0
+
+    await eventually(freed)
+    fork = await gateway.api.ForkRun(
+        gw.ForkRunRequest(run_id=source.run.run_id, from_step_index=1, request_id="fork"),
+        metadata=md,
+        timeout=5,
+    )
+    assert fork.created
+    assert fork.run.forked_from_run_id == source.run.run_id
+    assert await state.active_runs("acme", "jo") == 1
