@@ -9,8 +9,10 @@ the same Redis in the same run. Also the admission of a plain call (GetRun) with
 and with an HS256 JWT. Goal: p50 within 2x of the EVALSHA round trip.
 
 Throughput: CreateRun through a gateway process (its own interpreter, real gRPC, real Redis)
-to the scripted orchestrator running in this process, at a fixed concurrency, against the
-scripted orchestrator's SubmitRun called directly at the same concurrency.
+to the scripted orchestrator running in this process, at a fixed concurrency — with each run
+watched for settlement (the default) and with settlement left to the sweeper
+(``WATCH_RUNS=false``) — against the scripted orchestrator's SubmitRun called directly at the
+same concurrency.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from foredeck_kit.principal import (
 )
 from foredeck_stack.stores import RedisProcess, free_port
 
+GATEWAY_COMMAND = ["-m", "foredeck_gateway"]
 WARMUP = 300
 SAMPLES = 4000
 RUNS = 2000
@@ -196,8 +199,7 @@ async def _gateway_process(env: dict[str, str], log: Path) -> AsyncIterator[str]
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            "-m",
-            "foredeck_gateway",
+            *GATEWAY_COMMAND,
             env={**os.environ, **env, "FOREDECK_GATEWAY_PORT": str(port)},
             stdout=out,
             stderr=out,
@@ -222,7 +224,7 @@ async def _load(call: Callable[[int], Awaitable[Any]], total: int) -> float:
     return total / (time.perf_counter() - started)
 
 
-async def _throughput(redis_url: str, work: Path) -> tuple[float, float]:
+async def _throughput(redis_url: str, work: Path) -> tuple[float, float, float]:
     keys = {"bench": generate_key()}
     orchestrator = ScriptedOrchestrator(keys)
     address = await orchestrator.start()
@@ -252,22 +254,27 @@ async def _throughput(redis_url: str, work: Path) -> tuple[float, float]:
         "FOREDECK_GATEWAY_METRICS_PORT": "-1",
         "FOREDECK_GATEWAY_LOG_LEVEL": "warning",
     }
+    rates: list[float] = []
     try:
-        async with _gateway_process(env, work / "gateway.log") as gateway_address:
-            channel = grpc.aio.insecure_channel(gateway_address)
-            stub = gw_grpc.GatewayServiceStub(channel)
-            md = bearer(secret)
+        for watch in ("true", "false"):
+            env["FOREDECK_GATEWAY_WATCH_RUNS"] = watch
+            async with _gateway_process(env, work / f"gateway-{watch}.log") as gateway_address:
+                channel = grpc.aio.insecure_channel(gateway_address)
+                stub = gw_grpc.GatewayServiceStub(channel)
+                md = bearer(secret)
 
-            async def create(index: int) -> None:
-                await stub.CreateRun(
-                    gw.CreateRunRequest(input="task", request_id=f"load-{index}"),
-                    metadata=md,
-                    timeout=30,
-                )
+                async def create(
+                    index: int, watch: str = watch, stub: Any = stub, md: Any = md
+                ) -> None:
+                    await stub.CreateRun(
+                        gw.CreateRunRequest(input="task", request_id=f"{watch}-{index}"),
+                        metadata=md,
+                        timeout=30,
+                    )
 
-            await _load(lambda i: create(-i - 1), 200)
-            through_gateway = await _load(create, RUNS)
-            await channel.close(None)
+                await _load(lambda i: create(-i - 1), 200)
+                rates.append(await _load(create, RUNS))
+                await channel.close(None)
         direct_channel = grpc.aio.insecure_channel(address)
         runs = orch_grpc.RunServiceStub(direct_channel)
         token = PrincipalSigner(keys, "bench").mint(
@@ -287,7 +294,7 @@ async def _throughput(redis_url: str, work: Path) -> tuple[float, float]:
         await direct_channel.close(None)
     finally:
         await orchestrator.stop()
-    return through_gateway, direct
+    return rates[0], rates[1], direct
 
 
 async def run() -> None:
@@ -298,7 +305,7 @@ async def run() -> None:
         work = Path(tmp)
         async with RedisProcess(work / "redis") as redis_server:
             admission = await _admission(redis_server.url_for(1))
-            through_gateway, direct = await _throughput(redis_server.url_for(2), work)
+            watched, swept, direct = await _throughput(redis_server.url_for(2), work)
     floor_p50, floor_p99 = admission["floor"]
     print()
     print("gateway admission (in process, sequential, microseconds)")
@@ -317,9 +324,11 @@ async def run() -> None:
     print("goal: CreateRun admission p50 <= 2x the EVALSHA round trip")
     print()
     print(f"CreateRun throughput, {CONCURRENCY} concurrent, {RUNS} runs")
-    print(f"{'through the gateway process':<44}{through_gateway:>9.0f} runs/s")
+    print(f"{'through the gateway, runs watched (default)':<44}{watched:>9.0f} runs/s")
+    print(f"{'through the gateway, settled by the sweeper':<44}{swept:>9.0f} runs/s")
     print(f"{'SubmitRun on the scripted orchestrator':<44}{direct:>9.0f} runs/s")
-    print(f"{'ratio':<44}{through_gateway / direct:>9.2f}")
+    print(f"{'ratio (watched / direct)':<44}{watched / direct:>9.2f}")
+    print(f"{'ratio (sweeper / direct)':<44}{swept / direct:>9.2f}")
 
 
 if __name__ == "__main__":

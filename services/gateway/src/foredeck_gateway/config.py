@@ -131,6 +131,12 @@ class GatewaySettings(ServiceSettings):
         description="How long a reservation whose submission outcome is unknown is held before "
         "it is released.",
     )
+    watch_runs: bool = Field(
+        default=True,
+        description="Follow each admitted run's events to settle its reservation as soon as it "
+        "finishes; off: the sweeper settles it at the run's next check "
+        "(reservation_lease_seconds), for less work per run.",
+    )
     settle_interval_seconds: float = Field(
         default=2.0, gt=0, description="How often the settler looks for reservations due."
     )

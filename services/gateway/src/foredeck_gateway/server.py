@@ -140,6 +140,7 @@ class GatewayHost(ServiceHost):
             lease_seconds=s.reservation_lease_seconds,
             submit_grace_seconds=s.submit_grace_seconds,
             interval=s.settle_interval_seconds,
+            watch_runs=s.watch_runs,
         )
         self._gateway = GatewayServicer(s, self.gate, self.state, self.orchestrator, self.settler)
         self._admin = AdminServicer(s, self.gate, self.state)

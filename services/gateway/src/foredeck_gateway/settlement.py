@@ -19,7 +19,7 @@ from collections.abc import Callable
 import grpc
 import grpc.aio
 
-from foredeck.common.v1 import run_pb2, usage_pb2
+from foredeck.common.v1 import run_event_pb2, run_pb2, usage_pb2
 from foredeck.orchestrator.v1 import orchestrator_service_pb2 as orch
 from foredeck_gateway.clients import Orchestrator
 from foredeck_gateway.store import DueReservation, RedisState, StoreDown
@@ -38,6 +38,7 @@ _TERMINAL = frozenset(
 )
 _CLAIM_BATCH = 50
 _WATCH_RETRY = 0.2
+_WATCH_TIMEOUT = 7 * 86_400.0
 _WATCH_RETRY_MAX = 5.0
 
 
@@ -67,6 +68,7 @@ class Settler:
         lease_seconds: int,
         submit_grace_seconds: int,
         interval: float,
+        watch_runs: bool = True,
     ) -> None:
         self._state = state
         self._orchestrator = orchestrator
@@ -74,6 +76,7 @@ class Settler:
         self._lease_ms = lease_seconds * 1000
         self._grace_ms = submit_grace_seconds * 1000
         self._interval = interval
+        self._watch_runs = watch_runs
         self._watchers: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
@@ -95,7 +98,12 @@ class Settler:
                 await task
 
     def watch(self, reservation_id: str, run_id: str, tenant: str, user: str, kind: str) -> None:
-        """Follow a run's events in the background and settle when it finishes."""
+        """Follow a run's events in the background and settle when it finishes.
+
+        Does nothing when watching is off: the sweeper then settles the run at its next check.
+        """
+        if not self._watch_runs:
+            return
         task = asyncio.get_running_loop().create_task(
             self._watch(reservation_id, run_id, tenant, user, kind),
             name=f"watch-{run_id}",
@@ -114,9 +122,15 @@ class Settler:
             token = self._mint_for(tenant, user, kind)
             try:
                 with outbound_principal(token):
+                    # Only RunFinished matters here; a filter that names nothing else still
+                    # gets it, and spares the stream every token the run generates.
                     stream = self._orchestrator.runs.WatchRun(
-                        orch.WatchRunRequest(run_id=run_id, after_event_id=after),
-                        timeout=None,
+                        orch.WatchRunRequest(
+                            run_id=run_id,
+                            after_event_id=after,
+                            event_types=[run_event_pb2.RUN_EVENT_TYPE_RUN_FINISHED],
+                        ),
+                        timeout=_WATCH_TIMEOUT,
                     )
                     async for message in stream:
                         event = message.event

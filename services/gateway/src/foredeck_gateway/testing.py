@@ -298,6 +298,11 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
                     field_violations=[("after_event_id", "not an event of this run")],
                 )
             position = ids.index(request.after_event_id) + 1
+        # Each RunEventType names the payload field of the same name.
+        wanted = {
+            run_event_pb2.RunEventType.Name(t).removeprefix("RUN_EVENT_TYPE_").lower()
+            for t in request.event_types
+        }
         sent = 0
         while True:
             while position < len(entry.events):
@@ -307,6 +312,9 @@ class ScriptedOrchestrator(orch_grpc.RunServiceServicer, orch_grpc.AgentServiceS
                     )
                 event = entry.events[position]
                 position += 1
+                kind = event.WhichOneof("payload")
+                if wanted and kind not in wanted and kind != "run_finished":
+                    continue
                 sent += 1
                 yield orch.WatchRunResponse(event=event)
                 if event.WhichOneof("payload") == "run_finished":

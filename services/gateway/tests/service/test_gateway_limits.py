@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -336,3 +337,39 @@ async def test_default_reservation_never_loosens_the_agents_cap(gateway: Gateway
     budget = await state.get_budget("acme", "tenant")
     assert budget is not None
     assert budget.reserved_tokens == gateway.settings.default_run_tokens
+
+
+async def test_sweeper_settles_finished_runs_from_their_usage(redis_url: str) -> None:
+    async with running_gateway(redis_url, watch_runs=False) as gateway:
+        state = gateway.host.state
+        assert state is not None
+        await gateway.admin.SetBudget(
+            gw.SetBudgetRequest(
+                tenant_id="acme", scope=budget_pb2.BUDGET_SCOPE_TENANT, token_limit=10_000
+            ),
+            metadata=gateway.admin_md,
+        )
+        md = bearer(make_jwt(scope="runs:create"))
+        created = await gateway.api.CreateRun(
+            gw.CreateRunRequest(
+                input="x", request_id="swept", budget=usage_pb2.Budget(max_tokens=2000)
+            ),
+            metadata=md,
+            timeout=5,
+        )
+        await gateway.orchestrator.finish(
+            created.run.run_id, usage_pb2.Usage(input_tokens=700, cost_usd_micros=9)
+        )
+        # Nobody watches the run: its lease falls due and the sweeper asks the orchestrator.
+        members: list[Any] = await state.redis.zrange("gw:leases", 0, -1)
+        await state.redis.zadd("gw:leases", dict.fromkeys(members, 0))
+
+        async def settled() -> bool:
+            budget = await state.get_budget("acme", "tenant")
+            return budget is not None and budget.reservation_count == 0
+
+        await eventually(settled)
+        budget = await state.get_budget("acme", "tenant")
+        assert budget is not None
+        assert (budget.spent_tokens, budget.reserved_tokens) == (700, 0)
+        assert await state.active_runs("acme", "jo") == 0
