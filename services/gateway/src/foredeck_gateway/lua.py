@@ -287,3 +287,16 @@ redis.call('HSET', bk, 'etag', newtag, 'update_ms', now, 'updated_by', ARGV[11],
   ARGV[12], 'tenant', ARGV[13], 'user', ARGV[14], 'key', ARGV[15])
 return {'ok'}
 """
+
+# Writes a key (ARGV[6..]: its record's fields and values), its hash index and its listing
+# entries, unless a key with that id exists; returns 1 when it wrote.
+CREATE_KEY = r"""
+local P, id, hash, tenant, created = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local kk = P .. ':key:' .. id
+if redis.call('EXISTS', kk) == 1 then return 0 end
+redis.call('HSET', kk, unpack(ARGV, 6))
+redis.call('SET', P .. ':kh:' .. hash, id)
+redis.call('ZADD', P .. ':keys', created, id)
+redis.call('ZADD', P .. ':keys:t:' .. tenant, created, id)
+return 1
+"""

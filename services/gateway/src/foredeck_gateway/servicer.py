@@ -717,6 +717,13 @@ class AdminServicer(gw_grpc.AdminServiceServicer):
         scope = f"admin:{caller.user_id}:CreateApiKey"
         fingerprint = _fingerprint(request)
         seen = await self._store(self._state.remembered(scope, request.request_id))
+        if seen is None:
+            key_id = "key_" + secrets.token_hex(8)
+            if not await self._store(
+                self._state.remember(scope, request.request_id, fingerprint, key_id)
+            ):
+                # A concurrent call with this request id got there first.
+                seen = await self._store(self._state.remembered(scope, request.request_id))
         if seen is not None:
             if seen[0] != fingerprint:
                 raise ServiceError.request_id_reused(request.request_id)
@@ -725,13 +732,9 @@ class AdminServicer(gw_grpc.AdminServiceServicer):
                 return gw.CreateApiKeyResponse(
                     api_key=key_message(record, now), secret_withheld=True
                 )
-        key_id = "key_" + secrets.token_hex(8)
-        if not await self._store(
-            self._state.remember(scope, request.request_id, fingerprint, key_id)
-        ):
-            raise ServiceError(
-                grpc.StatusCode.ABORTED, "INVALID_REQUEST", "concurrent call with this request id"
-            )
+            # Recorded but never written (the first call failed half way): write it now,
+            # under the id the request id already names.
+            key_id = seen[1]
         secret = new_api_key_secret()
         run_budget = request.run_budget
         record = KeyRecord(
@@ -760,7 +763,11 @@ class AdminServicer(gw_grpc.AdminServiceServicer):
             if request.HasField("expire_time")
             else 0,
         )
-        await self._store(self._state.create_key(record, hash_secret(secret)))
+        if not await self._store(self._state.create_key(record, hash_secret(secret))):
+            # Another call with the same request id wrote the key a moment ago.
+            written = await self._store(self._state.get_key(key_id))
+            assert written is not None
+            return gw.CreateApiKeyResponse(api_key=key_message(written, now), secret_withheld=True)
         if request.token_limit or request.cost_limit_usd_micros:
             await self._store(
                 self._state.set_budget(

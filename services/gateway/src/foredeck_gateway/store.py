@@ -249,6 +249,7 @@ class RedisState:
         self._record = _Script(lua.RECORD_RUN)
         self._claim = _Script(lua.CLAIM_DUE)
         self._set_budget = _Script(lua.SET_BUDGET)
+        self._create_key = _Script(lua.CREATE_KEY)
         self._period_cache: tuple[float, tuple[tuple[int, int], tuple[int, int]]] | None = None
 
     async def _bounded(self, call: Awaitable[T]) -> T:
@@ -388,15 +389,12 @@ class RedisState:
 
     # -- API keys ----------------------------------------------------------------------------
 
-    async def create_key(self, record: KeyRecord, key_hash: str) -> None:
-        """Write a key, its hash index and its listing entries in one transaction."""
-        pipe = self.redis.pipeline(transaction=True)
-        mapping: dict[Any, Any] = dict(record.to_hash())
-        pipe.hset(f"{self.p}:key:{record.api_key_id}", mapping=mapping)
-        pipe.set(f"{self.p}:kh:{key_hash}", record.api_key_id)
-        pipe.zadd(f"{self.p}:keys", {record.api_key_id: record.create_ms})
-        pipe.zadd(f"{self.p}:keys:t:{record.tenant_id}", {record.api_key_id: record.create_ms})
-        await self._bounded(pipe.execute())
+    async def create_key(self, record: KeyRecord, key_hash: str) -> bool:
+        """Write a key, its hash index and its listing entries at once, unless a key with its
+        id exists already (then nothing is written and False returned)."""
+        fields = [item for pair in record.to_hash().items() for item in pair]
+        args = [self.p, record.api_key_id, key_hash, record.tenant_id, record.create_ms, *fields]
+        return bool(await self._bounded(self._create_key(self.redis, (), args)))
 
     async def get_key(self, api_key_id: str) -> KeyRecord | None:
         raw: dict[Any, Any] = await self._bounded(self.redis.hgetall(f"{self.p}:key:{api_key_id}"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import stat
@@ -178,3 +179,19 @@ async def test_listings_page_through_everything_once(gateway: Gateway) -> None:
             gw.ListBudgetsRequest(page_token="garbage"), metadata=gateway.admin_md
         )
     assert error_details(bad.value).reason == "PAGE_TOKEN_INVALID"
+
+
+async def test_concurrent_retries_of_create_api_key_make_one_key(gateway: Gateway) -> None:
+    request = gw.CreateApiKeyRequest(
+        tenant_id="acme", user_id="jo", display_name="ci", request_id="same-key"
+    )
+    responses = await asyncio.gather(
+        *(gateway.admin.CreateApiKey(request, metadata=gateway.admin_md) for _ in range(10))
+    )
+    assert len({r.api_key.api_key_id for r in responses}) == 1
+    assert sum(1 for r in responses if r.secret) == 1
+    assert all(r.secret_withheld for r in responses if not r.secret)
+    listed = await gateway.admin.ListApiKeys(
+        gw.ListApiKeysRequest(tenant_id="acme"), metadata=gateway.admin_md
+    )
+    assert len(listed.api_keys) == 1
