@@ -213,3 +213,25 @@ async def test_keys_store_only_a_hash_and_list_without_secrets(gateway: Gateway)
     assert not again.secret
     assert again.secret_withheld
     assert again.api_key.api_key_id == retry.api_key.api_key_id
+
+
+async def test_a_callers_own_principal_entry_is_ignored(gateway: Gateway) -> None:
+    from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, PrincipalSigner
+
+    secret, key = await gateway.new_key()
+    # Even a genuinely signed principal for another tenant, sent by a public caller, is
+    # neither trusted nor forwarded: the gateway mints its own from the credential.
+    forged = PrincipalSigner({"gw-test": b"f" * 48}, "gw-test").mint(
+        tenant_id="globex", user_id="mallory", permissions=["*"]
+    )
+    metadata = (*bearer(secret), (PRINCIPAL_METADATA_KEY, forged))
+    created = await gateway.api.CreateRun(
+        gw.CreateRunRequest(input="x", request_id="p1"), metadata=metadata, timeout=5
+    )
+    assert created.run.tenant_id == "acme"
+    seen = gateway.orchestrator.calls[-1].principal
+    assert (seen.tenant_id, seen.user_id) == ("acme", "jo")
+    got = await gateway.admin.GetApiKey(
+        gw.GetApiKeyRequest(api_key_id=key.api_key_id), metadata=gateway.admin_md
+    )
+    assert got.api_key.HasField("last_use_time")

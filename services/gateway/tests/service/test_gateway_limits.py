@@ -161,6 +161,9 @@ async def test_budget_is_never_overspent_by_concurrent_runs(gateway: Gateway) ->
 
     results = Counter(await asyncio.gather(*(create(i) for i in range(60))))
     assert results == Counter({"ok": 10, "BUDGET_EXHAUSTED": 50})
+    # The principal the orchestrator got names the budgets charged for the run.
+    submitted = [c for c in gateway.orchestrator.calls if c.method == "SubmitRun"]
+    assert submitted[-1].principal.budget_ids == ("tenant",)
     budget = (
         await gateway.admin.GetBudget(
             gw.GetBudgetRequest(tenant_id="acme", scope=budget_pb2.BUDGET_SCOPE_TENANT),
