@@ -16,6 +16,7 @@ from foredeck_gateway.credentials import hash_secret
 from foredeck_gateway.errors import DOMAIN
 from foredeck_gateway.testing import Gateway, bearer, make_jwt
 from foredeck_kit.errors import error_details
+from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, PrincipalSigner
 
 
 async def _reason(call: object) -> tuple[grpc.StatusCode, str | None, dict[str, str]]:
@@ -216,8 +217,6 @@ async def test_keys_store_only_a_hash_and_list_without_secrets(gateway: Gateway)
 
 
 async def test_a_callers_own_principal_entry_is_ignored(gateway: Gateway) -> None:
-    from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, PrincipalSigner
-
     secret, key = await gateway.new_key()
     # Even a genuinely signed principal for another tenant, sent by a public caller, is
     # neither trusted nor forwarded: the gateway mints its own from the credential.
