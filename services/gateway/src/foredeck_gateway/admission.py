@@ -33,6 +33,7 @@ from foredeck_kit.principal import Principal, PrincipalKind, PrincipalSigner
 __all__ = ["AdmissionMetrics", "Caller", "Gate", "RunAdmission"]
 
 _PRINCIPAL_CACHE = 4096
+_MIN_DEADLINE = timedelta(milliseconds=10)
 _COUNTERS: weakref.WeakKeyDictionary[CollectorRegistry, Counter] = weakref.WeakKeyDictionary()
 
 
@@ -147,6 +148,12 @@ class Gate:
         run: RunAdmission | None = None,
     ) -> Caller:
         """Authenticate, authorise and admit a call of ``route`` (a method name)."""
+        state = current_rpc()
+        remaining = state.time_remaining() if state is not None else None
+        if remaining is not None and remaining < _MIN_DEADLINE.total_seconds():
+            # Nothing is counted or reserved for a call whose caller has already given up.
+            self._metrics.count("deadline_too_short")
+            raise ServiceError.deadline_too_short(_MIN_DEADLINE)
         try:
             credential = parse_authorization(metadata)
         except ServiceError:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
 
 from foredeck.gateway.v1 import error_reason_pb2
+from foredeck_gateway.admission import AdmissionMetrics, Gate
 from foredeck_gateway.config import GatewaySettings
-from foredeck_gateway.credentials import parse_authorization
+from foredeck_gateway.credentials import JwtVerifier, parse_authorization
 from foredeck_gateway.stack import SERVICE
+from foredeck_gateway.store import RedisState
+from foredeck_kit.context import RpcState, rpc_scope
 from foredeck_kit.errors import ServiceError, missing_shared_reasons, reason_to_enum
+from foredeck_kit.principal import PrincipalSigner, generate_key
 from foredeck_stack.services import StackConfigError, StackContext
 
 
@@ -72,3 +79,26 @@ def test_authorization_parsing(metadata: tuple[tuple[str, str], ...], reason: st
     with pytest.raises(ServiceError) as caught:
         parse_authorization(metadata)
     assert caught.value.reason == reason
+
+
+async def test_a_spent_deadline_is_refused_before_anything_is_counted() -> None:
+    registry = CollectorRegistry()
+    # Port 9 (discard) is never dialled: the gate refuses before any Redis call.
+    state = RedisState(Redis.from_url("redis://127.0.0.1:9/0"), prefix="gw", timeout=0.1)
+    gate = Gate(
+        GatewaySettings(),
+        state,
+        JwtVerifier(hs256_secrets={}, rs256_keys={}),
+        PrincipalSigner({"k": generate_key()}, "k"),
+        AdmissionMetrics(registry),
+    )
+    spent = RpcState(method="/x/CreateRun", deadline=time.monotonic() - 1)
+    with rpc_scope(spent), pytest.raises(ServiceError) as caught:
+        await gate.admit((("authorization", "Bearer fdk_" + "a" * 43),), "CreateRun", "")
+    assert caught.value.reason == "DEADLINE_TOO_SHORT"
+    assert (
+        registry.get_sample_value(
+            "gateway_admission_decisions_total", {"outcome": "deadline_too_short"}
+        )
+        == 1
+    )
