@@ -376,3 +376,44 @@ async def test_sweeper_settles_finished_runs_from_their_usage(redis_url: str) ->
         assert budget is not None
         assert (budget.spent_tokens, budget.reserved_tokens) == (700, 0)
         assert await state.active_runs("acme", "jo") == 0
+
+
+async def test_large_amounts_stay_exact(gateway: Gateway) -> None:
+    await gateway.admin.SetBudget(
+        gw.SetBudgetRequest(
+            tenant_id="acme",
+            scope=budget_pb2.BUDGET_SCOPE_TENANT,
+            token_limit=10**15,
+            cost_limit_usd_micros=10**15,
+        ),
+        metadata=gateway.admin_md,
+    )
+    md = bearer(make_jwt(scope="runs:create"))
+    cap = 10**15 - 1
+    created = await gateway.api.CreateRun(
+        gw.CreateRunRequest(
+            input="x",
+            request_id="big",
+            budget=usage_pb2.Budget(max_tokens=cap, max_cost_usd_micros=cap),
+        ),
+        metadata=md,
+        timeout=5,
+    )
+    assert created.run.budget.max_tokens == cap
+    state = gateway.host.state
+    assert state is not None
+    budget = await state.get_budget("acme", "tenant")
+    assert budget is not None
+    assert (budget.reserved_tokens, budget.reserved_cost) == (cap, cap)
+    await gateway.orchestrator.finish(
+        created.run.run_id, usage_pb2.Usage(input_tokens=cap - 5, cost_usd_micros=cap - 7)
+    )
+
+    async def settled() -> bool:
+        current = await state.get_budget("acme", "tenant")
+        return current is not None and current.reservation_count == 0
+
+    await eventually(settled)
+    budget = await state.get_budget("acme", "tenant")
+    assert budget is not None
+    assert (budget.spent_tokens, budget.spent_cost, budget.reserved_tokens) == (cap - 5, cap - 7, 0)
