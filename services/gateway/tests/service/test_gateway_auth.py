@@ -234,3 +234,11 @@ async def test_a_callers_own_principal_entry_is_ignored(gateway: Gateway) -> Non
         gw.GetApiKeyRequest(api_key_id=key.api_key_id), metadata=gateway.admin_md
     )
     assert got.api_key.HasField("last_use_time")
+
+
+async def test_the_configured_admin_digest_opens_only_the_admin_service(gateway: Gateway) -> None:
+    await gateway.admin.ListBudgets(gw.ListBudgetsRequest(), metadata=gateway.admin_md, timeout=5)
+    code, reason, _ = await _reason(
+        gateway.api.WhoAmI(gw.WhoAmIRequest(), metadata=gateway.admin_md, timeout=5)
+    )
+    assert (code, reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_INVALID")
