@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from bench import (
+    gateway_admission,
     kit_overhead,
     llmrouter_vs_litellm,
     memory_recall,
@@ -22,6 +23,7 @@ def main() -> None:
     asyncio.run(toolrunner_sandbox.run())
     asyncio.run(memory_recall.run())
     asyncio.run(orchestrator_overhead.run())
+    asyncio.run(gateway_admission.run())
 
 
 if __name__ == "__main__":

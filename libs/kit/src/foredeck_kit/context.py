@@ -68,6 +68,8 @@ class RpcState:
     peer: str = "unknown"
     """The caller's address, read when the RPC begins: once a cancelled call is torn down,
     asking grpc for it can crash the process."""
+    log_fields: dict[str, str] | None = None
+    """Extra fields the service adds to the RPC's log line (ids it learns while serving)."""
 
     def time_remaining(self) -> float | None:
         """Seconds left before the inbound deadline (negative once passed), None without one."""

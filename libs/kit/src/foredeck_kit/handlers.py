@@ -680,6 +680,9 @@ class _Method:
             fields["user_id"] = principal.user_id
         if mapped is not None and mapped.fields:
             fields.update(mapped.fields)
+        if state.log_fields:
+            for key, value in state.log_fields.items():
+                fields.setdefault(key, value)
         if span is not None:
             span_context = span.get_span_context()
             if span_context.is_valid:
