@@ -107,8 +107,10 @@ def test_connection_comes_from_arguments_then_environment_then_the_local_stack(
     (data / "stack.json").write_text(json.dumps(stack), encoding="utf-8")
     with pytest.raises(ConfigurationError, match=r"credentials\.json"):
         resolve_connection()
-    credentials = {"developer": {"api_key": "fdk_dev"}, "admin": {"api_key": "fdk_admin"}}
-    (data / "credentials.json").write_text(json.dumps(credentials), encoding="utf-8")
+    credentials = {"developer": {"secret": "fdk_dev"}, "admin": {"secret": "fdk_admin"}}
+    gateway_dir = data / "services" / "gateway"
+    gateway_dir.mkdir(parents=True)
+    (gateway_dir / "credentials.json").write_text(json.dumps(credentials), encoding="utf-8")
 
     local = resolve_connection()
     assert (local.address, local.api_key, local.tls) == ("127.0.0.1:4321", "fdk_dev", False)

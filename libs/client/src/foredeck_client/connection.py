@@ -7,8 +7,8 @@ In order, the first that answers wins, for the address and the key separately:
    ``grpcs://host:port`` for TLS) and ``FOREDECK_API_KEY``;
 3. the local stack started by ``foredeck up``: its data directory (``FOREDECK_DATA_DIR``, else
    the nearest ``.foredeck`` directory in the working directory or a parent) holds
-   ``stack.json`` with the gateway's address and ``credentials.json`` with the developer key the
-   gateway created on its first start.
+   ``stack.json`` with the gateway's address and ``services/gateway/credentials.json`` with the
+   developer and admin keys the gateway created on its first start.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def find_data_dir(start: Path | None = None) -> Path | None:
     here = (start or Path.cwd()).resolve()
     for directory in (here, *here.parents):
         candidate = directory / DATA_DIR_NAME
-        if (candidate / STACK_FILE).is_file() or (candidate / CREDENTIALS_FILE).is_file():
+        if (candidate / STACK_FILE).is_file():
             return candidate
     return None
 
@@ -74,10 +74,12 @@ def _stack_address(data_dir: Path) -> str:
 
 
 def _stack_key(data_dir: Path, role: str) -> str:
-    credentials = _read_json(data_dir / CREDENTIALS_FILE) or {}
-    entry = credentials.get(role, {})
-    key = entry.get("api_key", "") if isinstance(entry, dict) else ""
-    return key if isinstance(key, str) else ""
+    for path in (data_dir / "services" / "gateway" / CREDENTIALS_FILE, data_dir / CREDENTIALS_FILE):
+        entry = (_read_json(path) or {}).get(role, {})
+        key = entry.get("secret", "") if isinstance(entry, dict) else ""
+        if isinstance(key, str) and key:
+            return key
+    return ""
 
 
 def resolve_connection(
@@ -105,8 +107,8 @@ def resolve_connection(
         )
     if not api_key:
         raise ConfigurationError(
-            f"no API key: set {API_KEY_VARIABLE} or run `foredeck up`, which creates one in "
-            f"{DATA_DIR_NAME}/{CREDENTIALS_FILE}"
+            f"no API key: set {API_KEY_VARIABLE} or run `foredeck up`, whose gateway creates one "
+            f"in {DATA_DIR_NAME}/services/gateway/{CREDENTIALS_FILE}"
         )
     tls = address.startswith(_TLS_SCHEMES)
     for scheme in (*_TLS_SCHEMES, *_PLAIN_SCHEMES):
