@@ -93,7 +93,7 @@ class ForedeckError(Exception):
     @property
     def hint(self) -> str:
         """What to do next, in one sentence, for a person reading a terminal."""
-        return _HINTS.get(type(self), "")
+        return _REASON_HINTS.get(self.reason) or _HINTS.get(type(self), "")
 
 
 class Unauthenticated(ForedeckError):
@@ -183,7 +183,7 @@ _HINTS: dict[type[ForedeckError], str] = {
     Unauthenticated: "Check the API key (FOREDECK_API_KEY) or start the local stack with "
     "`foredeck up`, which creates one.",
     PermissionDenied: "Ask an administrator for a key with that permission.",
-    NotFound: "Check the id; `foredeck runs` lists your runs.",
+    NotFound: "Check the name or id.",
     InvalidArgument: "Fix the fields named above and try again.",
     FailedPrecondition: "The resource is not in a state that allows this; look at it with "
     "`foredeck show`.",
@@ -196,6 +196,16 @@ _HINTS: dict[type[ForedeckError], str] = {
     Internal: "The service failed; its log says why (`foredeck logs gateway`).",
     ConfigurationError: "Start the local stack with `foredeck up`, or set FOREDECK_ADDRESS and "
     "FOREDECK_API_KEY.",
+}
+
+
+_REASON_HINTS: dict[str, str] = {
+    "AGENT_NOT_FOUND": "`foredeck agents` lists the agents; leave out --agent to use `default`.",
+    "RUN_NOT_FOUND": "Check the run id; `foredeck runs` lists your runs.",
+    "APPROVAL_NOT_PENDING": "It was decided already or expired; `foredeck approve` lists what "
+    "still waits.",
+    "PERMISSION_MISSING": "The credential lacks the permission named above; ask an "
+    "administrator for a key that has it.",
 }
 
 

@@ -19,6 +19,8 @@ from foredeck_gateway.store import KeyRecord, RedisState
 __all__ = ["CREDENTIALS_FILE", "DEVELOPER_PERMISSIONS", "ensure_credentials"]
 
 CREDENTIALS_FILE = "credentials.json"
+# What a developer's runs need as well as the runs themselves: runs act downstream with the
+# submitter's permissions (the model, memory, and every tool by name).
 DEVELOPER_PERMISSIONS = (
     "agents:read",
     "agents:write",
@@ -26,6 +28,13 @@ DEVELOPER_PERMISSIONS = (
     "runs:read",
     "runs:cancel",
     "approvals:resolve",
+    "llm:generate",
+    "llm:embed",
+    "llm:read",
+    "memory:read",
+    "memory:write",
+    "toolregistry:read",
+    "tools:*",
 )
 
 

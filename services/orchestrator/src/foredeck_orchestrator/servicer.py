@@ -35,6 +35,11 @@ from foredeck_orchestrator.adapters.redis_runs import (
     is_terminal,
     priority_name,
 )
+from foredeck_orchestrator.defaults import (
+    DEFAULT_AGENT_NAME,
+    DEFAULT_AGENT_REQUEST_ID,
+    default_agent,
+)
 from foredeck_orchestrator.validation import (
     MAX_INPUT_BYTES,
     check_agent,
@@ -433,6 +438,26 @@ class RunServicer(pb_grpc.RunServiceServicer):
             raise not_found("RUN_NOT_FOUND", "run not found", runId=run_id)
         return record
 
+    async def _create_default_agent(
+        self, principal: Principal, version: int
+    ) -> agent_pb2.Agent | None:
+        """Version 1 of the built-in ``default`` agent for the caller's tenant, made on first use.
+
+        Concurrent first runs race on the same request id and content, so all of them get the
+        one agent; a tenant that archived or re-versioned it is left as it is.
+        """
+        if version > 1:
+            return None
+        content = default_agent()
+        stored = AgentServicer(self.agents)._stored(principal, content, 1)
+        stored.created_by = "foredeck"
+        write = await self.agents.create(
+            principal.tenant_id, stored, DEFAULT_AGENT_REQUEST_ID, _content_digest(content)
+        )
+        if write.agent is not None:
+            return write.agent
+        return await self.agents.get(principal.tenant_id, DEFAULT_AGENT_NAME, version)
+
     async def SubmitRun(
         self, request: pb.SubmitRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.SubmitRunResponse:
@@ -474,6 +499,8 @@ class RunServicer(pb_grpc.RunServiceServicer):
         agent = await self.agents.get(
             principal.tenant_id, request.agent_name, request.agent_version
         )
+        if agent is None and request.agent_name == DEFAULT_AGENT_NAME:
+            agent = await self._create_default_agent(principal, request.agent_version)
         if agent is None:
             await AgentServicer(self.agents)._resolve(
                 principal.tenant_id, request.agent_name, request.agent_version

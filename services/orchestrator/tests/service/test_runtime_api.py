@@ -230,3 +230,33 @@ async def test_high_priority_goes_first_and_low_priority_is_not_starved(redis_ur
     # Weights 4,2,1 with an empty normal queue: at least one low run in every seven.
     assert min(positions) <= 7
     assert min(positions) < max(order.index(r) for r in high)
+
+
+async def test_the_first_runs_naming_default_share_one_built_in_agent(redis_url: str) -> None:
+    async with downstreams() as ds:
+        settings = settings_for(redis_url, ds)
+        async with api_server(settings) as api:
+            replies = await asyncio.gather(*(api.submit("default") for _ in range(10)))
+            agent = await api.agents.GetAgent(
+                pb.GetAgentRequest(agent_name="default"), metadata=api.md()
+            )
+            versions = await api.agents.ListAgentVersions(
+                pb.ListAgentVersionsRequest(agent_name="default"), metadata=api.md()
+            )
+            other_tenant = await api.runs.SubmitRun(
+                pb.SubmitRunRequest(
+                    agent_name="default", input="hello", request_id=uuid.uuid4().hex
+                ),
+                metadata=api.md(tenant_id="tenant-b"),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await api.submit("helper")
+    assert {r.run.agent_name for r in replies} == {"default"}
+    assert {r.run.agent_version for r in replies} == {1}
+    assert len(versions.agents) == 1
+    assert agent.agent.allowed_tools == ["calculator", "current_time", "python"]
+    assert agent.agent.memory_policy.recall_enabled
+    assert agent.agent.memory_policy.remember_results
+    assert other_tenant.run.agent_version == 1
+    # Only `default` is made on demand: any other unknown agent is still NOT_FOUND.
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
