@@ -78,7 +78,12 @@ async def foredeck_up(tmp_path: Path, env: Mapping[str, str]) -> AsyncIterator[S
     """Start `foredeck up` with every installed service; stop it with SIGINT at the end."""
     data_dir = tmp_path / ".foredeck"
     output = tmp_path / "up.out"
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("FOREDECK_")}
+    # Nothing from the developer's own environment: no stack settings, no real provider keys.
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("FOREDECK_") and k not in ("ANTHROPIC_API_KEY", "OPENAI_API_KEY")
+    }
     with output.open("wb") as sink:
         process = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -213,6 +218,21 @@ async def test_the_first_run_goes_through_every_service_and_the_second_recalls_i
             listed = [json.loads(line)["run"] for line in out.splitlines()]
             assert len(listed) == 2
             assert {r["status"] for r in listed} == {"RUN_STATUS_SUCCEEDED"}
+
+            code, out, err = await _cli(stack, "show", first.run_id)
+            assert code == 0, err
+            assert "tool_call" in out
+            assert out.rstrip().endswith("17 * 23 = 391.")
+            code, out, err = await _cli(stack, "agents", "--json")
+            assert code == 0, err
+            assert [json.loads(line)["agent"]["name"] for line in out.splitlines()] == ["default"]
+            code, out, err = await _cli(stack, "keys", "list", "--json")
+            assert code == 0, err
+            key_ids = {json.loads(line)["api_key"]["api_key_id"] for line in out.splitlines()}
+            assert "key_bootstrap_developer" in key_ids
+            code, out, err = await _cli(stack, "show", "r_" + "1" * 32)
+            assert code == 4
+            assert "RUN_NOT_FOUND" in err
 
             # 3. Node.js, from proto/ alone: a run streamed, then an error decoded.
             process = await asyncio.create_subprocess_exec(
