@@ -223,6 +223,14 @@ async def test_the_first_run_goes_through_every_service_and_the_second_recalls_i
             assert code == 0, err
             assert "tool_call" in out
             assert out.rstrip().endswith("17 * 23 = 391.")
+            chart = tmp_path / "trace.png"
+            code, out, err = await _cli(stack, "trace", first.run_id, "--png", str(chart))
+            assert code == 0, err
+            assert "calculator: multiply 17 by 23" in out, out
+            for kind in ("recall", "plan", "tool_call", "synthesize", "remember"):
+                assert f" {kind} " in out
+            assert out.splitlines()[-2].startswith("total: ")
+            assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             code, out, err = await _cli(stack, "agents", "--json")
             assert code == 0, err
             assert [json.loads(line)["agent"]["name"] for line in out.splitlines()] == ["default"]

@@ -475,6 +475,33 @@ def _keys(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _trace(args: argparse.Namespace) -> int:
+    from foredeck_client.trace import RunNode, load_tree, render_png, render_text
+
+    with _client(args) as client:
+        root = load_tree(client, args.run_id)
+    if args.json:
+        for depth, row in root.walk():
+            if isinstance(row, RunNode):
+                _json_line(sys.stdout, "run", {"depth": depth, **_as_dict(row.run)})
+            else:
+                _json_line(sys.stdout, "entry", {"depth": depth, **_as_dict(row.entry)})
+    else:
+        sys.stdout.write(render_text(root))
+    if args.png is not None:
+        try:
+            render_png(root, args.png)
+        except ImportError:
+            print(
+                "foredeck trace: --png needs matplotlib: pip install 'foredeck-client[png]'",
+                file=sys.stderr,
+            )
+            return EXIT_USAGE
+        if not args.json:
+            print(f"waterfall chart written to {args.png}")
+    return EXIT_OK
+
+
 def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Turn every failure into one readable line on stderr and an exit code."""
 
@@ -552,6 +579,14 @@ def add_commands(commands: Commands[argparse.ArgumentParser]) -> None:
     approve.add_argument("--run", help="only approvals of this run (when listing)")
     _connection_arguments(approve)
     approve.set_defaults(handler=_guarded(_approve))
+
+    trace = commands.add_parser(
+        "trace", help="a run's step tree with timings, tokens and cost (sub-agents included)"
+    )
+    trace.add_argument("run_id", metavar="RUN")
+    trace.add_argument("--png", type=Path, metavar="FILE", help="also draw a waterfall chart")
+    _connection_arguments(trace)
+    trace.set_defaults(handler=_guarded(_trace))
 
     agents = commands.add_parser("agents", help="list agents, or show one")
     agents.add_argument("name", nargs="?", metavar="NAME")
