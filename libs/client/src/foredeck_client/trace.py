@@ -110,8 +110,7 @@ def load_tree(client: Client, run_id: str) -> RunNode:
     tree = client.get_run_tree(run_id)
     runs = list(tree.runs) or [client.get_run(run_id)]
     nodes = {
-        run.run_id: RunNode(run, [StepRow(e) for e in _journal(client, run.run_id)])
-        for run in runs
+        run.run_id: RunNode(run, [StepRow(e) for e in _journal(client, run.run_id)]) for run in runs
     }
     for node in nodes.values():
         for step in node.steps:
@@ -198,4 +197,3 @@ def render_png(root: RunNode, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
