@@ -1,12 +1,12 @@
 """Traces, metrics and logs of the real services, run as processes the way their images run them.
 
-llmrouter, toolrunner, memory and both orchestrator roles start with ``python -m`` on real Redis
-and a real Bolt server, exporting spans over OTLP/gRPC to a collector this test runs in-process.
-One test sends a run to the orchestrator API and follows it through the Redis stream into the
-worker and every service it calls: one trace, as a tree. Others call the services as a worker's
-step does and check that their Prometheus endpoints counted the calls and that their log lines
-are JSON carrying the trace. The caller's span stands in for the gateway's, which is not built
-yet.
+llmrouter, toolrunner, memory, both orchestrator roles and the gateway start with ``python -m``
+on real Redis and a real Bolt server, exporting spans over OTLP/gRPC to a collector this test
+runs in-process. One test creates a run through the gateway and follows it through the
+orchestrator API, the Redis stream, the worker and every service it calls: one trace, as a tree
+rooted at the gateway's call. Others call the services as a worker's step does and check that
+their Prometheus endpoints counted the calls and that their log lines are JSON carrying the
+trace.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from prometheus_client.parser import text_string_to_metric_families
 
 from foredeck.common.v1 import agent_pb2, chat_pb2, run_pb2
+from foredeck.gateway.v1 import gateway_service_pb2 as gateway_pb
+from foredeck.gateway.v1 import gateway_service_pb2_grpc as gateway_grpc
 from foredeck.llmrouter.v1 import llmrouter_service_pb2 as router_pb
 from foredeck.llmrouter.v1 import llmrouter_service_pb2_grpc as router_grpc
 from foredeck.memory.v1 import memory_service_pb2 as memory_pb
@@ -356,6 +358,16 @@ async def stack(
             wait_serving(services["orchestrator-api"]),
             wait_serving(services["orchestrator-worker"]),
         )
+        gateway = {
+            "PRINCIPAL_KEYS": principal,
+            "REDIS_URL": redis_url,
+            "ORCHESTRATOR_ADDRESS": f"127.0.0.1:{services['orchestrator-api'].port}",
+            "DATA_DIR": str(tmp / "gateway"),
+            "BOOTSTRAP_TENANT": "tenant-t",
+            "BOOTSTRAP_USER": "user-t",
+        }
+        services["gateway"] = await start_service("gateway", env, tmp, gateway)
+        await wait_serving(services["gateway"])
         yield Stack(
             receiver,
             services,
@@ -564,10 +576,8 @@ async def test_log_lines_are_json_and_carry_the_trace(stack: Stack) -> None:
 async def test_a_run_is_one_trace_from_the_caller_through_the_queue_to_every_service(
     stack: Stack,
 ) -> None:
-    """Caller → orchestrator API → Redis stream → worker → steps → llmrouter, toolrunner, memory.
-
-    The caller's span stands in for the gateway's (the gateway service is not part of this
-    test yet); everything after it is the real path of a run."""
+    """Gateway → orchestrator API → Redis stream → worker → steps → llmrouter, toolrunner, memory:
+    the real path of a run, as one trace rooted at the gateway's CreateRun."""
     model = "gpt-4o-mini"
     plan = {
         "rationale": "Multiply with the calculator.",
@@ -585,7 +595,6 @@ async def test_a_run_is_one_trace_from_the_caller_through_the_queue_to_every_ser
     )
     api = stack.services["orchestrator-api"].channel
     agents = orchestrator_grpc.AgentServiceStub(api)
-    runs = orchestrator_grpc.RunServiceStub(api)
     await agents.CreateAgent(
         orchestrator_pb.CreateAgentRequest(
             agent=agent_pb2.Agent(
@@ -601,34 +610,41 @@ async def test_a_run_is_one_trace_from_the_caller_through_the_queue_to_every_ser
     )
     worker = stack.services["orchestrator-worker"]
     before = await asyncio.to_thread(worker.scrape)
-    tracer = stack.client_provider.get_tracer("foredeck.test")
-    with tracer.start_as_current_span("gateway SubmitRun", kind=SpanKind.SERVER) as span:
-        carrier: dict[str, str] = {}
-        TraceContextTextMapPropagator().inject(carrier)
-        submitted = await runs.SubmitRun(
-            orchestrator_pb.SubmitRunRequest(
-                agent_name="traced", input="What is 6 times 7?", request_id=uuid.uuid4().hex
-            ),
-            metadata=stack.caller_metadata(carrier),
-            timeout=30,
-        )
-        trace_id = format(span.get_span_context().trace_id, "032x")
-    assert await asyncio.to_thread(stack.client_provider.force_flush, 10_000)
-    run_id = submitted.run.run_id
+    # The gateway's developer key, as `foredeck up` would leave it for the CLI.
+    credentials = json.loads(
+        (stack.services["gateway"].log.parent / "gateway" / "credentials.json").read_text()
+    )
+    key = (("authorization", f"Bearer {credentials['developer']['secret']}"),)
+    public = gateway_grpc.GatewayServiceStub(stack.services["gateway"].channel)
+    created = await public.CreateRun(
+        gateway_pb.CreateRunRequest(
+            agent_name="traced", input="What is 6 times 7?", request_id=uuid.uuid4().hex
+        ),
+        metadata=key,
+        timeout=30,
+    )
+    run_id = created.run.run_id
 
     async with asyncio.timeout(90):
         while True:
             run = (
-                await runs.GetRun(
-                    orchestrator_pb.GetRunRequest(run_id=run_id),
-                    metadata=stack.caller_metadata({}),
-                    timeout=10,
+                await public.GetRun(
+                    gateway_pb.GetRunRequest(run_id=run_id), metadata=key, timeout=10
                 )
             ).run
             if run.status >= run_pb2.RUN_STATUS_SUCCEEDED:
                 break
             await asyncio.sleep(0.1)
     assert run.status == run_pb2.RUN_STATUS_SUCCEEDED, run
+    # The gateway's CreateRun span is the root of the run's trace.
+    (create_span,) = [
+        s
+        for s in await stack.receiver.wait_for(
+            lambda spans: any(s.span.name.endswith("GatewayService/CreateRun") for s in spans)
+        )
+        if s.span.name.endswith("GatewayService/CreateRun")
+    ]
+    trace_id = create_span.trace_id
     # The worker counted the run, its tool call and its tokens.
     after = await asyncio.to_thread(worker.scrape)
 
@@ -675,14 +691,18 @@ async def test_a_run_is_one_trace_from_the_caller_through_the_queue_to_every_ser
         return out
 
     roots = [s for s in spans if not s.parent_id]
-    assert [(r.service, r.span.name) for r in roots] == [("worker-stand-in", "gateway SubmitRun")]
+    assert [(r.service, r.span.name) for r in roots] == [
+        ("gateway", "foredeck.gateway.v1.GatewayService/CreateRun")
+    ]
     assert all(s.parent_id in by_id for s in spans if s.parent_id)
 
     (submit,) = [
         s for s in spans if s.span.kind == SERVER and s.span.name.endswith("RunService/SubmitRun")
     ]
     assert submit.service == "orchestrator"
-    assert submit.parent_id == roots[0].span_id
+    # Gateway server span -> the gateway's client call -> the orchestrator's SubmitRun.
+    assert roots[0] in chain(submit)
+    assert by_id[submit.parent_id].service == "gateway"
     # The queue hop: the worker's run span continues the submitter's context.
     (run_span,) = [s for s in spans if s.span.name == "orchestrator.run"]
     assert run_span.service == "orchestrator-worker"
