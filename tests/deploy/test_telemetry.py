@@ -571,6 +571,8 @@ async def test_log_lines_are_json_and_carry_the_trace(stack: Stack) -> None:
         assert rpcs, service.name
         assert all(r["service"] == service.service_name for r in rpcs)
         assert all(r["tenant_id"] == "tenant-t" for r in rpcs)
+        # Called with the run's delegated principal: the line names the run.
+        assert all(r["run_id"] == "run-logs" for r in rpcs), service.name
 
 
 async def test_a_run_is_one_trace_from_the_caller_through_the_queue_to_every_service(

@@ -678,6 +678,9 @@ class _Method:
         if principal is not None:
             fields["tenant_id"] = principal.tenant_id
             fields["user_id"] = principal.user_id
+            if principal.run_id:
+                # A call the orchestrator makes for a run: its line names the run.
+                fields["run_id"] = principal.run_id
         if mapped is not None and mapped.fields:
             fields.update(mapped.fields)
         if state.log_fields:
