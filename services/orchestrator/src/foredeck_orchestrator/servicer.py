@@ -678,6 +678,9 @@ class RunServicer(pb_grpc.RunServiceServicer):
                     raise ServiceError.shutting_down()
                 events = await self.runs.wait_events(run_id, cursor, 1000)
                 if not events:
+                    if await self.runs.get(run_id) is None:
+                        # The run expired while watched: it is gone for every reader now.
+                        raise not_found("RUN_NOT_FOUND", "run not found", runId=run_id)
                     continue
             for event in events:
                 cursor = event.event_id
