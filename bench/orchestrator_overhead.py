@@ -1,14 +1,14 @@
 """What the orchestrator's runtime costs per agent step, against its floor and against LangGraph.
 
-Three measurements, all in one run on this machine, with scripted downstreams (real gRPC
+Four measurements, all in one run on this machine, with scripted downstreams (real gRPC
 servers of the kit answering at once: a plan of three tool calls, a tool result, a streamed
 answer):
 
-1. **Per-step time** of runs driven end to end by the real runtime (API role and worker role
-   in this process, real Redis): a run is plan + 3 tool calls + synthesis = 5 steps; one
-   step's time is the gap between the end times of consecutive journal entries, which covers
-   the step's downstream call, its journal commit, its events, its log line and the budget
-   check. Runs go one at a time.
+1. **Per-step time** of runs driven end to end by the real runtime (the API role in this
+   process, one worker role process as deployed, real Redis): a run is plan + 3 tool calls +
+   synthesis = 5 steps; one step's time is the gap between the end times of consecutive
+   journal entries, which covers the step's downstream call, its journal commit, its events,
+   its log line and the budget check. Runs go one at a time.
 2. **The floor** in the same run: one Redis round trip plus one unary gRPC echo call to a kit
    server with a principal (what a step cannot avoid: one downstream hop, one durable write).
    Goal: per-step p50 <= 3x the floor's p50.
@@ -55,7 +55,6 @@ from foredeck_kit.logs import configure_logging
 from foredeck_kit.principal import PRINCIPAL_METADATA_KEY, PrincipalSigner, format_keys
 from foredeck_orchestrator.config import OrchestratorSettings
 from foredeck_orchestrator.server import build_server
-from foredeck_orchestrator.worker import build_worker
 from foredeck_stack.stores import RedisProcess
 from foredeck_testing import echo
 from foredeck_testing.server import (
@@ -271,8 +270,7 @@ async def _per_step(
     await redis.flushdb()
     api = build_server(settings)
     await api.start()
-    worker = build_worker(settings)
-    await worker.start()
+    workers = await _spawn_workers(settings, 1, redis)
     client = _Client(api.address, keys)
     try:
         await client.agent()
@@ -288,8 +286,8 @@ async def _per_step(
             steps.extend((b - a) / 1e9 for a, b in itertools.pairwise(ends))
         return steps
     finally:
+        _stop_workers(workers)
         await client.channel.close(None)
-        await worker.stop(grace=0)
         await api.stop(grace=0)
 
 
@@ -353,6 +351,51 @@ async def _consumers(redis: Any) -> list[Any]:
         return []
 
 
+async def _spawn_workers(
+    settings: OrchestratorSettings, count: int, redis: Any
+) -> list[subprocess.Popen[bytes]]:
+    """Start ``count`` worker processes, as deployed, and wait until each consumes."""
+    prefix = "FOREDECK_ORCHESTRATOR_"
+    env = {
+        **os.environ,
+        f"{prefix}REDIS_URL": settings.redis_url,
+        f"{prefix}PORT": "0",
+        f"{prefix}METRICS_PORT": "-1",
+        f"{prefix}PRINCIPAL_KEYS": settings.principal_keys.get_secret_value(),
+        f"{prefix}DELEGATION_KEYS": settings.delegation_keys.get_secret_value(),
+        f"{prefix}LLMROUTER_ADDRESS": settings.llmrouter_address,
+        f"{prefix}TOOLRUNNER_ADDRESS": settings.toolrunner_address,
+        f"{prefix}MEMORY_ADDRESS": settings.memory_address,
+        f"{prefix}WORKER_CONCURRENCY": str(settings.worker_concurrency),
+        f"{prefix}USER_CONCURRENCY_LIMIT": "10000",
+        f"{prefix}LEASE_SECONDS": "30",
+        "OTEL_SDK_DISABLED": "true",
+    }
+    workers = [
+        subprocess.Popen(  # noqa: ASYNC220 - started before anything is measured
+            [sys.executable, "-m", "foredeck_orchestrator.worker"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(count)
+    ]
+    deadline = time.monotonic() + 60
+    while len(await _consumers(redis)) < count:
+        if time.monotonic() > deadline:
+            _stop_workers(workers)
+            raise RuntimeError("the workers did not start")
+        await asyncio.sleep(0.05)  # polling for the workers, bounded
+    return workers
+
+
+def _stop_workers(workers: list[subprocess.Popen[bytes]]) -> None:
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.wait(timeout=30)
+
+
 async def _throughput(
     redis_url: str,
     servers: list[RunningServer],
@@ -367,37 +410,8 @@ async def _throughput(
     api = build_server(settings)
     await api.start()
     client = _Client(api.address, keys)
-    prefix = "FOREDECK_ORCHESTRATOR_"
-    env = {
-        **os.environ,
-        f"{prefix}REDIS_URL": redis_url,
-        f"{prefix}PORT": "0",
-        f"{prefix}METRICS_PORT": "-1",
-        f"{prefix}PRINCIPAL_KEYS": format_keys(keys),
-        f"{prefix}DELEGATION_KEYS": format_keys(delegation),
-        f"{prefix}LLMROUTER_ADDRESS": servers[0].address,
-        f"{prefix}TOOLRUNNER_ADDRESS": servers[1].address,
-        f"{prefix}MEMORY_ADDRESS": servers[2].address,
-        f"{prefix}WORKER_CONCURRENCY": str(SLOTS_PER_WORKER),
-        f"{prefix}USER_CONCURRENCY_LIMIT": "10000",
-        f"{prefix}LEASE_SECONDS": "30",
-        "OTEL_SDK_DISABLED": "true",
-    }
-    workers = [
-        subprocess.Popen(  # noqa: ASYNC220 - started once, before anything is measured
-            [sys.executable, "-m", "foredeck_orchestrator.worker"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for _ in range(WORKERS)
-    ]
+    workers = await _spawn_workers(settings, WORKERS, redis)
     try:
-        deadline = time.monotonic() + 60
-        while len(await _consumers(redis)) < WORKERS:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the workers did not start")
-            await asyncio.sleep(0.05)  # polling for the workers, bounded
         await client.agent()
         run_ids = list(await asyncio.gather(*(client.submit() for _ in range(CONCURRENT_RUNS))))
         await _wait_finished(redis, run_ids, 600)
@@ -416,10 +430,7 @@ async def _throughput(
         cpu = sum(_cpu_seconds(worker.pid) for worker in workers) / CONCURRENT_RUNS
         return measured, ceiling, window, statistics.mean(durations), cpu
     finally:
-        for worker in workers:
-            worker.terminate()
-        for worker in workers:
-            worker.wait(timeout=30)
+        _stop_workers(workers)
         await client.channel.close(None)
         await api.stop(grace=0)
         llm_servicer.latency = 0.0
