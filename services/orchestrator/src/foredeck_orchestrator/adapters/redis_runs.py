@@ -39,11 +39,11 @@ _TERMINAL = frozenset(
 )
 
 
-def redis_client(settings: Any) -> Redis:
+def redis_client(settings: Any, max_connections: int | None = None) -> Redis:
     """A client whose calls wait for a free connection (up to a bound) instead of failing."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=settings.redis_max_connections,
+        max_connections=max_connections or settings.redis_max_connections,
         timeout=settings.redis_pool_timeout_seconds,
     )
     return Redis(connection_pool=pool)
@@ -200,8 +200,12 @@ class RedisRuns:
         *,
         event_retention: int = 10_000,
         run_ttl_seconds: int = 7 * 24 * 3600,
+        watch_redis: Redis | None = None,
     ) -> None:
         self.redis = redis
+        # Blocking reads of watchers hold a connection each while they wait: a pool of their
+        # own keeps them from starving every other call.
+        self.watch_redis = watch_redis or redis
         self.keys = keys
         self.event_retention = event_retention
         self.run_ttl_seconds = run_ttl_seconds
