@@ -50,6 +50,8 @@ from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext
 __all__ = ["RedisJournal", "RedisRunEvents", "Worker", "default_worker_id"]
 
 _CREDENTIAL_REUSE_SECONDS = 60.0
+SUBMIT_GRACE_MS = 10_000
+"""How old a submission note must be before a sweeper finishes the submission itself."""
 
 
 def default_worker_id() -> str:
@@ -296,6 +298,9 @@ class Worker:
     async def _reclaim_forever(self) -> None:
         while not self.stopping.is_set():
             try:
+                swept = await self.runs.sweep_submissions(SUBMIT_GRACE_MS, int(time.time() * 1000))
+                if swept:
+                    self.log.warning("queued runs whose submission stopped halfway", count=swept)
                 await self.reclaim_once()
             except asyncio.CancelledError:
                 raise

@@ -265,6 +265,41 @@ class RedisRuns:
         await self.redis.hset(self.keys.run(run_id), "enq", 1)
         return _text(entry_id)
 
+    async def begin_submit(self, run_id: str, now_ms: int) -> None:
+        """Note a submission before its first write, so a sweeper can finish it if we die."""
+        await self.redis.zadd(self.keys.submitting, {run_id: now_ms})
+
+    async def end_submit(self, run_id: str) -> None:
+        """The submission reached its queue."""
+        await self.redis.zrem(self.keys.submitting, run_id)
+
+    async def sweep_submissions(self, older_than_ms: int, now_ms: int, limit: int = 100) -> int:
+        """Queue runs whose submitter died between recording and queueing them.
+
+        A run recorded but not queued is queued now; a note without a record (the submitter
+        died before writing) is dropped. A run queued twice is harmless: a worker drops an
+        entry of a run it cannot take.
+        """
+        stale: Any = await self.redis.zrangebyscore(
+            self.keys.submitting, "-inf", now_ms - older_than_ms, start=0, num=limit
+        )
+        swept = 0
+        for raw in stale:
+            run_id = _text(raw)
+            record = await self.get(run_id)
+            if record is not None and not record.enqueued:
+                run = record.run
+                await self.enqueue(
+                    run_id,
+                    priority_name(run.priority),
+                    user_key=_text((await self.redis.hget(self.keys.run(run_id), "user")) or ""),
+                    trace=record.trace,
+                )
+                await self.index(run.tenant_id, run_id, record.created_ms)
+                swept += 1
+            await self.end_submit(run_id)
+        return swept
+
     async def index(self, tenant_id: str, run_id: str, created_ms: int) -> None:
         """List the run under its tenant (for ListRuns)."""
         await self.redis.zadd(self.keys.tenant_runs(tenant_id), {run_id: created_ms})
