@@ -10,7 +10,8 @@ answer):
    journal entries, which covers the step's downstream call, its journal commit, its events,
    its log line and the budget check. Runs go one at a time.
 2. **The floor** in the same run: one Redis round trip plus one unary gRPC echo call to a kit
-   server with a principal (what a step cannot avoid: one downstream hop, one durable write).
+   server with a principal (what a step cannot avoid: one downstream hop, one durable write),
+   made from a process of its own as the worker's calls are.
    Goal: per-step p50 <= 3x the floor's p50.
 3. **LangGraph** (``bench/langgraph_peer.py``, in its own virtualenv, ``LANGGRAPH_PYTHON``):
    the same plan/act/synthesize graph with its durable SQLite checkpointer, each node making
@@ -301,18 +302,47 @@ async def _per_step(
         await api.stop(grace=0)
 
 
-async def _floor(echo_server: RunningServer, redis: Any) -> list[float]:
-    call = echo.unary_call(echo_server.channel, "Echo")
-    metadata = echo_server.mint(tenant_id="bench", user_id="bench")
+async def _floor_samples(redis_url: str, address: str, token: str) -> list[float]:
+    """One Redis write then one echo call, timed together, from the process that runs this."""
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_url)
+    channel = grpc.aio.insecure_channel(address)
+    call = echo.unary_call(channel, "Echo")
+    metadata = ((PRINCIPAL_METADATA_KEY, token),)
     request = echo.Message(value="x" * 64)
     samples = []
-    for index in range(FLOOR_SAMPLES + 200):
-        start = time.perf_counter()
-        await redis.hset("bench:floor", "k", index)
-        await call(request, metadata=metadata, timeout=5.0)
-        if index >= 200:
-            samples.append(time.perf_counter() - start)
+    try:
+        for index in range(FLOOR_SAMPLES + 200):
+            start = time.perf_counter()
+            await redis.hset("bench:floor", "k", index)
+            await call(request, metadata=metadata, timeout=5.0)
+            if index >= 200:
+                samples.append(time.perf_counter() - start)
+    finally:
+        await channel.close(None)
+        await redis.aclose()
     return samples
+
+
+async def _floor(echo_server: RunningServer, redis_url: str) -> list[float]:
+    """The floor measured from a process of its own, as the worker's steps are."""
+    token = echo_server.token(tenant_id="bench", user_id="bench")
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.orchestrator_overhead",
+        "--floor",
+        redis_url,
+        echo_server.address,
+        token,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+    )
+    out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError("the floor measurement failed")
+    return [float(x) for x in json.loads(out)]
 
 
 def _langgraph(echo_server: RunningServer) -> list[float] | str:
@@ -466,7 +496,7 @@ async def run() -> None:
                 peer_ratios: list[float] = []
                 for _ in range(ROUNDS):
                     ours = await _per_step(redis_process.url, servers, keys, delegation, redis)
-                    base = await _floor(servers[3], redis)
+                    base = await _floor(servers[3], redis_process.url)
                     peer = await asyncio.to_thread(_langgraph, servers[3])
                     steps += ours
                     floor += base
@@ -506,4 +536,7 @@ async def run() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(run())
+    if sys.argv[1:2] == ["--floor"]:
+        print(json.dumps(asyncio.run(_floor_samples(*sys.argv[2:5]))))
+    else:
+        asyncio.run(run())
