@@ -29,6 +29,12 @@ class OrchestratorSettings(ServiceSettings):
         ge=4,
         description="Most Redis connections one process opens; callers beyond wait for one.",
     )
+    redis_watch_connections: int = Field(
+        default=1024,
+        ge=1,
+        description="Connections of the API role's own pool for WatchRun's blocking reads: "
+        "at most this many watchers wait at once; more wait for a connection.",
+    )
     redis_pool_timeout_seconds: float = Field(
         default=5.0,
         gt=0,

@@ -50,6 +50,9 @@ from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext
 __all__ = ["RedisJournal", "RedisRunEvents", "Worker", "default_worker_id"]
 
 _CREDENTIAL_REUSE_SECONDS = 60.0
+_AGENT_CACHE_SIZE = 1024
+SUBMIT_GRACE_MS = 10_000
+"""How old a submission note must be before a sweeper finishes the submission itself."""
 
 
 def default_worker_id() -> str:
@@ -161,6 +164,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._schedule = self._weighted_schedule(settings.weights())
         self._position = 0
+        self._agents: dict[tuple[str, str, int], agent_pb2.Agent] = {}
         self.log = get_logger("foredeck.orchestrator.worker", worker_id=self.worker_id)
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -296,6 +300,9 @@ class Worker:
     async def _reclaim_forever(self) -> None:
         while not self.stopping.is_set():
             try:
+                swept = await self.runs.sweep_submissions(SUBMIT_GRACE_MS, int(time.time() * 1000))
+                if swept:
+                    self.log.warning("queued runs whose submission stopped halfway", count=swept)
                 await self.reclaim_once()
             except asyncio.CancelledError:
                 raise
@@ -410,6 +417,19 @@ class Worker:
         await self.runs.redis.xadd(held.queue, fields)
         await self.runs.ack(held.queue, held.entry_id)
 
+    async def _agent(self, tenant_id: str, name: str, version: int) -> agent_pb2.Agent:
+        """The pinned agent version; versions never change, so each is read once."""
+        key = (tenant_id, name, version)
+        agent = self._agents.get(key)
+        if agent is None:
+            agent = await self.agents.get(tenant_id, name, version)
+            if agent is None:
+                raise ValueError("pinned agent version not found")
+            if len(self._agents) >= _AGENT_CACHE_SIZE:
+                self._agents.pop(next(iter(self._agents)))
+            self._agents[key] = agent
+        return agent
+
     def _error(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.agent_errors_total.labels(reason or "UNKNOWN").inc()
@@ -438,9 +458,7 @@ class Worker:
             run = record.run
             claims = RunClaims.from_json(record.claims)
             kind = claims.kind.value
-            agent = await self.agents.get(run.tenant_id, run.agent_name, run.agent_version)
-            if agent is None:
-                raise ValueError("pinned agent version not found")
+            agent = await self._agent(run.tenant_id, run.agent_name, run.agent_version)
             model = agent.model
         except asyncio.CancelledError:
             await self._after_cancel(held)

@@ -46,18 +46,22 @@ class ApiHost(ServiceHost):
         self.orchestrator_settings = settings
         self.deps = deps
         self.redis: Redis | None = None
+        self.watch_redis: Redis | None = None
         self.runs: RedisRuns | None = None
         self.agents: RedisAgents | None = None
 
     async def start(self) -> int:
         s = self.orchestrator_settings
         self.redis = self.deps.redis or redis_client(s)
+        if self.deps.redis is None:
+            self.watch_redis = redis_client(s, s.redis_watch_connections)
         keys = Keys(s.key_prefix)
         self.runs = RedisRuns(
             self.redis,
             keys,
             event_retention=s.event_retention,
             run_ttl_seconds=s.run_ttl_seconds,
+            watch_redis=self.watch_redis,
         )
         self.agents = RedisAgents(
             self.redis, keys, idempotency_ttl_seconds=s.idempotency_ttl_seconds
@@ -66,9 +70,11 @@ class ApiHost(ServiceHost):
 
     async def _stop(self, grace: float | None) -> None:
         await super()._stop(grace)
-        if self.redis is not None and self.deps.redis is None:
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
+        if self.deps.redis is None:
+            for client in (self.redis, self.watch_redis):
+                if client is not None:
+                    with contextlib.suppress(Exception):
+                        await client.aclose()
 
 
 def build_server(settings: OrchestratorSettings, deps: ApiDeps | None = None) -> ApiHost:

@@ -541,6 +541,9 @@ class RunServicer(pb_grpc.RunServiceServicer):
         carrier: dict[str, str] = {}
         propagate.inject(carrier)
         users = user_key(principal.tenant_id, principal.user_id)
+        # Noted first: if this process dies after recording the run and before queueing it,
+        # a worker's sweeper queues it.
+        await self.runs.begin_submit(run_id, now)
         created, stored_digest = await self.runs.create(
             run,
             digest=request_digest,
@@ -556,6 +559,7 @@ class RunServicer(pb_grpc.RunServiceServicer):
             return pb.SubmitRunResponse(run=record.run, created=False)
         await self.runs.enqueue(run_id, queue, user_key=users, trace=carrier)
         await self.runs.index(principal.tenant_id, run_id, now)
+        await self.runs.end_submit(run_id)
         record = await self.runs.get(run_id)
         return pb.SubmitRunResponse(run=record.run if record else run, created=True)
 
@@ -573,6 +577,7 @@ class RunServicer(pb_grpc.RunServiceServicer):
                 run.run_id, priority_name(run.priority), user_key=users, trace=record.trace
             )
             await self.runs.index(run.tenant_id, run.run_id, record.created_ms)
+            await self.runs.end_submit(run.run_id)
         return pb.SubmitRunResponse(run=record.run, created=False)
 
     async def GetRun(
@@ -705,6 +710,9 @@ class RunServicer(pb_grpc.RunServiceServicer):
                     raise ServiceError.shutting_down()
                 events = await self.runs.wait_events(run_id, cursor, 1000)
                 if not events:
+                    if await self.runs.get(run_id) is None:
+                        # The run expired while watched: it is gone for every reader now.
+                        raise not_found("RUN_NOT_FOUND", "run not found", runId=run_id)
                     continue
             for event in events:
                 cursor = event.event_id

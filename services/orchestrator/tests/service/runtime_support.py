@@ -297,9 +297,13 @@ class Api:
         return ((PRINCIPAL_METADATA_KEY, token),)
 
     async def create_agent(
-        self, name: str = "helper", tools: tuple[str, ...] = ("calculator",), **fields: Any
+        self,
+        name: str = "helper",
+        tools: tuple[str, ...] = ("calculator",),
+        model: str = "scripted",
+        **fields: Any,
     ) -> agent_pb2.Agent:
-        agent = agent_pb2.Agent(name=name, model="scripted", allowed_tools=list(tools), **fields)
+        agent = agent_pb2.Agent(name=name, model=model, allowed_tools=list(tools), **fields)
         reply = await self.agents.CreateAgent(
             pb.CreateAgentRequest(agent=agent, request_id=uuid.uuid4().hex), metadata=self.md()
         )

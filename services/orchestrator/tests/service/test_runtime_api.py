@@ -11,10 +11,13 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from foredeck.common.v1 import run_event_pb2, run_pb2, usage_pb2
 from foredeck.orchestrator.v1 import orchestrator_service_pb2 as pb
 from foredeck_kit.errors import error_details
+from foredeck_orchestrator.adapters.keys import run_id_for
 from services.orchestrator.tests.service.runtime_support import (
     Api,
     api_server,
@@ -260,3 +263,37 @@ async def test_the_first_runs_naming_default_share_one_built_in_agent(redis_url:
     assert other_tenant.run.agent_version == 1
     # Only `default` is made on demand: any other unknown agent is still NOT_FOUND.
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_run_recorded_by_a_submitter_that_died_before_queueing_it_still_runs(
+    redis_url: str, redis_client: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with downstreams() as ds:
+        ds.effects.gate.set()
+        settings = settings_for(redis_url, ds)
+        async with api_server(settings) as api:
+            await api.create_agent()
+            runs = api.host.runs
+            assert runs is not None
+
+            async def dies_here(*args: object, **kwargs: object) -> str:
+                raise RedisConnectionError("the submitter stopped between its two writes")
+
+            monkeypatch.setattr(runs, "enqueue", dies_here)
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await api.submit(request_id="half-done")
+            monkeypatch.undo()
+            run_id = run_id_for("tenant-a", "half-done")
+            recorded = await api.run(run_id)
+            queued = await redis_client.xlen("fdorch:queue:{normal}")
+            # The submission's note is old enough for a sweeper to take over.
+            await redis_client.zadd("fdorch:submitting:{s}", {run_id: 1})
+            async with worker_in_process(settings):
+                await wait_for(lambda: api.finished(run_id), what="the swept run to finish")
+            run = await api.run(run_id)
+            note = await redis_client.zscore("fdorch:submitting:{s}", run_id)
+    assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert recorded.status == run_pb2.RUN_STATUS_QUEUED
+    assert queued == 0
+    assert run.status == SUCCEEDED
+    assert note is None

@@ -55,6 +55,11 @@ class Keys:
         return [self.queue(p) for p in PRIORITIES]
 
     @property
+    def submitting(self) -> str:
+        """Runs whose submission began but may not have reached a queue (a sorted set by time)."""
+        return f"{self.prefix}:submitting:{{s}}"
+
+    @property
     def dead_letters(self) -> str:
         """The stream of runs moved out of the queues after too many deliveries."""
         return f"{self.prefix}:dlq"

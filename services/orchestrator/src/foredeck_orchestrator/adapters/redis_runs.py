@@ -39,11 +39,11 @@ _TERMINAL = frozenset(
 )
 
 
-def redis_client(settings: Any) -> Redis:
+def redis_client(settings: Any, max_connections: int | None = None) -> Redis:
     """A client whose calls wait for a free connection (up to a bound) instead of failing."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
-        max_connections=settings.redis_max_connections,
+        max_connections=max_connections or settings.redis_max_connections,
         timeout=settings.redis_pool_timeout_seconds,
     )
     return Redis(connection_pool=pool)
@@ -200,8 +200,12 @@ class RedisRuns:
         *,
         event_retention: int = 10_000,
         run_ttl_seconds: int = 7 * 24 * 3600,
+        watch_redis: Redis | None = None,
     ) -> None:
         self.redis = redis
+        # Blocking reads of watchers hold a connection each while they wait: a pool of their
+        # own keeps them from starving every other call.
+        self.watch_redis = watch_redis or redis
         self.keys = keys
         self.event_retention = event_retention
         self.run_ttl_seconds = run_ttl_seconds
@@ -260,6 +264,41 @@ class RedisRuns:
         )
         await self.redis.hset(self.keys.run(run_id), "enq", 1)
         return _text(entry_id)
+
+    async def begin_submit(self, run_id: str, now_ms: int) -> None:
+        """Note a submission before its first write, so a sweeper can finish it if we die."""
+        await self.redis.zadd(self.keys.submitting, {run_id: now_ms})
+
+    async def end_submit(self, run_id: str) -> None:
+        """The submission reached its queue."""
+        await self.redis.zrem(self.keys.submitting, run_id)
+
+    async def sweep_submissions(self, older_than_ms: int, now_ms: int, limit: int = 100) -> int:
+        """Queue runs whose submitter died between recording and queueing them.
+
+        A run recorded but not queued is queued now; a note without a record (the submitter
+        died before writing) is dropped. A run queued twice is harmless: a worker drops an
+        entry of a run it cannot take.
+        """
+        stale: Any = await self.redis.zrangebyscore(
+            self.keys.submitting, "-inf", now_ms - older_than_ms, start=0, num=limit
+        )
+        swept = 0
+        for raw in stale:
+            run_id = _text(raw)
+            record = await self.get(run_id)
+            if record is not None and not record.enqueued:
+                run = record.run
+                await self.enqueue(
+                    run_id,
+                    priority_name(run.priority),
+                    user_key=_text((await self.redis.hget(self.keys.run(run_id), "user")) or ""),
+                    trace=record.trace,
+                )
+                await self.index(run.tenant_id, run_id, record.created_ms)
+                swept += 1
+            await self.end_submit(run_id)
+        return swept
 
     async def index(self, tenant_id: str, run_id: str, created_ms: int) -> None:
         """List the run under its tenant (for ListRuns)."""
