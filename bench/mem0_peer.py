@@ -1,22 +1,30 @@
 """mem0 (open-source ``mem0ai``) on the memory benchmark's data, run in its own virtualenv.
 
-``python bench/mem0_peer.py SPEC.json`` reads the texts, queries, user id, embedding endpoint and
-vector store from the spec, adds the first ``api_count`` texts with ``add(infer=False)`` (no LLM
-call) and bulk-inserts the rest straight into mem0's vector store with the precomputed vectors
-(the same shortcut the service's side of the benchmark takes beyond 10k), then times ``search``
-for each query and prints one JSON object with the timings. It imports nothing from
+``python bench/mem0_peer.py SPEC.json`` reads the texts, tiers (a size and its queries each),
+user id, embedding endpoint and vector store from the spec, adds the first ``api_count`` texts
+with ``add(infer=False)`` (no LLM call), then grows tier by tier: it bulk-inserts the texts up
+to the tier's size straight into mem0's vector store with the precomputed vectors (the same
+shortcut the service's side of the benchmark takes beyond 10k) and times ``search`` for each of
+the tier's queries. It prints one JSON object with the timings. It imports nothing from
 this repository: ``make bench`` runs it with the interpreter of the virtualenv that holds mem0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import tempfile
 import time
-from datetime import UTC
+import uuid
+from datetime import UTC, datetime
 from typing import Any
+
+import numpy as np
+
+BULK_CHUNK = 10_000
+"""Texts per bulk insert: mem0's FAISS store rewrites its whole index file on every insert."""
 
 
 def _config(spec: dict[str, Any], workdir: str) -> dict[str, Any]:
@@ -71,54 +79,63 @@ def main() -> None:
         memory = Memory.from_config(_config(spec, workdir))
         user = spec["user_id"]
         api_count = spec["api_count"]
+        texts = spec["texts"]
         started = time.perf_counter()
-        for text in spec["texts"][:api_count]:
+        for text in texts[:api_count]:
             memory.add(text, user_id=user, infer=False)
         ingest_seconds = time.perf_counter() - started
-        rest = spec["texts"][api_count:]
-        if rest:
-            import hashlib
-            import uuid
-            from datetime import datetime
-
-            import numpy as np
-
-            vectors = np.load(spec["bulk_vectors_path"])
-            now = datetime.now(UTC).isoformat()
-            for start in range(0, len(rest), 1000):
-                chunk = rest[start : start + 1000]
-                memory.vector_store.insert(
-                    vectors=[v.tolist() for v in vectors[start : start + len(chunk)]],
-                    payloads=[
-                        {
-                            "data": text,
-                            "hash": hashlib.md5(text.encode()).hexdigest(),
-                            "created_at": now,
-                            "updated_at": now,
-                            "text_lemmatized": text.lower(),
-                            "user_id": user,
-                        }
-                        for text in chunk
-                    ],
-                    ids=[str(uuid.uuid4()) for _ in chunk],
-                )
-        samples = []
-        top1 = []
-        for query in spec["queries"]:
+        vectors = np.load(spec["bulk_vectors_path"]) if len(texts) > api_count else None
+        loaded = api_count
+        bulk_seconds = 0.0
+        tiers = []
+        for tier in spec["tiers"]:
             begin = time.perf_counter()
-            found = memory.search(query, filters={"user_id": user}, top_k=spec["limit"])
-            samples.append(time.perf_counter() - begin)
-            results = found.get("results", found) if isinstance(found, dict) else found
-            top1.append(results[0]["memory"] if results else "")
+            while loaded < tier["size"]:
+                end = min(tier["size"], loaded + BULK_CHUNK)
+                assert vectors is not None
+                _bulk_insert(
+                    memory, user, texts[loaded:end], vectors[loaded - api_count : end - api_count]
+                )
+                loaded = end
+            bulk_seconds += time.perf_counter() - begin
+            samples = []
+            top1 = []
+            for query in tier["queries"]:
+                begin = time.perf_counter()
+                found = memory.search(query, filters={"user_id": user}, top_k=spec["limit"])
+                samples.append(time.perf_counter() - begin)
+                results = found.get("results", found) if isinstance(found, dict) else found
+                top1.append(results[0]["memory"] if results else "")
+            tiers.append({"size": tier["size"], "search_seconds": samples, "top1": top1})
         json.dump(
             {
                 "ingest_seconds": ingest_seconds,
                 "count": api_count,
-                "search_seconds": samples,
-                "top1": top1,
+                "bulk_seconds": bulk_seconds,
+                "tiers": tiers,
             },
             sys.stdout,
         )
+
+
+def _bulk_insert(memory: Any, user: str, texts: list[str], vectors: Any) -> None:
+    """Insert texts with their vectors straight into mem0's vector store, in one call."""
+    now = datetime.now(UTC).isoformat()
+    memory.vector_store.insert(
+        vectors=[v.tolist() for v in vectors],
+        payloads=[
+            {
+                "data": text,
+                "hash": hashlib.md5(text.encode()).hexdigest(),
+                "created_at": now,
+                "updated_at": now,
+                "text_lemmatized": text.lower(),
+                "user_id": user,
+            }
+            for text in texts
+        ],
+        ids=[str(uuid.uuid4()) for _ in texts],
+    )
 
 
 if __name__ == "__main__":

@@ -105,6 +105,16 @@ class MemorySettings(ServiceSettings):
         default="",
         description="Accepted relationship types (`NAME:description,...`); empty accepts any.",
     )
+    max_memories_per_tenant: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="Long-term memory versions a tenant may hold (history included); 0: no cap.",
+    )
+    max_memories_per_user: int = Field(
+        default=100_000,
+        ge=0,
+        description="Long-term memory versions a user may hold (history included); 0: no cap.",
+    )
     outbox_repair_after_seconds: float = Field(
         default=30.0,
         gt=0,

@@ -26,7 +26,12 @@ from foredeck_memory.adapters.embedders import LocalEmbedder, RouterEmbedder
 from foredeck_memory.adapters.neo4j_graph import Neo4jGraphStore
 from foredeck_memory.adapters.qdrant_edge import EdgeVectorStore
 from foredeck_memory.adapters.redis_sessions import RedisSessionStore
-from foredeck_memory.adapters.redis_support import IdempotencyRecords, RedisLocks, RedisOutbox
+from foredeck_memory.adapters.redis_support import (
+    IdempotencyRecords,
+    RedisLocks,
+    RedisOutbox,
+    RedisQuotas,
+)
 from foredeck_memory.clients import LlmRouterClient
 from foredeck_memory.config import MemorySettings, parse_named_list
 from foredeck_memory.domain.errors import StoreDown
@@ -217,6 +222,17 @@ class MemoryHost(ServiceHost):
             outbox=traced(RedisOutbox(self.redis), "redis", tracer),
             locks=RedisLocks(self.redis),
             near_duplicate_threshold=s.near_duplicate_threshold,
+            quotas=traced(
+                RedisQuotas(
+                    self.redis,
+                    max_per_tenant=s.max_memories_per_tenant,
+                    max_per_user=s.max_memories_per_user,
+                    count_tenant=self.vectors.count_tenant,
+                    count_user=self.vectors.count_user,
+                ),
+                "redis",
+                tracer,
+            ),
         )
         self.working = WorkingMemory(
             store=traced(RedisSessionStore(self.redis), "redis", tracer),

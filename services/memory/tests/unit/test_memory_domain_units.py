@@ -81,3 +81,22 @@ def test_type_catalogue_from_settings() -> None:
         types.check_relationship_types([("relationships[0].type", "KNOWS")])
     assert rel.value.reason == "RELATIONSHIP_TYPE_INVALID"
     types.check_relationship_types([("relationships[0].type", "WORKS_ON")])
+
+
+def test_quota_settings_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    defaults = MemorySettings()
+    assert (defaults.max_memories_per_tenant, defaults.max_memories_per_user) == (
+        1_000_000,
+        100_000,
+    )
+    monkeypatch.setenv("FOREDECK_MEMORY_MAX_MEMORIES_PER_TENANT", "0")
+    monkeypatch.setenv("FOREDECK_MEMORY_MAX_MEMORIES_PER_USER", "25")
+    settings = MemorySettings()
+    assert (settings.max_memories_per_tenant, settings.max_memories_per_user) == (0, 25)
+
+
+def test_quota_fault_names_its_subject() -> None:
+    fault = errors.memory_quota_exceeded("user", "u-1", 10, 9, 2)
+    assert (fault.kind, fault.reason) == (errors.FaultKind.EXHAUSTED, "MEMORY_QUOTA_EXCEEDED")
+    assert fault.metadata == {"quota": "memories", "limit": "10", "subject": "user"}
+    assert [subject for subject, _ in fault.quota_violations] == ["user:u-1"]

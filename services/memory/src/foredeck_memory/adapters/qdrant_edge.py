@@ -261,6 +261,13 @@ class EdgeVectorStore:
                 await asyncio.to_thread(shard.count, qe.CountRequest(exact=True, filter=flt))
             )
 
+    async def count_user(self, scope: Scope) -> int:
+        flt = _edge_filter(conditions(scope, VectorFilter()))
+        async with self._using() as shard:
+            return int(
+                await asyncio.to_thread(shard.count, qe.CountRequest(exact=True, filter=flt))
+            )
+
 
 def _payload(payload: dict[str, Any] | None) -> dict[str, Any]:
     if payload is None:

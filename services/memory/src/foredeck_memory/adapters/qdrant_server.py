@@ -187,6 +187,11 @@ class QdrantServerVectorStore:
         count = await self._call(self._client.count(self._collection, count_filter=flt, exact=True))
         return int(count.count)
 
+    async def count_user(self, scope: Scope) -> int:
+        flt = _filter(conditions(scope, VectorFilter()))
+        count = await self._call(self._client.count(self._collection, count_filter=flt, exact=True))
+        return int(count.count)
+
     @staticmethod
     async def _call(awaitable: Any) -> Any:
         try:

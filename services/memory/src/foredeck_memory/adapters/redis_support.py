@@ -18,10 +18,35 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from foredeck_memory.domain import errors
 from foredeck_memory.domain.errors import StoreDown
+from foredeck_memory.domain.models import Scope
 
 OUTBOX_KEY = "fdmem:outbox"
 LOCK_TTL_MS = 30_000
 IDEMPOTENCY_TTL_S = 24 * 3600
+
+_RESERVE = """
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('EXISTS', KEYS[2]) == 0 then
+  return {-1, 0}
+end
+local n = tonumber(ARGV[1])
+local held = {tonumber(redis.call('GET', KEYS[1])), tonumber(redis.call('GET', KEYS[2]))}
+for i = 1, 2 do
+  local limit = tonumber(ARGV[i + 1])
+  if limit > 0 and held[i] + n > limit then return {i, held[i]} end
+end
+redis.call('INCRBY', KEYS[1], n)
+redis.call('INCRBY', KEYS[2], n)
+return {0, 0}
+"""
+
+_GIVE_BACK = """
+for _, key in ipairs(KEYS) do
+  if redis.call('EXISTS', key) == 1 and redis.call('DECRBY', key, ARGV[1]) < 0 then
+    redis.call('SET', key, 0)
+  end
+end
+return 0
+"""
 
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -72,6 +97,76 @@ class RedisOutbox:
                 key = token.decode() if isinstance(token, bytes) else str(token)
                 out.append((key, record["entry"]))
         return out
+
+
+class RedisQuotas:
+    """Per-tenant and per-user counts of stored memory versions, capped, in Redis.
+
+    One Lua script checks both caps and takes room for a whole batch, so replicas sharing
+    the Redis admit exactly up to a cap and a batch is admitted whole or not at all. A count
+    that does not exist yet (a new user, or data written before counting began) is started
+    from the vector store's own count; deleting a counter key makes the next write recount.
+    Both keys of a tenant share one hash tag, so the script also runs on Redis Cluster.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        max_per_tenant: int,
+        max_per_user: int,
+        count_tenant: Callable[[str], Awaitable[int]],
+        count_user: Callable[[Scope], Awaitable[int]],
+    ) -> None:
+        self._redis = redis
+        self._limits = (max_per_tenant, max_per_user)
+        self._count_tenant = count_tenant
+        self._count_user = count_user
+
+    @staticmethod
+    def keys(scope: Scope) -> tuple[str, str]:
+        """The tenant's and the user's counter keys."""
+        slot = tag(scope.tenant_id)
+        user = hashlib.sha256(scope.user_id.encode()).hexdigest()[:24]
+        return f"fdmem:quota:{slot}:tenant", f"fdmem:quota:{slot}:user:{user}"
+
+    async def reserve(self, scope: Scope, count: int) -> None:
+        if count <= 0:
+            return
+        keys = self.keys(scope)
+        for _ in range(2):
+            with redis_errors():
+                verdict, held = await self._redis.eval(_RESERVE, 2, *keys, count, *self._limits)
+            if int(verdict) == 0:
+                return
+            if int(verdict) > 0:
+                index = int(verdict) - 1
+                subject = ("tenant", "user")[index]
+                subject_id = (scope.tenant_id, scope.user_id)[index]
+                raise errors.memory_quota_exceeded(
+                    subject, subject_id, self._limits[index], int(held), count
+                )
+            await self._start_counts(scope, keys)
+        raise StoreDown("redis")
+
+    async def _start_counts(self, scope: Scope, keys: tuple[str, str]) -> None:
+        """Start missing counters from the store; NX keeps a count another replica started."""
+        with redis_errors():
+            exists = [bool(await self._redis.exists(key)) for key in keys]
+        if not exists[0]:
+            held = await self._count_tenant(scope.tenant_id)
+            with redis_errors():
+                await self._redis.set(keys[0], held, nx=True)
+        if not exists[1]:
+            held = await self._count_user(scope)
+            with redis_errors():
+                await self._redis.set(keys[1], held, nx=True)
+
+    async def release(self, scope: Scope, count: int) -> None:
+        if count <= 0:
+            return
+        with redis_errors():
+            await self._redis.eval(_GIVE_BACK, 2, *self.keys(scope), count)
 
 
 class RedisLocks:

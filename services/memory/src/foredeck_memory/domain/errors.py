@@ -219,3 +219,21 @@ def request_id_reused(request_id: str) -> Fault:
         "request_id was already used for a different request",
         metadata={"requestId": request_id},
     )
+
+
+def memory_quota_exceeded(
+    subject: str, subject_id: str, limit: int, held: int, asked: int
+) -> Fault:
+    """The tenant or the user holds too many memory versions to add ``asked`` more."""
+    return Fault(
+        FaultKind.EXHAUSTED,
+        "MEMORY_QUOTA_EXCEEDED",
+        f"the {subject} holds the maximum number of long-term memories",
+        metadata={"quota": "memories", "limit": str(limit), "subject": subject},
+        quota_violations=[
+            (
+                f"{subject}:{subject_id}",
+                f"long-term memories per {subject}: {held} held, {asked} more asked, limit {limit}",
+            )
+        ],
+    )

@@ -29,7 +29,14 @@ from foredeck_memory.domain.models import (
     split_entity_key,
     valid_at,
 )
-from foredeck_memory.domain.ports import Embedder, GraphStore, Locks, Outbox, VectorStore
+from foredeck_memory.domain.ports import (
+    Embedder,
+    GraphStore,
+    Locks,
+    Outbox,
+    Quotas,
+    VectorStore,
+)
 
 MAX_CHAIN = 10_000
 """The most versions one memory's history can hold; also the bound of per-user scans."""
@@ -88,6 +95,7 @@ class LongTermMemory:
         outbox: Outbox,
         locks: Locks,
         near_duplicate_threshold: float = 0.95,
+        quotas: Quotas | None = None,
     ) -> None:
         self.vectors = vectors
         self.graph = graph
@@ -95,6 +103,15 @@ class LongTermMemory:
         self.outbox = outbox
         self.locks = locks
         self.threshold = near_duplicate_threshold
+        self.quotas = quotas
+
+    async def _reserve(self, scope: Scope, count: int) -> None:
+        if self.quotas is not None:
+            await self.quotas.reserve(scope, count)
+
+    async def _release(self, scope: Scope, count: int) -> None:
+        if self.quotas is not None:
+            await self.quotas.release(scope, count)
 
     async def remember(self, scope: Scope, item: RememberInput) -> RememberResult:
         """Store one memory, merging duplicates and superseding a fact with the same key."""
@@ -278,7 +295,11 @@ class LongTermMemory:
         updates: Sequence[MemoryRecord],
         previous: Sequence[MemoryRecord],
     ) -> None:
-        """Write new versions and payload updates to both stores, or to neither."""
+        """Write new versions and payload updates to both stores, or to neither.
+
+        Room for the new versions is taken from the quotas first (the whole batch or nothing);
+        the intent records it, so a roll-back, now or by :meth:`repair`, gives it back.
+        """
         if not new and not updates:
             return
         entry = {
@@ -286,8 +307,15 @@ class LongTermMemory:
             "user_id": scope.user_id,
             "new_ids": [record.memory_id for record, _ in new],
             "restore": [record.to_payload() for record in previous],
+            "reserved": len(new),
         }
-        token = await self.outbox.begin(entry)
+        await self._reserve(scope, len(new))
+        try:
+            token = await self.outbox.begin(entry)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._release(scope, len(new))
+            raise
         try:
             if new:
                 await self.vectors.upsert(scope, new)
@@ -304,7 +332,8 @@ class LongTermMemory:
         await self.outbox.done(token)
 
     async def _compensate(self, entry: dict[str, Any]) -> None:
-        """Remove ``new_ids`` from both stores and put back the ``restore`` payloads."""
+        """Remove ``new_ids`` from both stores, put back the ``restore`` payloads, and give
+        back the quota room the intent holds."""
         scope = Scope(entry["tenant_id"], entry["user_id"])
         new_ids = list(entry["new_ids"])
         restore = [MemoryRecord.from_payload(p) for p in entry["restore"]]
@@ -315,6 +344,7 @@ class LongTermMemory:
             await self.vectors.set_payload(scope, record)
         if restore:
             await self.graph.put_memories(restore)
+        await self._release(scope, int(entry.get("reserved", 0)))
 
     async def repair(self, older_than_seconds: float) -> int:
         """Roll back two-store writes left unfinished (a crash between the stores)."""
@@ -484,18 +514,21 @@ class LongTermMemory:
         last = chain[-1]
         if purge:
             ids = [r.memory_id for r in chain]
-            # A purge rolls forward: its intent lists the ids, and a purge cut short between the
-            # stores is finished by repair(), so the chain ends up in neither store.
+            # A purge rolls forward: its intent lists the ids (and the quota room they hold),
+            # and a purge cut short is finished by repair(), so the chain ends up in neither
+            # store and its room is given back once.
             entry_token = await self.outbox.begin(
                 {
                     "tenant_id": scope.tenant_id,
                     "user_id": scope.user_id,
                     "new_ids": ids,
                     "restore": [],
+                    "reserved": len(ids),
                 }
             )
             await self.vectors.delete(scope, ids)
             await self.graph.delete_memories(scope.tenant_id, ids)
+            await self._release(scope, len(ids))
             await self.outbox.done(entry_token)
             return last, len(ids)
         at = now_us()
@@ -514,6 +547,7 @@ class LongTermMemory:
             deleted = await self.vectors.delete_user(scope)
         except StoreDown:
             raise
+        await self._release(scope, deleted)
         _, entity_versions, rel_versions = await self.graph.delete_user(
             scope.tenant_id, scope.user_id, subject_keys
         )

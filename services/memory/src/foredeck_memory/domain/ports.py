@@ -80,6 +80,9 @@ class VectorStore(Protocol):
     async def count_tenant(self, tenant_id: str) -> int:
         """How many versions the tenant holds (for the per-tenant gauge)."""
 
+    async def count_user(self, scope: Scope) -> int:
+        """How many versions the scope's user holds (to start the user's quota count)."""
+
 
 @dataclass(frozen=True)
 class NeighbourhoodResult:
@@ -175,3 +178,13 @@ class Locks(Protocol):
 
     def hold(self, key: str) -> Any:
         """An async context manager holding the lock named ``key``."""
+
+
+class Quotas(Protocol):
+    """Counts of stored memory versions per tenant and user, with their caps, across replicas."""
+
+    async def reserve(self, scope: Scope, count: int) -> None:
+        """Take room for ``count`` new versions, or raise MEMORY_QUOTA_EXCEEDED taking none."""
+
+    async def release(self, scope: Scope, count: int) -> None:
+        """Give back room: versions not written after all, or deleted."""
