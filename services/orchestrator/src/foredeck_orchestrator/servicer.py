@@ -40,6 +40,7 @@ from foredeck_orchestrator.defaults import (
     DEFAULT_AGENT_REQUEST_ID,
     default_agent,
 )
+from foredeck_orchestrator.replay import replay_run
 from foredeck_orchestrator.validation import (
     MAX_INPUT_BYTES,
     check_agent,
@@ -797,8 +798,11 @@ class RunServicer(pb_grpc.RunServiceServicer):
     async def ReplayRun(
         self, request: pb.ReplayRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReplayRunResponse:
-        """Replay is not served yet."""
-        _unimplemented("ReplayRun")
+        """ReplayRun: re-execute a finished run from its journal, calling nothing."""
+        principal = current_principal()
+        principal.require("runs:read")
+        record = await self._visible_run(principal, request.run_id)
+        return await replay_run(self.runs, self.agents, record, strict=request.strict)
 
     async def ForkRun(
         self, request: pb.ForkRunRequest, context: grpc.aio.ServicerContext[Any, Any]

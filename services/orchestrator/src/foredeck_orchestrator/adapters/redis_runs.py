@@ -93,6 +93,8 @@ class RunRecord:
     digest: str
     enqueued: bool
     created_ms: int
+    fork_source: str = ""
+    fork_length: int = 0
 
 
 def run_from_record(raw: Mapping[Any, Any]) -> RunRecord:
@@ -127,6 +129,8 @@ def run_from_record(raw: Mapping[Any, Any]) -> RunRecord:
         digest=_text(raw.get(b"digest")),
         enqueued=_int(raw.get(b"enq")) == 1,
         created_ms=_int(raw.get(b"created")),
+        fork_source=_text(raw.get(b"fork_src")),
+        fork_length=_int(raw.get(b"fork_len")),
     )
 
 

@@ -92,6 +92,8 @@ class RunOutcome:
     output: str = ""
     error: error_pb2.Error | None = None
     usage: usage_pb2.Usage = field(default_factory=usage_pb2.Usage)
+    reused_entries: int = 0
+    """How many journal entries answered steps instead of downstream calls."""
 
 
 class AgentLoop(Protocol):

@@ -163,6 +163,7 @@ class _Run:
         self.rejections: list[str] = []
         self.replans = 0
         self.executed: set[str] = set()
+        self.reused: set[str] = set()
         self.parsed: dict[str, ValidPlan] = {}
         self.deadline = self._deadline()
         self.log = get_logger("foredeck.orchestrator.loop")
@@ -231,9 +232,20 @@ class _Run:
                 )
             )
             return RunOutcome(
-                status=run_pb2.RUN_STATUS_FAILED, error=failed.error, usage=self._usage()
+                status=run_pb2.RUN_STATUS_FAILED,
+                error=failed.error,
+                usage=self._usage(),
+                reused_entries=self._reused_entries(),
             )
-        return RunOutcome(status=run_pb2.RUN_STATUS_SUCCEEDED, output=answer, usage=self._usage())
+        return RunOutcome(
+            status=run_pb2.RUN_STATUS_SUCCEEDED,
+            output=answer,
+            usage=self._usage(),
+            reused_entries=self._reused_entries(),
+        )
+
+    def _reused_entries(self) -> int:
+        return sum(len(self.by_step[step_id]) for step_id in self.reused)
 
     def _usage(self) -> usage_pb2.Usage:
         usage = usage_pb2.Usage()
@@ -348,7 +360,15 @@ class _Run:
         recorded = self._recorded(step_id)
         if recorded is not None:
             self.last_index = max(self.last_index, recorded.step_index)
+            self.reused.add(step_id)
             return recorded
+        if budgeted:
+            exceeded = check_budget(
+                self.run.budget, self.spent, now=self.loop.clock(), deadline=self.deadline
+            )
+            if exceeded is not None:
+                exceeded.metadata["stepId"] = step_id
+                raise RunFailed(exceeded)
         if self.loop.journal_only:
             raise RunFailed(
                 make_error(
@@ -358,13 +378,6 @@ class _Run:
                     {"runId": self.run.run_id, "stepId": step_id, "entryIndex": "0"},
                 )
             )
-        if budgeted:
-            exceeded = check_budget(
-                self.run.budget, self.spent, now=self.loop.clock(), deadline=self.deadline
-            )
-            if exceeded is not None:
-                exceeded.metadata["stepId"] = step_id
-                raise RunFailed(exceeded)
         index = self.last_index + 1
         attempt = len(self.by_step.get(step_id, ())) + 1
         kind_name = _kind_name(kind)
