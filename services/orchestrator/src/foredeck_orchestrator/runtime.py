@@ -45,7 +45,8 @@ from foredeck_kit.metrics import Metrics
 from foredeck_orchestrator.adapters.redis_agents import RedisAgents
 from foredeck_orchestrator.adapters.redis_runs import LeaseLostError, RedisRuns, is_terminal
 from foredeck_orchestrator.config import OrchestratorSettings
-from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext
+from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext, RunJournal
+from foredeck_orchestrator.journals import ForkJournal
 
 __all__ = ["RedisJournal", "RedisRunEvents", "Worker", "default_worker_id"]
 
@@ -456,6 +457,7 @@ class Worker:
             if record is None:
                 raise ValueError("run record vanished")
             run = record.run
+            held.extra["record"] = record
             claims = RunClaims.from_json(record.claims)
             kind = claims.kind.value
             agent = await self._agent(run.tenant_id, run.agent_name, run.agent_version)
@@ -515,10 +517,16 @@ class Worker:
         trace_id: str,
     ) -> None:
         run_id, token = held.run_id, held.token
+        record = held.extra.get("record")
+        journal: RunJournal = (
+            ForkJournal(self.runs, record, token, self.worker_id, trace_id)
+            if record is not None and record.fork_source
+            else RedisJournal(self.runs, run_id, token, self.worker_id, trace_id)
+        )
         ctx = RunContext(
             run=run,
             agent=agent,
-            journal=RedisJournal(self.runs, run_id, token, self.worker_id, trace_id),
+            journal=journal,
             events=RedisRunEvents(self.runs, run_id, token),
             worker_id=self.worker_id,
             credentials=self._credentials(claims, run_id),

@@ -40,6 +40,8 @@ from foredeck_orchestrator.defaults import (
     DEFAULT_AGENT_REQUEST_ID,
     default_agent,
 )
+from foredeck_orchestrator.forks import fork_run
+from foredeck_orchestrator.journals import JournalPrefixGone, run_journal
 from foredeck_orchestrator.replay import replay_run
 from foredeck_orchestrator.validation import (
     MAX_INPUT_BYTES,
@@ -769,11 +771,21 @@ class RunServicer(pb_grpc.RunServiceServicer):
             raise invalid("view", "unknown view")
         full = request.view == journal_pb2.JOURNAL_VIEW_FULL
         size = check_page_size(request.page_size, 20 if full else 100, 100 if full else 500)
-        await self._visible_run(principal, request.run_id)
+        record = await self._visible_run(principal, request.run_id)
         query = json.dumps([request.run_id, int(request.view)])
         position = decode_page_token(request.page_token, query)
         offset = int(position) if isinstance(position, int) else 0
-        raws = await self.runs.journal(request.run_id, offset, offset + size)
+        if record.fork_source:
+            # A fork's journal starts with its source's entries, read where they are.
+            try:
+                whole = await run_journal(self.runs, record)
+            except JournalPrefixGone:
+                raise precondition(
+                    "JOURNAL_EXPIRED", "the journal of the run's source is gone"
+                ) from None
+            raws = [e.SerializeToString() for e in whole[offset : offset + size + 1]]
+        else:
+            raws = await self.runs.journal(request.run_id, offset, offset + size)
         entries = []
         for raw in raws[:size]:
             entry = journal_pb2.JournalEntry.FromString(raw)
@@ -807,8 +819,18 @@ class RunServicer(pb_grpc.RunServiceServicer):
     async def ForkRun(
         self, request: pb.ForkRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ForkRunResponse:
-        """Forks are not served yet."""
-        _unimplemented("ForkRun")
+        """ForkRun: a new run reusing a finished run's journal up to a step."""
+        principal = current_principal()
+        principal.require("runs:create")
+        record = await self._visible_run(principal, request.run_id)
+        return await fork_run(
+            self.runs,
+            self.agents,
+            principal,
+            request,
+            record,
+            max_queue_length=self.max_queue_length,
+        )
 
 
 def _older(a: str, b: str) -> bool:

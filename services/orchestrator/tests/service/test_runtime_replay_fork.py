@@ -16,7 +16,7 @@ import grpc
 import pytest
 from redis.asyncio import Redis
 
-from foredeck.common.v1 import agent_pb2, journal_pb2, run_pb2
+from foredeck.common.v1 import agent_pb2, journal_pb2, run_event_pb2, run_pb2
 from foredeck.orchestrator.v1 import orchestrator_service_pb2 as pb
 from foredeck_kit.errors import error_details
 from foredeck_orchestrator.config import OrchestratorSettings
@@ -158,3 +158,89 @@ async def test_a_replay_gives_the_recorded_result_with_no_downstream_call(
     assert strict.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(strict.value).reason == "REPLAY_DIVERGED"
     assert dict(error_details(strict.value).metadata)["stepId"] == last.step_id
+
+
+async def fork(api: Api, run_id: str, step: int, request_id: str, **fields: Any) -> Any:
+    """ForkRun's reply."""
+    return await api.runs.ForkRun(
+        pb.ForkRunRequest(run_id=run_id, from_step_index=step, request_id=request_id, **fields),
+        metadata=api.md(),
+    )
+
+
+async def test_a_fork_reuses_the_prefix_by_reference_and_runs_the_rest_under_new_keys(
+    redis_url: str, redis_client: Redis, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    async with downstreams(script()) as ds:
+        ds.effects.gate.set()
+        settings = settings_for(redis_url, ds)
+        async with api_server(settings) as api:
+            await api.create_agent(memory_policy=MEMORY)
+            await start_worker(workers, settings, tmp_path, redis_client)
+            source = await finished_run(api)
+            await api.agents.CreateAgentVersion(
+                pb.CreateAgentVersionRequest(
+                    agent=agent_pb2.Agent(name="helper", system_prompt="Be terse."),
+                    request_id=uuid.uuid4().hex,
+                ),
+                metadata=api.md(),
+            )
+            raws: Any = await redis_client.lrange(f"fdorch:run:{{{source.run_id}}}:journal", 0, -1)
+            source_journal = [journal_pb2.JournalEntry.FromString(raw) for raw in raws]
+            tool_step_index = next(
+                e.step_index for e in source_journal if e.kind == run_event_pb2.STEP_KIND_TOOL_CALL
+            )
+            before = calls(ds)
+            request_id = uuid.uuid4().hex
+            first = await fork(api, source.run_id, tool_step_index, request_id)
+            retry = await fork(api, source.run_id, tool_step_index, request_id)
+            fork_id = first.run.run_id
+            await wait_for(lambda: api.finished(fork_id), within=60, what="the fork to finish")
+            forked = await api.run(fork_id)
+            after = calls(ds)
+            own: Any = await redis_client.lrange(f"fdorch:run:{{{fork_id}}}:journal", 0, -1)
+            listed = await api.runs.ListJournalEntries(
+                pb.ListJournalEntriesRequest(run_id=fork_id), metadata=api.md()
+            )
+            replay = await api.runs.ReplayRun(
+                pb.ReplayRunRequest(run_id=fork_id, strict=True), metadata=api.md()
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as reused:
+                await fork(api, source.run_id, 1, request_id)
+            with pytest.raises(grpc.aio.AioRpcError) as no_step:
+                await fork(api, source.run_id, 99, uuid.uuid4().hex)
+            with pytest.raises(grpc.aio.AioRpcError) as no_version:
+                await fork(api, source.run_id, 2, uuid.uuid4().hex, agent_version=7)
+
+    assert first.created
+    assert not retry.created
+    assert retry.run.run_id == fork_id
+    assert forked.status == SUCCEEDED
+    assert forked.output == source.output
+    assert forked.forked_from_run_id == source.run_id
+    assert forked.agent_version == source.agent_version == 1
+    delta = after - before
+    # The prefix (recall and plan) was reused, not re-executed.
+    assert delta["Recall"] == 0
+    assert f"{fork_id}:s2:1" not in [key for _, key in ds.script.calls]
+    # The fork's tool call ran once, under the fork's own key; the source's was not repeated.
+    assert delta[f"ExecuteTool {fork_id}:s2.1"] == 1
+    assert delta[f"ExecuteTool {source.run_id}:s2.1"] == 0
+    assert delta["Generate"] == 1  # the reasoning step, live
+    assert delta["StreamGenerate"] == 1
+    # Nothing copied: the fork's own list holds only its own entries, numbered after the prefix.
+    prefix = tool_step_index - 1
+    own_entries = [journal_pb2.JournalEntry.FromString(raw) for raw in own]
+    assert len(own_entries) == len(source_journal) - prefix
+    assert {e.run_id for e in own_entries} == {fork_id}
+    assert own_entries[0].entry_index == prefix + 1
+    assert own_entries[0].step_id == "s2.1"
+    whole = list(listed.entries)
+    assert [e.entry_index for e in whole] == list(range(1, len(source_journal) + 1))
+    assert [e.run_id for e in whole[:prefix]] == [source.run_id] * prefix
+    assert replay.identical
+    assert replay.replayed_entry_count == len(source_journal)
+    assert error_details(reused.value).reason == "REQUEST_ID_REUSED"
+    assert no_step.value.code() == grpc.StatusCode.NOT_FOUND
+    assert error_details(no_step.value).reason == "STEP_NOT_FOUND"
+    assert error_details(no_version.value).reason == "AGENT_VERSION_NOT_FOUND"
