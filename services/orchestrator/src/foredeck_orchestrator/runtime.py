@@ -39,13 +39,16 @@ from opentelemetry.trace import TracerProvider
 from redis.exceptions import RedisError, ResponseError
 
 from foredeck.common.v1 import agent_pb2, journal_pb2, run_event_pb2, run_pb2
+from foredeck_kit.approval import ApprovalTokenSigner, arguments_json_digest
 from foredeck_kit.delegation import DelegationSigner, RunClaims
 from foredeck_kit.logs import get_logger
 from foredeck_kit.metrics import Metrics
 from foredeck_orchestrator.adapters.redis_agents import RedisAgents
 from foredeck_orchestrator.adapters.redis_runs import LeaseLostError, RedisRuns, is_terminal
+from foredeck_orchestrator.approvals import RedisApprovals
 from foredeck_orchestrator.config import OrchestratorSettings
 from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext, RunJournal
+from foredeck_orchestrator.domain.waiting import ApprovalPending
 from foredeck_orchestrator.journals import ForkJournal
 
 __all__ = ["RedisJournal", "RedisRunEvents", "Worker", "default_worker_id"]
@@ -166,6 +169,8 @@ class Worker:
         self._schedule = self._weighted_schedule(settings.weights())
         self._position = 0
         self._agents: dict[tuple[str, str, int], agent_pb2.Agent] = {}
+        self.approvals = RedisApprovals(runs)
+        self._approval_signer: ApprovalTokenSigner | None = None
         self.log = get_logger("foredeck.orchestrator.worker", worker_id=self.worker_id)
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -305,6 +310,9 @@ class Worker:
                 if swept:
                     self.log.warning("queued runs whose submission stopped halfway", count=swept)
                 await self.reclaim_once()
+                expired = await self.approvals.expire_due(int(time.time() * 1000))
+                if expired:
+                    self.log.info("approvals expired", count=expired)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
@@ -447,6 +455,22 @@ class Worker:
 
         return mint
 
+    def _approver(self, run: run_pb2.Run) -> Any:
+        """Mints the approval token of a call whose approval the run's journal holds."""
+
+        def approve(step_id: str, tool_name: str, arguments_json: str) -> str:
+            if self._approval_signer is None:
+                self._approval_signer = self.settings.approval_signer()
+            return self._approval_signer.mint(
+                tenant_id=run.tenant_id,
+                run_id=run.run_id,
+                step_id=step_id,
+                tool_name=tool_name,
+                arguments_digest=arguments_json_digest(arguments_json or "{}"),
+            )
+
+        return approve
+
     async def _execute(self, held: _Held, user: str, member: str) -> None:
         run_id, token = held.run_id, held.token
         started = time.monotonic()
@@ -531,6 +555,7 @@ class Worker:
             worker_id=self.worker_id,
             credentials=self._credentials(claims, run_id),
             trace_id=trace_id,
+            approve=self._approver(run),
         )
         try:
             outcome = await self.loop.execute(ctx)
@@ -547,6 +572,22 @@ class Worker:
             raise
         except (LeaseLost, LeaseLostError):
             await self._after_lease_lost(held)
+            return
+        except ApprovalPending as pending:
+            # Parked: no worker holds the run and no lease ticks until a decision queues it.
+            try:
+                await self.approvals.park(run, agent, pending, token)
+            except LeaseLostError:
+                await self._after_lease_lost(held)
+                return
+            await self.runs.ack(held.queue, held.entry_id)
+            self.log.info(
+                "run waiting for approval",
+                run_id=run_id,
+                step_id=pending.step_id,
+                approval_id=pending.approval_id,
+                tool=pending.tool_call.tool_name,
+            )
             return
         except Exception as error:
             self.log.error("run failed in the runtime", run_id=run_id, error=type(error).__name__)

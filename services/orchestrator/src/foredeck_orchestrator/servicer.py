@@ -14,7 +14,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
@@ -35,6 +35,8 @@ from foredeck_orchestrator.adapters.redis_runs import (
     is_terminal,
     priority_name,
 )
+from foredeck_orchestrator.approval_api import list_approvals, resolve_approval
+from foredeck_orchestrator.approvals import RedisApprovals
 from foredeck_orchestrator.defaults import (
     DEFAULT_AGENT_NAME,
     DEFAULT_AGENT_REQUEST_ID,
@@ -151,15 +153,6 @@ def _guard_stream(method: Any) -> Any:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _unimplemented(method: str) -> NoReturn:
-    raise ServiceError(
-        grpc.StatusCode.UNIMPLEMENTED,
-        "INVALID_REQUEST",
-        "method not implemented yet",
-        metadata={"method": f"/{RUN_SERVICE}/{method}"},
-    )
 
 
 def _content_digest(message: Any, *extra: str) -> str:
@@ -433,6 +426,7 @@ class RunServicer(pb_grpc.RunServiceServicer):
         self.agents = agents
         self.max_queue_length = max_queue_length
         self.stopping = stopping or asyncio.Event()
+        self.approvals = RedisApprovals(runs)
 
     async def _visible_run(self, principal: Principal, run_id: str) -> RunRecord:
         check_run_id(run_id)
@@ -798,14 +792,17 @@ class RunServicer(pb_grpc.RunServiceServicer):
     async def ListApprovals(
         self, request: pb.ListApprovalsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListApprovalsResponse:
-        """Human approval of tool calls is not served yet."""
-        _unimplemented("ListApprovals")
+        """ListApprovals: approvals of one run or of every run the caller may see."""
+        principal = current_principal()
+        principal.require("runs:read")
+        return await list_approvals(self.approvals, principal, request, self._visible_run)
 
     async def ResolveApproval(
         self, request: pb.ResolveApprovalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ResolveApprovalResponse:
-        """Human approval of tool calls is not served yet."""
-        _unimplemented("ResolveApproval")
+        """ResolveApproval: approve or deny a pending tool call; its run resumes."""
+        principal = current_principal()
+        return await resolve_approval(self.approvals, self.runs, principal, request, _visible)
 
     async def ReplayRun(
         self, request: pb.ReplayRunRequest, context: grpc.aio.ServicerContext[Any, Any]

@@ -93,7 +93,11 @@ end
 local tok = redis.call('HINCRBY', KEYS[1], 'token', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease', now + tonumber(ARGV[2]))
 if st == 1 then
-  redis.call('HSET', KEYS[1], 'status', 2, 'start', now)
+  redis.call('HSET', KEYS[1], 'status', 2)
+  -- A run resumed after an approval keeps the time it first started.
+  if tonumber(redis.call('HGET', KEYS[1], 'start') or '0') == 0 then
+    redis.call('HSET', KEYS[1], 'start', now)
+  end
   add_event(KEYS[2], KEYS[1], ARGV[4], ARGV[8], now)
 end
 return {'ok', tok, d, redis.call('HGET', KEYS[1], 'start')}

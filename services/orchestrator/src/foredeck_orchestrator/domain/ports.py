@@ -82,6 +82,8 @@ class RunContext:
     credentials: Callable[[], str]
     deadline: float | None = None
     trace_id: str = ""
+    approve: Callable[[str, str, str], str] | None = None
+    """Mints the approval token of an approved call: (step id, tool name, arguments JSON)."""
 
 
 @dataclass(slots=True)

@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, TracerProvider
 
 from foredeck.common.v1 import (
+    approval_pb2,
     chat_pb2,
     error_pb2,
     journal_pb2,
@@ -59,6 +60,7 @@ from foredeck_orchestrator.domain.loop.plan import (
 )
 from foredeck_orchestrator.domain.loop.ports import CallOptions, Downstreams
 from foredeck_orchestrator.domain.ports import RunContext, RunOutcome
+from foredeck_orchestrator.domain.waiting import ApprovalPending, approval_id_for
 
 __all__ = ["LoopSettings", "PlanActLoop"]
 
@@ -66,8 +68,14 @@ T = TypeVar("T")
 
 _SUCCEEDED = journal_pb2.JOURNAL_ENTRY_OUTCOME_SUCCEEDED
 _FAILED = journal_pb2.JOURNAL_ENTRY_OUTCOME_FAILED
+_WAITING = journal_pb2.JOURNAL_ENTRY_OUTCOME_WAITING
 _FINAL = (_SUCCEEDED, _FAILED)
-_REPLANNABLE_TOOL_REASONS = ("STEP_FAILED", "TOOL_NOT_ALLOWED")
+_REPLANNABLE_TOOL_REASONS = (
+    "STEP_FAILED",
+    "TOOL_NOT_ALLOWED",
+    "APPROVAL_DENIED",
+    "APPROVAL_EXPIRED",
+)
 _FATAL_UPSTREAM_CODES = ("UNAUTHENTICATED", "INTERNAL", "UNKNOWN", "DATA_LOSS")
 _MAX_SUMMARY = 256
 _MAX_MEMORY_CONTENT = 32 * 1024
@@ -306,6 +314,9 @@ class _Run:
                 lambda draft: self._tool_body(draft, action),
                 tool_name=action.tool_name,
             )
+            if entry.outcome == _WAITING:
+                exchange = entry.tool_exchange
+                raise ApprovalPending(entry.step_id, exchange.tool_call, exchange.approval_id)
             result = entry.tool_exchange.result
             content = result.content if entry.HasField("tool_exchange") else ""
             if entry.outcome == _SUCCEEDED:
@@ -432,6 +443,9 @@ class _Run:
         self.executed.add(step_id)
         self.spent.add(stored)
         self.last_index = max(self.last_index, stored.step_index or index)
+        if stored.outcome == _WAITING:
+            # Paused, not finished: the step finishes when the run resumes.
+            return stored
         latency = self.loop.clock() - started
         success = stored.outcome == _SUCCEEDED
         finished = run_event_pb2.StepFinished(
@@ -702,29 +716,27 @@ class _Run:
         exchange.tool_call.CopyFrom(call)
         exchange.idempotency_key = tool_effect_key(self.run.run_id, step_id)
         policy = self.agent.approval_policy
-        if policy.all_tools or call.tool_name in policy.tool_names:
-            # Pausing a run for a person's decision is not built yet; a call that needs one is
-            # never made without it, and the planner is told to do without the tool.
-            message = "this tool needs a person's approval, which this run cannot ask for"
+        approved = self._approved(step_id)
+        if policy.all_tools or call.tool_name in policy.tool_names or approved is not None:
+            if approved is None:
+                await self._wait_for_approval(draft)
+                return
             exchange.approval_required = True
-            exchange.result.CopyFrom(
-                tool_pb2.ToolResult(tool_call_id=call.tool_call_id, content=message, is_error=True)
-            )
-            draft.outcome = _FAILED
-            draft.error.CopyFrom(
-                make_error(
-                    Code.FAILED_PRECONDITION,
-                    "STEP_FAILED",
-                    message,
-                    {"stepId": step_id, "toolName": call.tool_name, "approvalRequired": "true"},
-                )
-            )
-            return
+            exchange.approval_id = approved.tool_exchange.approval_id
+            exchange.approval_status = approval_pb2.APPROVAL_STATUS_APPROVED
         await self._publish(
             run_event_pb2.RunEvent(
-                tool_call_requested=run_event_pb2.ToolCallRequested(step_id=step_id, tool_call=call)
+                tool_call_requested=run_event_pb2.ToolCallRequested(
+                    step_id=step_id,
+                    tool_call=call,
+                    requires_approval=exchange.approval_required,
+                    approval_id=exchange.approval_id,
+                )
             )
         )
+        approval_token = ""
+        if approved is not None and self.ctx.approve is not None:
+            approval_token = self.ctx.approve(step_id, call.tool_name, call.arguments_json)
         request = tools.ExecuteToolRequest(
             tool_name=call.tool_name,
             arguments_json=call.arguments_json,
@@ -732,6 +744,7 @@ class _Run:
             run_id=self.run.run_id,
             step_id=step_id,
             tool_call_id=call.tool_call_id,
+            approval_token=approval_token,
         )
         tool_client = self.loop.downstreams.tools
         try:
@@ -739,6 +752,10 @@ class _Run:
                 step_id, lambda options: tool_client.execute_tool(request, options)
             )
         except DownstreamError as error:
+            if error.reason == "APPROVAL_REQUIRED" and not approval_token:
+                # The tool's own registration asks for a person: nothing ran, so wait for one.
+                await self._wait_for_approval(draft)
+                return
             mapped = self._downstream_error(error, step_id, call.tool_name)
             exchange.result.CopyFrom(
                 tool_pb2.ToolResult(
@@ -781,6 +798,33 @@ class _Run:
         exchange.replayed = response.replayed
         exchange.duration.CopyFrom(response.duration)
         await self._tool_finished(draft, replayed=response.replayed)
+
+    def _approved(self, step_id: str) -> journal_pb2.JournalEntry | None:
+        """The journaled approval of the step's tool call, if a person granted one."""
+        for entry in reversed(self.by_step.get(step_id, ())):
+            if entry.tool_exchange.approval_status == approval_pb2.APPROVAL_STATUS_APPROVED:
+                return entry
+        return None
+
+    async def _wait_for_approval(self, draft: journal_pb2.JournalEntry) -> None:
+        """Journal the step as waiting for a person's decision on its call."""
+        exchange = draft.tool_exchange
+        exchange.ClearField("result")
+        exchange.approval_required = True
+        exchange.approval_id = approval_id_for(self.run.run_id, draft.step_id)
+        exchange.approval_status = approval_pb2.APPROVAL_STATUS_PENDING
+        draft.outcome = _WAITING
+        draft.ClearField("error")
+        await self._publish(
+            run_event_pb2.RunEvent(
+                tool_call_requested=run_event_pb2.ToolCallRequested(
+                    step_id=draft.step_id,
+                    tool_call=exchange.tool_call,
+                    requires_approval=True,
+                    approval_id=exchange.approval_id,
+                )
+            )
+        )
 
     async def _tool_finished(self, draft: journal_pb2.JournalEntry, *, replayed: bool) -> None:
         exchange = draft.tool_exchange
