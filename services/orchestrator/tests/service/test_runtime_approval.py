@@ -320,3 +320,112 @@ async def test_an_approval_survives_a_restart_of_every_process(
         run_pb2.RUN_STATUS_RUNNING,
         SUCCEEDED,
     ]
+
+
+async def test_a_denied_call_is_journaled_and_the_run_replans_without_it(
+    redis_url: str, redis_client: Redis, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    # No approval policy: the tool's own registration (toolrunner's APPROVAL_REQUIRED) asks.
+    script = Script(
+        plans={
+            "s1": plan_text(tool_step(GATED, {"amount": 500})),
+            "s3": plan_text(tool_step("calculator", {"expression": "6*7"})),
+        }
+    )
+    async with gated_downstreams(script) as (ds, gate):
+        settings = settings_for(redis_url, ds)
+        async with api_server(settings) as api:
+            await api.create_agent(tools=(GATED, "calculator"))
+            await start_worker(workers, settings, tmp_path, redis_client, "w")
+            run_id = (await api.submit(text="pay 500")).run.run_id
+            await wait_for(lambda: status_is(api, run_id, WAITING), what="the run to wait")
+            approval_id = (await pending(api, run_id))[0].approval_id
+            denied = await resolve(api, approval_id, DENY, reason="not this month")
+            await wait_for(lambda: api.finished(run_id), within=60, what="the run to finish")
+            run = await api.run(run_id)
+            entries = await journal(redis_client, run_id)
+            run_events = await events(redis_client, run_id)
+            with pytest.raises(grpc.aio.AioRpcError) as not_pending:
+                await resolve(api, approval_id, APPROVE)
+
+    assert denied.status == approval_pb2.APPROVAL_STATUS_DENIED
+    assert denied.reason == "not this month"
+    assert run.status == SUCCEEDED
+    # The gated tool was asked once, refused for want of a token, and never ran.
+    assert gate.calls[f"{GATED} {run_id}:s1.1"] == 1
+    assert gate.approved == []
+    assert gate.calls[f"calculator {run_id}:s3.1"] == 1
+    final = [e for e in entries if e.step_id == "s1.1"][-1]
+    assert final.outcome == journal_pb2.JOURNAL_ENTRY_OUTCOME_FAILED
+    assert final.error.reason == "APPROVAL_DENIED"
+    assert final.tool_exchange.approval_status == approval_pb2.APPROVAL_STATUS_DENIED
+    replans = [e for e in entries if e.kind == run_event_pb2.STEP_KIND_REPLAN]
+    assert [e.step_id for e in replans] == ["s3"]
+    # The replan was told why the call did not happen.
+    replan_request = next(r for r in script.generate_requests if r.metadata.step_id == "s3")
+    assert "not this month" in replan_request.messages[-1].parts[0].text.text
+    approved = [e.tool_call_approved for e in run_events if e.HasField("tool_call_approved")]
+    assert [(a.approved, a.reason) for a in approved] == [(False, "not this month")]
+    assert error_details(not_pending.value).reason == "APPROVAL_NOT_PENDING"
+
+
+async def test_an_expired_approval_denies_and_a_cancelled_run_cancels_its_approval(
+    redis_url: str, redis_client: Redis, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    script = Script(
+        plans={
+            "s1": plan_text(tool_step(GATED, {"amount": 5})),
+            "s3": plan_text(tool_step("calculator", {"expression": "6*7"})),
+        }
+    )
+    async with gated_downstreams(script) as (ds, gate):
+        settings = settings_for(redis_url, ds)
+        policy = agent_pb2.ApprovalPolicy(all_tools=True)
+        async with api_server(settings) as api:
+            await api.create_agent(tools=(GATED, "calculator"), approval_policy=policy)
+            await start_worker(workers, settings, tmp_path, redis_client, "w")
+            run_id = (await api.submit(text="pay 5")).run.run_id
+            doomed = (await api.submit(text="pay 6")).run.run_id
+            for waiting_run in (run_id, doomed):
+                await wait_for(
+                    lambda r=waiting_run: status_is(api, r, WAITING),  # type: ignore[misc]
+                    what="the runs to wait",
+                )
+            approval_id = (await pending(api, run_id))[0].approval_id
+            # Its expiry comes now: the workers' sweeper denies it as expired.
+            await redis_client.zadd("fdorch:approvals:due:{e}", {approval_id: 0}, xx=True)
+
+            async def replanned() -> bool:
+                now = [a.approval_id for a in await pending(api, run_id)]
+                return len(now) == 1 and now[0] != approval_id
+
+            # The replanned calculator call needs approval too (all tools): the run waits again.
+            await wait_for(replanned, within=60, what="the run to replan and wait again")
+            second = await pending(api, run_id)
+            expired = await api.runs.ListApprovals(
+                pb.ListApprovalsRequest(
+                    run_id=run_id, statuses=[approval_pb2.APPROVAL_STATUS_EXPIRED]
+                ),
+                metadata=api.md(),
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as too_late:
+                await resolve(api, approval_id, APPROVE)
+            await api.runs.CancelRun(pb.CancelRunRequest(run_id=doomed), metadata=api.md())
+            cancelled = await api.runs.ListApprovals(
+                pb.ListApprovalsRequest(statuses=[approval_pb2.APPROVAL_STATUS_CANCELLED]),
+                metadata=api.md(),
+            )
+            still_pending = await pending(api)
+            entries = await journal(redis_client, run_id)
+
+    assert [a.approval_id for a in expired.approvals] == [approval_id]
+    assert expired.approvals[0].status == approval_pb2.APPROVAL_STATUS_EXPIRED
+    assert second[0].step_id == "s3.1"
+    assert second[0].tool_call.tool_name == "calculator"
+    assert error_details(too_late.value).reason == "APPROVAL_NOT_PENDING"
+    assert dict(error_details(too_late.value).metadata)["status"] == "APPROVAL_STATUS_EXPIRED"
+    final = [e for e in entries if e.step_id == "s1.1"][-1]
+    assert final.error.reason == "APPROVAL_EXPIRED"
+    assert [a.run_id for a in cancelled.approvals] == [doomed]
+    assert [a.run_id for a in still_pending] == [run_id]
+    assert sum(gate.calls.values()) == 0
