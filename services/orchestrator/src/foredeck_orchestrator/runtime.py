@@ -46,6 +46,7 @@ from foredeck_kit.metrics import Metrics
 from foredeck_orchestrator.adapters.redis_agents import RedisAgents
 from foredeck_orchestrator.adapters.redis_runs import LeaseLostError, RedisRuns, is_terminal
 from foredeck_orchestrator.approvals import RedisApprovals
+from foredeck_orchestrator.children import RedisChildren
 from foredeck_orchestrator.config import OrchestratorSettings
 from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext, RunJournal
 from foredeck_orchestrator.domain.waiting import ApprovalPending
@@ -556,6 +557,11 @@ class Worker:
             credentials=self._credentials(claims, run_id),
             trace_id=trace_id,
             approve=self._approver(run),
+            children=(
+                RedisChildren(self.runs, self.agents, record, held.fields.get("user", ""))
+                if record is not None
+                else None
+            ),
         )
         try:
             outcome = await self.loop.execute(ctx)

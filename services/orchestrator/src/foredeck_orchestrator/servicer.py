@@ -37,6 +37,7 @@ from foredeck_orchestrator.adapters.redis_runs import (
 )
 from foredeck_orchestrator.approval_api import list_approvals, resolve_approval
 from foredeck_orchestrator.approvals import RedisApprovals
+from foredeck_orchestrator.children import cancel_tree, run_tree
 from foredeck_orchestrator.defaults import (
     DEFAULT_AGENT_NAME,
     DEFAULT_AGENT_REQUEST_ID,
@@ -662,11 +663,12 @@ class RunServicer(pb_grpc.RunServiceServicer):
     async def GetRunTree(
         self, request: pb.GetRunTreeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetRunTreeResponse:
-        """GetRunTree: the run and its sub-agent runs (none yet: sub-agents come later)."""
+        """GetRunTree: the run and its sub-agent runs, depth first."""
         principal = current_principal()
         principal.require("runs:read")
         record = await self._visible_run(principal, request.run_id)
-        return pb.GetRunTreeResponse(runs=[record.run], truncated=False)
+        tree, truncated = await run_tree(self.runs, record)
+        return pb.GetRunTreeResponse(runs=tree, truncated=truncated)
 
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -749,6 +751,8 @@ class RunServicer(pb_grpc.RunServiceServicer):
             outcome, _ = await self.runs.cancel(request.run_id, status, error)
             if outcome == "ok":
                 await self.runs.announce_cancel(request.run_id)
+                # Every sub-agent run below it stops too.
+                await cancel_tree(self.runs, request.run_id, error)
             fresh = await self.runs.get(request.run_id)
             if fresh is None:
                 raise not_found("RUN_NOT_FOUND", "run not found", runId=request.run_id)

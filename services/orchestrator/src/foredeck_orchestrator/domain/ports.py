@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from foredeck.common.v1 import agent_pb2, error_pb2, journal_pb2, run_event_pb2, run_pb2, usage_pb2
 
@@ -84,6 +84,8 @@ class RunContext:
     trace_id: str = ""
     approve: Callable[[str, str, str], str] | None = None
     """Mints the approval token of an approved call: (step id, tool name, arguments JSON)."""
+    children: Any = None
+    """Starts and awaits sub-agent runs (a ``domain.children.SubAgents``); None: none may run."""
 
 
 @dataclass(slots=True)

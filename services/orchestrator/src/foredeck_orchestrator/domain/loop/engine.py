@@ -41,6 +41,7 @@ from foredeck.toolrunner.v1 import toolrunner_service_pb2 as tools
 from foredeck_kit.idempotency import tool_effect_key
 from foredeck_kit.logs import get_logger
 from foredeck_kit.metrics import Metrics
+from foredeck_orchestrator.domain.children import ChildRefused, SubAgents
 from foredeck_orchestrator.domain.loop import prompts
 from foredeck_orchestrator.domain.loop.budget import Spent, check_budget, wall_time_exceeded
 from foredeck_orchestrator.domain.loop.errors import (
@@ -302,6 +303,7 @@ class _Run:
             plan_step_id=entry.step_id,
             allowed_tools=self.agent.allowed_tools,
             max_steps=self.max_plan_steps,
+            allowed_sub_agents=self.agent.allowed_sub_agents,
         )
 
     async def _action(self, action: PlannedAction) -> error_pb2.Error | None:
@@ -327,6 +329,21 @@ class _Run:
             ):
                 raise RunFailed(entry.error)
             self._observe(action, content or entry.error.message, is_error=True)
+            return entry.error
+        if action.kind == run_event_pb2.STEP_KIND_SUB_AGENT:
+            entry = await self._step(
+                action.step_id,
+                action.kind,
+                action.description,
+                lambda draft: self._sub_agent_body(draft, action),
+            )
+            record = entry.sub_agent
+            if entry.outcome == _SUCCEEDED:
+                self._observe(action, record.output, is_error=False)
+                return None
+            if entry.error.reason not in ("STEP_FAILED", "SUB_AGENT_LIMIT"):
+                raise RunFailed(entry.error)
+            self._observe(action, entry.error.message, is_error=True)
             return entry.error
         entry = await self._step(
             action.step_id,
@@ -434,6 +451,10 @@ class _Run:
             except RunFailed as failed:
                 draft.outcome = _FAILED
                 draft.error.CopyFrom(failed.error)
+            except ChildRefused as refused:
+                draft.outcome = _FAILED
+                draft.error.CopyFrom(refused.error)
+                draft.error.metadata["stepId"] = step_id
             if draft.outcome == _FAILED:
                 span.set_status(Status(StatusCode.ERROR, draft.error.reason))
                 span.set_attribute("foredeck.error_reason", draft.error.reason)
@@ -662,10 +683,17 @@ class _Run:
         description = "plan the task" if kind == run_event_pb2.STEP_KIND_PLAN else "revise the plan"
 
         async def body(draft: journal_pb2.JournalEntry) -> None:
-            schema = json.dumps(plan_schema(self.max_plan_steps), sort_keys=True)
+            sub_agents = list(self.agent.allowed_sub_agents)
+            schema = json.dumps(plan_schema(self.max_plan_steps, bool(sub_agents)), sort_keys=True)
             system = prompts.planner_system_prompt(
                 self.agent.system_prompt, list(self.agent.allowed_tools), self.max_plan_steps
             )
+            if sub_agents:
+                system += (
+                    '\n\nA step may also hand a task to another agent: kind "sub_agent", with '
+                    '"agent_name" (one of: ' + ", ".join(sorted(sub_agents)) + ") and "
+                    '"input" (the task in full). Its answer comes back as the step\'s result.'
+                )
             message = prompts.planning_message(
                 self.run.input, self.memories, self.observations, self.rejections
             )
@@ -698,6 +726,46 @@ class _Run:
             self.parsed[draft.step_id] = plan
 
         return await self._step(step_id, kind, description, body)
+
+    async def _sub_agent_body(self, draft: journal_pb2.JournalEntry, action: PlannedAction) -> None:
+        """Start the step's child run (or find it, after a crash) and wait for its end."""
+        record = draft.sub_agent
+        record.agent_name = action.sub_agent_name
+        record.input = action.sub_agent_input
+        children: SubAgents | None = self.ctx.children
+        if children is None:
+            raise ChildRefused(
+                make_error(
+                    Code.RESOURCE_EXHAUSTED,
+                    "SUB_AGENT_LIMIT",
+                    "this run cannot start sub-agents",
+                    {"parentRunId": self.run.run_id, "budget": "allowed_sub_agents"},
+                )
+            )
+        child_id, version = await children.start(
+            draft.step_id, action.sub_agent_name, action.sub_agent_input
+        )
+        record.child_run_id = child_id
+        record.agent_version = version
+        draft.child_run_id = child_id
+        result = await children.wait(child_id)
+        record.status = result.status
+        record.output = result.output
+        draft.usage.CopyFrom(result.usage)
+        if result.status != run_pb2.RUN_STATUS_SUCCEEDED:
+            draft.outcome = _FAILED
+            metadata = {"stepId": draft.step_id, "childRunId": child_id}
+            if result.error is not None:
+                metadata["upstreamReason"] = result.error.reason
+                metadata["upstreamDomain"] = result.error.domain
+            draft.error.CopyFrom(
+                make_error(
+                    Code.FAILED_PRECONDITION,
+                    "STEP_FAILED",
+                    f"the sub-agent run ended {run_pb2.RunStatus.Name(result.status)}",
+                    metadata,
+                )
+            )
 
     async def _reason_body(self, draft: journal_pb2.JournalEntry, action: PlannedAction) -> None:
         message = prompts.reasoning_message(
