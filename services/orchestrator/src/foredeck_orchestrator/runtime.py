@@ -586,7 +586,8 @@ class Worker:
             except LeaseLostError:
                 await self._after_lease_lost(held)
                 return
-            await self.runs.ack(held.queue, held.entry_id)
+            # Shielded: the heartbeat, seeing the token moved by the park, may cancel this task.
+            await asyncio.shield(self.runs.ack(held.queue, held.entry_id))
             self.log.info(
                 "run waiting for approval",
                 run_id=run_id,

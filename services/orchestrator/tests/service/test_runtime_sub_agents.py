@@ -158,3 +158,35 @@ async def test_cancelling_a_parent_leaves_no_child_running(
     assert len(runs) == 2
     assert [r.status for r in runs] == [CANCELLED, CANCELLED]
     assert runs[1].parent_run_id == parent_id
+
+
+async def test_a_failed_child_reaches_its_parent_as_a_step_result_it_replans_on(
+    redis_url: str, redis_client: Redis, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    # The helper's plans all name a tool it may not use, then its model has no plan: it fails.
+    # The parent (recall s1, plan s2, the sub-agent step) replans at s4 and uses a tool itself.
+    broken = script()
+    broken.plans["s1"] = plan_text(tool_step("forbidden", {}))
+    broken.plans["s4"] = plan_text(tool_step("calculator", {"expression": "6*7"}))
+    async with downstreams(broken) as ds:
+        ds.effects.gate.set()
+        settings = settings_for(redis_url, ds)
+        async with api_server(settings) as api:
+            await create_agents(api)
+            await start_worker(workers, settings, tmp_path, redis_client)
+            parent_id = (await api.submit("boss")).run.run_id
+            await wait_for(lambda: api.finished(parent_id), within=60, what="the parent")
+            runs = await tree(api, parent_id)
+            raws: Any = await redis_client.lrange(f"fdorch:run:{{{parent_id}}}:journal", 0, -1)
+
+    parent, child = runs
+    entries = [journal_pb2.JournalEntry.FromString(raw) for raw in raws]
+    step = next(e for e in entries if e.kind == run_event_pb2.STEP_KIND_SUB_AGENT)
+    assert child.status == run_pb2.RUN_STATUS_FAILED
+    assert step.outcome == journal_pb2.JOURNAL_ENTRY_OUTCOME_FAILED
+    assert step.error.reason == "STEP_FAILED"
+    assert step.error.metadata["childRunId"] == child.run_id
+    assert step.error.metadata["upstreamReason"] == child.error.reason
+    assert [e.step_id for e in entries if e.kind == run_event_pb2.STEP_KIND_REPLAN] == ["s4"]
+    assert parent.status == SUCCEEDED
+    assert ds.effects.executions[f"{parent_id}:s4.1"] == 1
