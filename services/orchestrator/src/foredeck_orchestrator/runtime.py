@@ -48,9 +48,16 @@ from foredeck_orchestrator.adapters.redis_runs import LeaseLostError, RedisRuns,
 from foredeck_orchestrator.approvals import RedisApprovals
 from foredeck_orchestrator.children import RedisChildren
 from foredeck_orchestrator.config import OrchestratorSettings
-from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext, RunJournal
+from foredeck_orchestrator.domain.loop.errors import Code, make_error
+from foredeck_orchestrator.domain.ports import (
+    AgentLoop,
+    LeaseLost,
+    RunContext,
+    RunJournal,
+    RunOutcome,
+)
 from foredeck_orchestrator.domain.waiting import ApprovalPending
-from foredeck_orchestrator.journals import ForkJournal
+from foredeck_orchestrator.journals import ForkJournal, JournalPrefixGone
 
 __all__ = ["RedisJournal", "RedisRunEvents", "Worker", "default_worker_id"]
 
@@ -564,7 +571,19 @@ class Worker:
             ),
         )
         try:
-            outcome = await self.loop.execute(ctx)
+            try:
+                outcome = await self.loop.execute(ctx)
+            except JournalPrefixGone:
+                # A fork whose source run expired before it could be rebuilt from it.
+                outcome = RunOutcome(
+                    status=run_pb2.RUN_STATUS_FAILED,
+                    error=make_error(
+                        Code.FAILED_PRECONDITION,
+                        "JOURNAL_EXPIRED",
+                        "the journal of the run's source is gone",
+                        {"runId": run_id},
+                    ),
+                )
             await self.runs.finish(
                 run_id,
                 token,

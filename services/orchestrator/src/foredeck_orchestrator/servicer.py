@@ -37,7 +37,7 @@ from foredeck_orchestrator.adapters.redis_runs import (
 )
 from foredeck_orchestrator.approval_api import list_approvals, resolve_approval
 from foredeck_orchestrator.approvals import RedisApprovals
-from foredeck_orchestrator.children import cancel_tree, run_tree
+from foredeck_orchestrator.children import cancel_tree, children_key, run_tree
 from foredeck_orchestrator.defaults import (
     DEFAULT_AGENT_NAME,
     DEFAULT_AGENT_REQUEST_ID,
@@ -555,6 +555,10 @@ class RunServicer(pb_grpc.RunServiceServicer):
             record = await self.runs.get(run_id)
             assert record is not None
             return pb.SubmitRunResponse(run=record.run, created=False)
+        if request.parent_run_id:
+            # Listed under its parent, for GetRunTree and for cancelling the whole tree.
+            children = children_key(self.runs, request.parent_run_id)
+            await self.runs.redis.zadd(children, {run_id: now}, nx=True)
         await self.runs.enqueue(run_id, queue, user_key=users, trace=carrier)
         await self.runs.index(principal.tenant_id, run_id, now)
         await self.runs.end_submit(run_id)

@@ -244,3 +244,27 @@ async def test_a_fork_reuses_the_prefix_by_reference_and_runs_the_rest_under_new
     assert no_step.value.code() == grpc.StatusCode.NOT_FOUND
     assert error_details(no_step.value).reason == "STEP_NOT_FOUND"
     assert error_details(no_version.value).reason == "AGENT_VERSION_NOT_FOUND"
+
+
+async def test_a_fork_whose_source_expired_fails_with_journal_expired(
+    redis_url: str, redis_client: Redis, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    async with downstreams(script()) as ds:
+        ds.effects.gate.set()
+        settings = settings_for(redis_url, ds)
+        async with api_server(settings) as api:
+            await api.create_agent(memory_policy=MEMORY)
+            first = await start_worker(workers, settings, tmp_path, redis_client, "first")
+            source = await finished_run(api)
+            first.stop()
+            fork_id = (await fork(api, source.run_id, 3, uuid.uuid4().hex)).run.run_id
+            # The source's keys expire before any worker takes the fork up.
+            await redis_client.delete(
+                f"fdorch:run:{{{source.run_id}}}", f"fdorch:run:{{{source.run_id}}}:journal"
+            )
+            await start_worker(workers, settings, tmp_path, redis_client, "second")
+            await wait_for(lambda: api.finished(fork_id), within=60, what="the fork to end")
+            forked = await api.run(fork_id)
+
+    assert forked.status == run_pb2.RUN_STATUS_FAILED
+    assert forked.error.reason == "JOURNAL_EXPIRED"
