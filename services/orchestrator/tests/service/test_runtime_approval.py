@@ -267,6 +267,9 @@ async def test_an_approval_survives_a_restart_of_every_process(
             left = await pending(api)
             entries = await journal(redis_client, run_id)
             run_events = await events(redis_client, run_id)
+            replay = await api.runs.ReplayRun(
+                pb.ReplayRunRequest(run_id=run_id, strict=True), metadata=api.md()
+            )
 
     assert [a.run_id for a in waiting] == [run_id]
     assert of_run == waiting
@@ -304,6 +307,10 @@ async def test_an_approval_survives_a_restart_of_every_process(
         approval_pb2.APPROVAL_STATUS_APPROVED,
     ]
     assert [e.entry_index for e in entries] == list(range(1, len(entries) + 1))
+    # The waiting, decision and result entries replay like any other.
+    assert replay.identical
+    assert replay.replayed_entry_count == len(entries)
+    assert gate.calls == Counter({f"{GATED} {run_id}:s1.1": 1})
     requested = [e.tool_call_requested for e in run_events if e.HasField("tool_call_requested")]
     assert requested[0].requires_approval
     assert requested[0].approval_id == approval_id
