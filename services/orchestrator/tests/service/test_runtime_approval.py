@@ -399,6 +399,21 @@ async def test_an_expired_approval_denies_and_a_cancelled_run_cancels_its_approv
                     what="the runs to wait",
                 )
             approval_id = (await pending(api, run_id))[0].approval_id
+            first_page = await api.runs.ListApprovals(
+                pb.ListApprovalsRequest(page_size=1), metadata=api.md()
+            )
+            second_page = await api.runs.ListApprovals(
+                pb.ListApprovalsRequest(page_size=1, page_token=first_page.next_page_token),
+                metadata=api.md(),
+            )
+            other_user = await api.runs.ListApprovals(
+                pb.ListApprovalsRequest(), metadata=api.md(user_id="user-b")
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as bad_token:
+                await api.runs.ListApprovals(
+                    pb.ListApprovalsRequest(run_id=run_id, page_token=first_page.next_page_token),
+                    metadata=api.md(),
+                )
             # Its expiry comes now: the workers' sweeper denies it as expired.
             await redis_client.zadd("fdorch:approvals:due:{e}", {approval_id: 0}, xx=True)
 
@@ -425,6 +440,11 @@ async def test_an_expired_approval_denies_and_a_cancelled_run_cancels_its_approv
             still_pending = await pending(api)
             entries = await journal(redis_client, run_id)
 
+    paged = [a.run_id for a in [*first_page.approvals, *second_page.approvals]]
+    assert sorted(paged) == sorted([run_id, doomed])
+    assert second_page.next_page_token == ""
+    assert list(other_user.approvals) == []
+    assert error_details(bad_token.value).reason == "PAGE_TOKEN_INVALID"
     assert [a.approval_id for a in expired.approvals] == [approval_id]
     assert expired.approvals[0].status == approval_pb2.APPROVAL_STATUS_EXPIRED
     assert second[0].step_id == "s3.1"
