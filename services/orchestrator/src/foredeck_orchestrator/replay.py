@@ -96,9 +96,16 @@ def _divergence(
     output: str,
     error_reason: str,
     error_step: str,
+    error_entry: int,
     reused: int,
 ) -> journal_pb2.ReplayDivergence | None:
     if error_reason == "REPLAY_DIVERGED":
+        if error_entry:
+            return journal_pb2.ReplayDivergence(
+                step_id=error_step,
+                entry_index=error_entry,
+                description="tool call arguments differ from the recorded call",
+            )
         return journal_pb2.ReplayDivergence(
             step_id=error_step,
             entry_index=0,
@@ -191,6 +198,7 @@ async def replay_run(
             outcome.output,
             error.reason if error is not None else "",
             error.metadata.get("stepId", "") if error is not None else "",
+            int(error.metadata.get("entryIndex", "0") or 0) if error is not None else 0,
             outcome.reused_entries,
         )
         span.set_attribute("foredeck.replay_identical", divergence is None)

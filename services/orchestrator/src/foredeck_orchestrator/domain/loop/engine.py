@@ -319,6 +319,23 @@ class _Run:
             if entry.outcome == _WAITING:
                 exchange = entry.tool_exchange
                 raise ApprovalPending(entry.step_id, exchange.tool_call, exchange.approval_id)
+            recorded_call = entry.tool_exchange.tool_call
+            if self.loop.journal_only and (
+                recorded_call.tool_name != action.tool_name
+                or recorded_call.arguments_json != action.arguments_json
+            ):
+                raise RunFailed(
+                    make_error(
+                        Code.FAILED_PRECONDITION,
+                        "REPLAY_DIVERGED",
+                        "the replay calls the tool differently than the journal records",
+                        {
+                            "runId": self.run.run_id,
+                            "stepId": action.step_id,
+                            "entryIndex": str(entry.entry_index),
+                        },
+                    )
+                )
             result = entry.tool_exchange.result
             content = result.content if entry.HasField("tool_exchange") else ""
             if entry.outcome == _SUCCEEDED:
