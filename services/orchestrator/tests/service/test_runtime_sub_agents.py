@@ -4,6 +4,7 @@ drawn from the parent, and a cancelled parent taking its children with it."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 from foredeck.common.v1 import agent_pb2, journal_pb2, run_event_pb2, run_pb2, usage_pb2
 from foredeck.orchestrator.v1 import orchestrator_service_pb2 as pb
 from foredeck_orchestrator.config import OrchestratorSettings
-from services.orchestrator.tests.loop_support import plan_text, tool_step
+from services.orchestrator.tests.loop_support import plan_text, reason_step, tool_step
 from services.orchestrator.tests.service.loop_stand_ins import Script
 from services.orchestrator.tests.service.runtime_support import (
     Api,
@@ -190,3 +191,39 @@ async def test_a_failed_child_reaches_its_parent_as_a_step_result_it_replans_on(
     assert [e.step_id for e in entries if e.kind == run_event_pb2.STEP_KIND_REPLAN] == ["s4"]
     assert parent.status == SUCCEEDED
     assert ds.effects.executions[f"{parent_id}:s4.1"] == 1
+
+
+async def test_a_sub_agent_past_the_parent_s_fan_out_is_refused_and_replanned(
+    redis_url: str, redis_client: Redis, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    two = script()
+    delegate = json.loads(two.plans["s2"])["steps"][0]
+    two.plans["s2"] = plan_text(delegate, {**delegate, "description": "ask again"})
+    two.plans["s5"] = plan_text(reason_step("sum up"))
+    async with downstreams(two) as ds:
+        ds.effects.gate.set()
+        settings = settings_for(redis_url, ds)
+        async with api_server(settings) as api:
+            await api.create_agent("helper")
+            await api.create_agent(
+                "boss",
+                allowed_sub_agents=["helper"],
+                memory_policy=agent_pb2.MemoryPolicy(recall_enabled=True),
+                budget=usage_pb2.Budget(max_sub_agent_depth=3, max_sub_agents=1),
+            )
+            await start_worker(workers, settings, tmp_path, redis_client)
+            parent_id = (await api.submit("boss")).run.run_id
+            await wait_for(lambda: api.finished(parent_id), within=60, what="the parent")
+            runs = await tree(api, parent_id)
+            raws: Any = await redis_client.lrange(f"fdorch:run:{{{parent_id}}}:journal", 0, -1)
+
+    entries = [journal_pb2.JournalEntry.FromString(raw) for raw in raws]
+    refused = next(e for e in entries if e.step_id == "s2.2")
+    assert len(runs) == 2
+    assert runs[0].status == SUCCEEDED
+    # The one child may start none of its own: the parent's fan-out is spent.
+    assert runs[1].budget.max_sub_agent_depth == 0
+    assert refused.outcome == journal_pb2.JOURNAL_ENTRY_OUTCOME_FAILED
+    assert refused.error.reason == "SUB_AGENT_LIMIT"
+    assert refused.error.metadata["budget"] == "max_sub_agents"
+    assert [e.step_id for e in entries if e.kind == run_event_pb2.STEP_KIND_REPLAN] == ["s5"]
