@@ -46,8 +46,6 @@ from foredeck_orchestrator.validation import (
 
 __all__ = ["fork_run", "fork_run_id_for"]
 
-_tracer = trace.get_tracer("foredeck_orchestrator.fork")
-
 
 def fork_run_id_for(tenant_id: str, request_id: str) -> str:
     """The run id a fork gets from its tenant and request id."""
@@ -85,6 +83,7 @@ async def fork_run(
     source: RunRecord,
     *,
     max_queue_length: int,
+    tracer: trace.Tracer | None = None,
 ) -> pb.ForkRunResponse:
     """Fork the run of ``source`` (already checked visible to ``principal``)."""
     _check(request)
@@ -161,7 +160,7 @@ async def fork_run(
         request_id=request.request_id,
         forked_from_run_id=origin.run_id,
     )
-    with _tracer.start_as_current_span(
+    with (tracer or trace.get_tracer("foredeck_orchestrator.api")).start_as_current_span(
         "orchestrator.fork",
         attributes={
             "foredeck.run_id": run_id,

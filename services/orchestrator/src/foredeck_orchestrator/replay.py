@@ -31,8 +31,6 @@ from foredeck_orchestrator.validation import not_found, precondition
 
 __all__ = ["replay_run"]
 
-_tracer = trace.get_tracer("foredeck_orchestrator.replay")
-
 
 class _Refused(RuntimeError):
     """A replay asked for a downstream call (never happens with ``journal_only``)."""
@@ -136,7 +134,12 @@ def _divergence(
 
 
 async def replay_run(
-    runs: RedisRuns, agents: RedisAgents, record: RunRecord, *, strict: bool
+    runs: RedisRuns,
+    agents: RedisAgents,
+    record: RunRecord,
+    *,
+    strict: bool,
+    tracer: trace.Tracer | None = None,
 ) -> pb.ReplayRunResponse:
     """Replay the finished run of ``record`` (already checked visible to the caller)."""
     run = record.run
@@ -180,7 +183,7 @@ async def replay_run(
         worker_id="replay",
         credentials=lambda: "",
     )
-    with _tracer.start_as_current_span(
+    with (tracer or trace.get_tracer("foredeck_orchestrator.api")).start_as_current_span(
         "orchestrator.replay",
         attributes={
             "foredeck.run_id": run.run_id,

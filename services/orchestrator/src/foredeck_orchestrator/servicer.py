@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
+from opentelemetry.trace import TracerProvider
 from redis.exceptions import RedisError
 
 from foredeck.common.v1 import agent_pb2, error_pb2, journal_pb2, run_event_pb2, run_pb2
@@ -422,12 +423,15 @@ class RunServicer(pb_grpc.RunServiceServicer):
         *,
         max_queue_length: int,
         stopping: asyncio.Event | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.runs = runs
         self.agents = agents
         self.max_queue_length = max_queue_length
         self.stopping = stopping or asyncio.Event()
         self.approvals = RedisApprovals(runs)
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        self.tracer = provider.get_tracer("foredeck_orchestrator.api")
 
     async def _visible_run(self, principal: Principal, run_id: str) -> RunRecord:
         check_run_id(run_id)
@@ -819,7 +823,9 @@ class RunServicer(pb_grpc.RunServiceServicer):
         principal = current_principal()
         principal.require("runs:read")
         record = await self._visible_run(principal, request.run_id)
-        return await replay_run(self.runs, self.agents, record, strict=request.strict)
+        return await replay_run(
+            self.runs, self.agents, record, strict=request.strict, tracer=self.tracer
+        )
 
     async def ForkRun(
         self, request: pb.ForkRunRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -835,6 +841,7 @@ class RunServicer(pb_grpc.RunServiceServicer):
             request,
             record,
             max_queue_length=self.max_queue_length,
+            tracer=self.tracer,
         )
 
 
