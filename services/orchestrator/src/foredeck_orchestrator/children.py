@@ -8,6 +8,11 @@ less than the parent's ``max_sub_agent_depth``; a run with depth 0 starts none) 
 (the parent's ``max_sub_agents`` caps the children it starts in all). The child's run id is
 derived from the parent run and step, so a resumed parent finds the child it started.
 
+A parent does not hold a worker while its child runs: the SUB_AGENT step finds the child
+unfinished and raises ``ChildPending``; the worker parks the parent (no owner, no lease, its
+queue entry acknowledged, ``waiting_child`` noted) and the child's end (finished, cancelled or
+dead-lettered) queues the parent again, which takes the step anew and reads the child's result.
+
 Each run's children are listed in ``fdorch:run:{r_…}:children`` (a sorted set by creation
 time, in the parent's slot): GetRunTree walks it, and CancelRun cancels the whole tree below a
 run. The child's usage comes back as the SUB_AGENT step's usage, so it counts in the parent's.
@@ -29,10 +34,19 @@ from foredeck_orchestrator.adapters.redis_runs import (
     is_terminal,
     priority_name,
 )
-from foredeck_orchestrator.domain.children import ChildRefused, ChildResult
+from foredeck_orchestrator.domain.children import ChildPending, ChildRefused, ChildResult
 from foredeck_orchestrator.domain.loop.errors import Code, make_error
 
-__all__ = ["MAX_TREE", "RedisChildren", "cancel_tree", "child_run_id", "children_key", "run_tree"]
+__all__ = [
+    "MAX_TREE",
+    "RedisChildren",
+    "cancel_tree",
+    "child_run_id",
+    "children_key",
+    "park_for_child",
+    "run_tree",
+    "wake_parent",
+]
 
 MAX_TREE = 1000
 
@@ -164,28 +178,67 @@ class RedisChildren:
         await self.runs.end_submit(child_id)
         return child_id, agent.version
 
-    async def wait(self, child_run_id: str) -> ChildResult:
-        while True:
-            record = await self.runs.get(child_run_id)
-            if record is None:
-                return ChildResult(
-                    child_run_id,
-                    0,
-                    run_pb2.RUN_STATUS_FAILED,
-                    error=make_error(Code.NOT_FOUND, "RUN_NOT_FOUND", "the sub-agent run is gone"),
-                )
-            run = record.run
-            if is_terminal(run.status):
-                return ChildResult(
-                    child_run_id,
-                    run.agent_version,
-                    run.status,
-                    output=run.output,
-                    error=run.error if run.HasField("error") else None,
-                    usage=run.usage,
-                )
-            # Woken by the child's next event, or after a second at most.
-            await self.runs.wait_events(child_run_id, run.last_event_id or "0-0", 1000)
+    async def wait(self, step_id: str, child_run_id: str) -> ChildResult:
+        record = await self.runs.get(child_run_id)
+        if record is None:
+            return ChildResult(
+                child_run_id,
+                0,
+                run_pb2.RUN_STATUS_FAILED,
+                error=make_error(Code.NOT_FOUND, "RUN_NOT_FOUND", "the sub-agent run is gone"),
+            )
+        run = record.run
+        if not is_terminal(run.status):
+            # The parent is parked until the child ends (see park_for_child).
+            raise ChildPending(step_id, child_run_id)
+        return ChildResult(
+            child_run_id,
+            run.agent_version,
+            run.status,
+            output=run.output,
+            error=run.error if run.HasField("error") else None,
+            usage=run.usage,
+        )
+
+
+PARK_FOR_CHILD = """
+-- KEYS: run. ARGV: token, child run id.
+if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
+redis.call('HINCRBY', KEYS[1], 'token', 1)
+redis.call('HSET', KEYS[1], 'owner', '', 'lease', 0, 'deliveries', 0, 'waiting_child', ARGV[2])
+return 1
+"""
+
+
+async def park_for_child(runs: RedisRuns, run_id: str, token: int, child_run_id: str) -> bool:
+    """Give the parent up while its child runs (no owner, no lease; its entry is then acked).
+
+    False when the lease was lost (nothing written). The child's end queues the parent again
+    (:func:`wake_parent`); the caller checks the child once more after parking, so a child
+    that ended in between is not missed.
+    """
+    result = await runs.redis.eval(PARK_FOR_CHILD, 1, runs.keys.run(run_id), token, child_run_id)
+    return int(result) > 0
+
+
+async def wake_parent(runs: RedisRuns, child: run_pb2.Run) -> bool:
+    """Queue the parent of a finished child again if it is parked waiting for it."""
+    if not child.parent_run_id:
+        return False
+    key = runs.keys.run(child.parent_run_id)
+    waiting, owner, user = await runs.redis.hmget(key, ["waiting_child", "owner", "user"])
+    if _text(waiting) != child.run_id or _text(owner):
+        return False
+    parent = await runs.get(child.parent_run_id)
+    if parent is None or is_terminal(parent.run.status):
+        return False
+    await runs.enqueue(
+        parent.run.run_id,
+        priority_name(parent.run.priority),
+        user_key=_text(user),
+        trace=parent.trace,
+    )
+    return True
 
 
 async def run_tree(runs: RedisRuns, root: RunRecord) -> tuple[list[run_pb2.Run], bool]:

@@ -46,8 +46,9 @@ from foredeck_kit.metrics import Metrics
 from foredeck_orchestrator.adapters.redis_agents import RedisAgents
 from foredeck_orchestrator.adapters.redis_runs import LeaseLostError, RedisRuns, is_terminal
 from foredeck_orchestrator.approvals import RedisApprovals
-from foredeck_orchestrator.children import RedisChildren
+from foredeck_orchestrator.children import RedisChildren, park_for_child, wake_parent
 from foredeck_orchestrator.config import OrchestratorSettings
+from foredeck_orchestrator.domain.children import ChildPending
 from foredeck_orchestrator.domain.loop.errors import Code, make_error
 from foredeck_orchestrator.domain.ports import (
     AgentLoop,
@@ -403,6 +404,9 @@ class Worker:
                     held.run_id, held.queue, held.entry_id, claim.deliveries
                 )
                 await self.runs.ack(held.queue, held.entry_id)
+                dead = await self.runs.get(held.run_id)
+                if dead is not None:
+                    await wake_parent(self.runs, dead.run)
                 self._error("DELIVERY_LIMIT")
                 self.log.warning(
                     "run dead-lettered", run_id=held.run_id, deliveries=claim.deliveries
@@ -598,8 +602,27 @@ class Worker:
         except (LeaseLost, LeaseLostError):
             await self._after_lease_lost(held)
             return
+        except ChildPending as pending:
+            # Parked while the child runs; the child's end queues this run again.
+            held.stop_reason = "parked"
+            child_id = pending.child_run_id
+            if not await park_for_child(self.runs, run_id, token, child_id):
+                await self._after_lease_lost(held)
+                return
+
+            async def settle() -> None:
+                await self.runs.ack(held.queue, held.entry_id)
+                child = await self.runs.get(child_id)
+                if child is None or is_terminal(child.run.status):
+                    # The child ended while this run was being parked: queue it now.
+                    await wake_parent(self.runs, run_pb2.Run(run_id=child_id, parent_run_id=run_id))
+
+            await asyncio.shield(settle())
+            self.log.info("run waiting for its sub-agent", run_id=run_id, child_run_id=child_id)
+            return
         except ApprovalPending as pending:
             # Parked: no worker holds the run and no lease ticks until a decision queues it.
+            held.stop_reason = "parked"
             try:
                 await self.approvals.park(run, agent, pending, token)
             except LeaseLostError:
@@ -623,6 +646,9 @@ class Worker:
             return
         # Acknowledged only now that the outcome is committed.
         await self.runs.ack(held.queue, held.entry_id)
+        if run.parent_run_id:
+            with contextlib.suppress(RedisError, OSError):
+                await wake_parent(self.runs, run)
         if outcome.status != run_pb2.RUN_STATUS_SUCCEEDED:
             self._error(outcome.error.reason if outcome.error is not None else "FAILED")
         self.log.info(
@@ -668,6 +694,9 @@ class Worker:
             try:
                 await self.runs.heartbeat(held.run_id, held.token, self.lease_ms)
             except LeaseLostError:
+                if held.stop_reason == "parked":
+                    # The run was parked (its token moved on purpose): nothing to stop.
+                    return
                 held.stop_reason = held.stop_reason or "lease_lost"
                 if held.task is not None:
                     held.task.cancel()

@@ -38,7 +38,7 @@ from foredeck_orchestrator.adapters.redis_runs import (
 )
 from foredeck_orchestrator.approval_api import list_approvals, resolve_approval
 from foredeck_orchestrator.approvals import RedisApprovals
-from foredeck_orchestrator.children import cancel_tree, children_key, run_tree
+from foredeck_orchestrator.children import cancel_tree, children_key, run_tree, wake_parent
 from foredeck_orchestrator.defaults import (
     DEFAULT_AGENT_NAME,
     DEFAULT_AGENT_REQUEST_ID,
@@ -759,8 +759,9 @@ class RunServicer(pb_grpc.RunServiceServicer):
             outcome, _ = await self.runs.cancel(request.run_id, status, error)
             if outcome == "ok":
                 await self.runs.announce_cancel(request.run_id)
-                # Every sub-agent run below it stops too.
+                # Every sub-agent run below it stops too, and a parent waiting for it goes on.
                 await cancel_tree(self.runs, request.run_id, error)
+                await wake_parent(self.runs, record.run)
             fresh = await self.runs.get(request.run_id)
             if fresh is None:
                 raise not_found("RUN_NOT_FOUND", "run not found", runId=request.run_id)

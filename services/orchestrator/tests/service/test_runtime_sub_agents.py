@@ -95,7 +95,8 @@ async def test_a_sub_agent_runs_within_its_parent_s_budget_and_the_tree_lists_it
 ) -> None:
     async with downstreams(script()) as ds:
         ds.effects.gate.set()
-        settings = settings_for(redis_url, ds)
+        # One run at a time: the parent must give its slot up while its child runs.
+        settings = settings_for(redis_url, ds, worker_concurrency=1)
         async with api_server(settings) as api:
             await create_agents(api)
             await start_worker(workers, settings, tmp_path, redis_client)
@@ -149,6 +150,14 @@ async def test_cancelling_a_parent_leaves_no_child_running(
                 within=60,
                 what="the child's tool call",
             )
+            parent_key = f"fdorch:run:{{{parent_id}}}"
+
+            async def parent_parked() -> bool:
+                waiting: Any = await redis_client.hget(parent_key, "waiting_child")
+                return bool(waiting)
+
+            await wait_for(parent_parked, what="the parent to give its worker up")
+            parked: Any = await redis_client.hmget(parent_key, ["owner", "lease", "status"])
             await api.runs.CancelRun(pb.CancelRunRequest(run_id=parent_id), metadata=api.md())
             runs = await tree(api, parent_id)
             await wait_for(
@@ -156,6 +165,8 @@ async def test_cancelling_a_parent_leaves_no_child_running(
                 what="the child's tool call to be cancelled",
             )
 
+    # While its child ran, nothing held the parent.
+    assert parked == [b"", b"0", str(run_pb2.RUN_STATUS_RUNNING).encode()]
     assert len(runs) == 2
     assert [r.status for r in runs] == [CANCELLED, CANCELLED]
     assert runs[1].parent_run_id == parent_id

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from foredeck.common.v1 import error_pb2, run_pb2, usage_pb2
 
-__all__ = ["ChildRefused", "ChildResult", "SubAgents"]
+__all__ = ["ChildPending", "ChildRefused", "ChildResult", "SubAgents"]
 
 
 class ChildRefused(Exception):
@@ -21,6 +21,19 @@ class ChildRefused(Exception):
     def __init__(self, error: error_pb2.Error) -> None:
         super().__init__(error.message)
         self.error = error
+
+
+class ChildPending(Exception):
+    """The step's child has not finished: the run stops here and is queued again when it does.
+
+    Nothing of the step is journaled; the resumed run takes the step again, finds the child it
+    started (same id) and, once the child has finished, its result.
+    """
+
+    def __init__(self, step_id: str, child_run_id: str) -> None:
+        super().__init__(child_run_id)
+        self.step_id = step_id
+        self.child_run_id = child_run_id
 
 
 @dataclass(slots=True)
@@ -44,6 +57,6 @@ class SubAgents(Protocol):
         Raises :class:`ChildRefused` when limits or the agent forbid it."""
         ...
 
-    async def wait(self, child_run_id: str) -> ChildResult:
-        """Wait until the child finishes; cancelling the caller stops waiting, not the child."""
+    async def wait(self, step_id: str, child_run_id: str) -> ChildResult:
+        """The child's result once it finished; :class:`ChildPending` while it has not."""
         ...

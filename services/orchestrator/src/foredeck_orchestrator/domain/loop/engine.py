@@ -765,7 +765,7 @@ class _Run:
         record.child_run_id = child_id
         record.agent_version = version
         draft.child_run_id = child_id
-        result = await children.wait(child_id)
+        result = await children.wait(draft.step_id, child_id)
         record.status = result.status
         record.output = result.output
         draft.usage.CopyFrom(result.usage)
