@@ -35,8 +35,9 @@ APPROVAL_REQUIRED) and finds none in the journal is journaled as WAITING and the
 ``ApprovalPending`` (``domain.waiting``): the runtime parks the run until a decision is
 journaled. An approved call carries an approval token (``RunContext.approve``); a denied or
 expired one is a failed step (APPROVAL_DENIED / APPROVAL_EXPIRED) the run replans on. A
-SUB_AGENT step starts a child run through ``RunContext.children`` and waits for it; a child
-that fails is a failed step (STEP_FAILED) the run replans on.
+SUB_AGENT step starts a child run through ``RunContext.children``; while the child runs the
+loop stops with ``ChildPending`` (``domain.children``) and the runtime parks the run until the
+child ends; a child that fails is a failed step (STEP_FAILED) the run replans on.
 
 Recall and remember failures do not fail a run; they are reported as non-fatal errors.
 Cancellation (``asyncio.CancelledError``) and ``LeaseLost`` propagate untouched.
