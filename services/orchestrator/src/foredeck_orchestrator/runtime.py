@@ -39,13 +39,26 @@ from opentelemetry.trace import TracerProvider
 from redis.exceptions import RedisError, ResponseError
 
 from foredeck.common.v1 import agent_pb2, journal_pb2, run_event_pb2, run_pb2
+from foredeck_kit.approval import ApprovalTokenSigner, arguments_json_digest
 from foredeck_kit.delegation import DelegationSigner, RunClaims
 from foredeck_kit.logs import get_logger
 from foredeck_kit.metrics import Metrics
 from foredeck_orchestrator.adapters.redis_agents import RedisAgents
 from foredeck_orchestrator.adapters.redis_runs import LeaseLostError, RedisRuns, is_terminal
+from foredeck_orchestrator.approvals import RedisApprovals
+from foredeck_orchestrator.children import RedisChildren, park_for_child, wake_parent
 from foredeck_orchestrator.config import OrchestratorSettings
-from foredeck_orchestrator.domain.ports import AgentLoop, LeaseLost, RunContext
+from foredeck_orchestrator.domain.children import ChildPending
+from foredeck_orchestrator.domain.loop.errors import Code, make_error
+from foredeck_orchestrator.domain.ports import (
+    AgentLoop,
+    LeaseLost,
+    RunContext,
+    RunJournal,
+    RunOutcome,
+)
+from foredeck_orchestrator.domain.waiting import ApprovalPending
+from foredeck_orchestrator.journals import ForkJournal, JournalPrefixGone
 
 __all__ = ["RedisJournal", "RedisRunEvents", "Worker", "default_worker_id"]
 
@@ -165,6 +178,8 @@ class Worker:
         self._schedule = self._weighted_schedule(settings.weights())
         self._position = 0
         self._agents: dict[tuple[str, str, int], agent_pb2.Agent] = {}
+        self.approvals = RedisApprovals(runs)
+        self._approval_signer: ApprovalTokenSigner | None = None
         self.log = get_logger("foredeck.orchestrator.worker", worker_id=self.worker_id)
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -304,6 +319,9 @@ class Worker:
                 if swept:
                     self.log.warning("queued runs whose submission stopped halfway", count=swept)
                 await self.reclaim_once()
+                expired = await self.approvals.expire_due(int(time.time() * 1000))
+                if expired:
+                    self.log.info("approvals expired", count=expired)
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
@@ -386,6 +404,9 @@ class Worker:
                     held.run_id, held.queue, held.entry_id, claim.deliveries
                 )
                 await self.runs.ack(held.queue, held.entry_id)
+                dead = await self.runs.get(held.run_id)
+                if dead is not None:
+                    await wake_parent(self.runs, dead.run)
                 self._error("DELIVERY_LIMIT")
                 self.log.warning(
                     "run dead-lettered", run_id=held.run_id, deliveries=claim.deliveries
@@ -446,6 +467,22 @@ class Worker:
 
         return mint
 
+    def _approver(self, run: run_pb2.Run) -> Any:
+        """Mints the approval token of a call whose approval the run's journal holds."""
+
+        def approve(step_id: str, tool_name: str, arguments_json: str) -> str:
+            if self._approval_signer is None:
+                self._approval_signer = self.settings.approval_signer()
+            return self._approval_signer.mint(
+                tenant_id=run.tenant_id,
+                run_id=run.run_id,
+                step_id=step_id,
+                tool_name=tool_name,
+                arguments_digest=arguments_json_digest(arguments_json or "{}"),
+            )
+
+        return approve
+
     async def _execute(self, held: _Held, user: str, member: str) -> None:
         run_id, token = held.run_id, held.token
         started = time.monotonic()
@@ -456,6 +493,7 @@ class Worker:
             if record is None:
                 raise ValueError("run record vanished")
             run = record.run
+            held.extra["record"] = record
             claims = RunClaims.from_json(record.claims)
             kind = claims.kind.value
             agent = await self._agent(run.tenant_id, run.agent_name, run.agent_version)
@@ -515,17 +553,41 @@ class Worker:
         trace_id: str,
     ) -> None:
         run_id, token = held.run_id, held.token
+        record = held.extra.get("record")
+        journal: RunJournal = (
+            ForkJournal(self.runs, record, token, self.worker_id, trace_id)
+            if record is not None and record.fork_source
+            else RedisJournal(self.runs, run_id, token, self.worker_id, trace_id)
+        )
         ctx = RunContext(
             run=run,
             agent=agent,
-            journal=RedisJournal(self.runs, run_id, token, self.worker_id, trace_id),
+            journal=journal,
             events=RedisRunEvents(self.runs, run_id, token),
             worker_id=self.worker_id,
             credentials=self._credentials(claims, run_id),
             trace_id=trace_id,
+            approve=self._approver(run),
+            children=(
+                RedisChildren(self.runs, self.agents, record, held.fields.get("user", ""))
+                if record is not None
+                else None
+            ),
         )
         try:
-            outcome = await self.loop.execute(ctx)
+            try:
+                outcome = await self.loop.execute(ctx)
+            except JournalPrefixGone:
+                # A fork whose source run expired before it could be rebuilt from it.
+                outcome = RunOutcome(
+                    status=run_pb2.RUN_STATUS_FAILED,
+                    error=make_error(
+                        Code.FAILED_PRECONDITION,
+                        "JOURNAL_EXPIRED",
+                        "the journal of the run's source is gone",
+                        {"runId": run_id},
+                    ),
+                )
             await self.runs.finish(
                 run_id,
                 token,
@@ -540,6 +602,42 @@ class Worker:
         except (LeaseLost, LeaseLostError):
             await self._after_lease_lost(held)
             return
+        except ChildPending as pending:
+            # Parked while the child runs; the child's end queues this run again.
+            held.stop_reason = "parked"
+            child_id = pending.child_run_id
+            if not await park_for_child(self.runs, run_id, token, child_id):
+                await self._after_lease_lost(held)
+                return
+
+            async def settle() -> None:
+                await self.runs.ack(held.queue, held.entry_id)
+                child = await self.runs.get(child_id)
+                if child is None or is_terminal(child.run.status):
+                    # The child ended while this run was being parked: queue it now.
+                    await wake_parent(self.runs, run_pb2.Run(run_id=child_id, parent_run_id=run_id))
+
+            await asyncio.shield(settle())
+            self.log.info("run waiting for its sub-agent", run_id=run_id, child_run_id=child_id)
+            return
+        except ApprovalPending as pending:
+            # Parked: no worker holds the run and no lease ticks until a decision queues it.
+            held.stop_reason = "parked"
+            try:
+                await self.approvals.park(run, agent, pending, token)
+            except LeaseLostError:
+                await self._after_lease_lost(held)
+                return
+            # Shielded: the heartbeat, seeing the token moved by the park, may cancel this task.
+            await asyncio.shield(self.runs.ack(held.queue, held.entry_id))
+            self.log.info(
+                "run waiting for approval",
+                run_id=run_id,
+                step_id=pending.step_id,
+                approval_id=pending.approval_id,
+                tool=pending.tool_call.tool_name,
+            )
+            return
         except Exception as error:
             self.log.error("run failed in the runtime", run_id=run_id, error=type(error).__name__)
             self._error("RUNTIME_FAULT")
@@ -548,6 +646,9 @@ class Worker:
             return
         # Acknowledged only now that the outcome is committed.
         await self.runs.ack(held.queue, held.entry_id)
+        if run.parent_run_id:
+            with contextlib.suppress(RedisError, OSError):
+                await wake_parent(self.runs, run)
         if outcome.status != run_pb2.RUN_STATUS_SUCCEEDED:
             self._error(outcome.error.reason if outcome.error is not None else "FAILED")
         self.log.info(
@@ -593,6 +694,9 @@ class Worker:
             try:
                 await self.runs.heartbeat(held.run_id, held.token, self.lease_ms)
             except LeaseLostError:
+                if held.stop_reason == "parked":
+                    # The run was parked (its token moved on purpose): nothing to stop.
+                    return
                 held.stop_reason = held.stop_reason or "lease_lost"
                 if held.task is not None:
                     held.task.cancel()

@@ -93,6 +93,7 @@ def build_server(settings: OrchestratorSettings, deps: ApiDeps | None = None) ->
                 host.agents,
                 max_queue_length=settings.max_queue_length,
                 stopping=host.stopping,
+                tracer_provider=host.telemetry.tracer_provider if host.telemetry else None,
             ),
             server,
         )

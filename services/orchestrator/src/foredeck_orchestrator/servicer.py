@@ -14,11 +14,12 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import field_mask_pb2
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
+from opentelemetry.trace import TracerProvider
 from redis.exceptions import RedisError
 
 from foredeck.common.v1 import agent_pb2, error_pb2, journal_pb2, run_event_pb2, run_pb2
@@ -35,11 +36,17 @@ from foredeck_orchestrator.adapters.redis_runs import (
     is_terminal,
     priority_name,
 )
+from foredeck_orchestrator.approval_api import list_approvals, resolve_approval
+from foredeck_orchestrator.approvals import RedisApprovals
+from foredeck_orchestrator.children import cancel_tree, children_key, run_tree, wake_parent
 from foredeck_orchestrator.defaults import (
     DEFAULT_AGENT_NAME,
     DEFAULT_AGENT_REQUEST_ID,
     default_agent,
 )
+from foredeck_orchestrator.forks import fork_run
+from foredeck_orchestrator.journals import JournalPrefixGone, run_journal
+from foredeck_orchestrator.replay import replay_run
 from foredeck_orchestrator.validation import (
     MAX_INPUT_BYTES,
     check_agent,
@@ -148,15 +155,6 @@ def _guard_stream(method: Any) -> Any:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _unimplemented(method: str) -> NoReturn:
-    raise ServiceError(
-        grpc.StatusCode.UNIMPLEMENTED,
-        "INVALID_REQUEST",
-        "method not implemented yet",
-        metadata={"method": f"/{RUN_SERVICE}/{method}"},
-    )
 
 
 def _content_digest(message: Any, *extra: str) -> str:
@@ -425,11 +423,15 @@ class RunServicer(pb_grpc.RunServiceServicer):
         *,
         max_queue_length: int,
         stopping: asyncio.Event | None = None,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self.runs = runs
         self.agents = agents
         self.max_queue_length = max_queue_length
         self.stopping = stopping or asyncio.Event()
+        self.approvals = RedisApprovals(runs)
+        provider = tracer_provider if tracer_provider is not None else trace.get_tracer_provider()
+        self.tracer = provider.get_tracer("foredeck_orchestrator.api")
 
     async def _visible_run(self, principal: Principal, run_id: str) -> RunRecord:
         check_run_id(run_id)
@@ -557,6 +559,10 @@ class RunServicer(pb_grpc.RunServiceServicer):
             record = await self.runs.get(run_id)
             assert record is not None
             return pb.SubmitRunResponse(run=record.run, created=False)
+        if request.parent_run_id:
+            # Listed under its parent, for GetRunTree and for cancelling the whole tree.
+            children = children_key(self.runs, request.parent_run_id)
+            await self.runs.redis.zadd(children, {run_id: now}, nx=True)
         await self.runs.enqueue(run_id, queue, user_key=users, trace=carrier)
         await self.runs.index(principal.tenant_id, run_id, now)
         await self.runs.end_submit(run_id)
@@ -665,11 +671,12 @@ class RunServicer(pb_grpc.RunServiceServicer):
     async def GetRunTree(
         self, request: pb.GetRunTreeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetRunTreeResponse:
-        """GetRunTree: the run and its sub-agent runs (none yet: sub-agents come later)."""
+        """GetRunTree: the run and its sub-agent runs, depth first."""
         principal = current_principal()
         principal.require("runs:read")
         record = await self._visible_run(principal, request.run_id)
-        return pb.GetRunTreeResponse(runs=[record.run], truncated=False)
+        tree, truncated = await run_tree(self.runs, record)
+        return pb.GetRunTreeResponse(runs=tree, truncated=truncated)
 
     async def WatchRun(
         self, request: pb.WatchRunRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -752,6 +759,9 @@ class RunServicer(pb_grpc.RunServiceServicer):
             outcome, _ = await self.runs.cancel(request.run_id, status, error)
             if outcome == "ok":
                 await self.runs.announce_cancel(request.run_id)
+                # Every sub-agent run below it stops too, and a parent waiting for it goes on.
+                await cancel_tree(self.runs, request.run_id, error)
+                await wake_parent(self.runs, record.run)
             fresh = await self.runs.get(request.run_id)
             if fresh is None:
                 raise not_found("RUN_NOT_FOUND", "run not found", runId=request.run_id)
@@ -768,11 +778,21 @@ class RunServicer(pb_grpc.RunServiceServicer):
             raise invalid("view", "unknown view")
         full = request.view == journal_pb2.JOURNAL_VIEW_FULL
         size = check_page_size(request.page_size, 20 if full else 100, 100 if full else 500)
-        await self._visible_run(principal, request.run_id)
+        record = await self._visible_run(principal, request.run_id)
         query = json.dumps([request.run_id, int(request.view)])
         position = decode_page_token(request.page_token, query)
         offset = int(position) if isinstance(position, int) else 0
-        raws = await self.runs.journal(request.run_id, offset, offset + size)
+        if record.fork_source:
+            # A fork's journal starts with its source's entries, read where they are.
+            try:
+                whole = await run_journal(self.runs, record)
+            except JournalPrefixGone:
+                raise precondition(
+                    "JOURNAL_EXPIRED", "the journal of the run's source is gone"
+                ) from None
+            raws = [e.SerializeToString() for e in whole[offset : offset + size + 1]]
+        else:
+            raws = await self.runs.journal(request.run_id, offset, offset + size)
         entries = []
         for raw in raws[:size]:
             entry = journal_pb2.JournalEntry.FromString(raw)
@@ -785,26 +805,45 @@ class RunServicer(pb_grpc.RunServiceServicer):
     async def ListApprovals(
         self, request: pb.ListApprovalsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListApprovalsResponse:
-        """Human approval of tool calls is not served yet."""
-        _unimplemented("ListApprovals")
+        """ListApprovals: approvals of one run or of every run the caller may see."""
+        principal = current_principal()
+        principal.require("runs:read")
+        return await list_approvals(self.approvals, principal, request, self._visible_run)
 
     async def ResolveApproval(
         self, request: pb.ResolveApprovalRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ResolveApprovalResponse:
-        """Human approval of tool calls is not served yet."""
-        _unimplemented("ResolveApproval")
+        """ResolveApproval: approve or deny a pending tool call; its run resumes."""
+        principal = current_principal()
+        return await resolve_approval(self.approvals, self.runs, principal, request, _visible)
 
     async def ReplayRun(
         self, request: pb.ReplayRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ReplayRunResponse:
-        """Replay is not served yet."""
-        _unimplemented("ReplayRun")
+        """ReplayRun: re-execute a finished run from its journal, calling nothing."""
+        principal = current_principal()
+        principal.require("runs:read")
+        record = await self._visible_run(principal, request.run_id)
+        return await replay_run(
+            self.runs, self.agents, record, strict=request.strict, tracer=self.tracer
+        )
 
     async def ForkRun(
         self, request: pb.ForkRunRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ForkRunResponse:
-        """Forks are not served yet."""
-        _unimplemented("ForkRun")
+        """ForkRun: a new run reusing a finished run's journal up to a step."""
+        principal = current_principal()
+        principal.require("runs:create")
+        record = await self._visible_run(principal, request.run_id)
+        return await fork_run(
+            self.runs,
+            self.agents,
+            principal,
+            request,
+            record,
+            max_queue_length=self.max_queue_length,
+            tracer=self.tracer,
+        )
 
 
 def _older(a: str, b: str) -> bool:

@@ -166,8 +166,8 @@ async def test_bad_input_is_refused_with_typed_errors(redis_url: str) -> None:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 "RUN_ALREADY_FINISHED",
             )
-            replay = api.runs.ReplayRun(pb.ReplayRunRequest(run_id=run_id), metadata=api.md())
-            assert await error_of(replay) == (grpc.StatusCode.UNIMPLEMENTED, "INVALID_REQUEST")
+            replay = api.runs.ReplayRun(pb.ReplayRunRequest(run_id=""), metadata=api.md())
+            assert await error_of(replay) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST")
             journal = await api.runs.ListJournalEntries(
                 pb.ListJournalEntriesRequest(run_id=run_id), metadata=api.md()
             )

@@ -16,6 +16,7 @@ from foredeck_orchestrator.domain.loop.engine import LoopSettings
 from foredeck_orchestrator.domain.loop.errors import Code
 from foredeck_orchestrator.domain.loop.ports import CallOptions
 from foredeck_orchestrator.domain.ports import LeaseLost, RunOutcome
+from foredeck_orchestrator.domain.waiting import ApprovalPending
 from services.orchestrator.tests.loop_support import (
     ANSWER_CHUNKS,
     MemoryEvents,
@@ -460,12 +461,13 @@ async def test_a_tool_that_needs_approval_is_never_called_without_it() -> None:
     agent = make_agent()
     agent.approval_policy.tool_names.append("search")
     ctx = make_context(make_run(), agent, journal, MemoryEvents("run-1"))
-    outcome = await PlanActLoop(downstreams.ports).execute(ctx)
-    assert outcome.status == run_pb2.RUN_STATUS_SUCCEEDED
-    assert [r.tool_name for r in downstreams.tool_requests] == ["calculator"]
-    refused = journal.stored[1]
-    assert refused.tool_exchange.approval_required
-    assert refused.error.metadata["approvalRequired"] == "true"
+    with pytest.raises(ApprovalPending) as pending:
+        await PlanActLoop(downstreams.ports).execute(ctx)
+    assert downstreams.tool_requests == []
+    waiting = journal.stored[1]
+    assert waiting.outcome == journal_pb2.JOURNAL_ENTRY_OUTCOME_WAITING
+    assert waiting.tool_exchange.approval_required
+    assert waiting.tool_exchange.approval_id == pending.value.approval_id
 
 
 async def test_tool_calls_and_tokens_are_counted_in_the_metrics() -> None:

@@ -127,3 +127,17 @@ async def test_replay_of_a_cut_journal_diverges_instead_of_calling() -> None:
     assert outcome.error is not None
     assert outcome.error.reason == "REPLAY_DIVERGED"
     assert outcome.error.metadata["stepId"] == "s2.3"
+
+
+async def test_replay_of_a_journal_whose_tool_call_differs_diverges_at_that_entry() -> None:
+    _, journal, _ = await run_once([], scripted())
+    entries = list(journal.stored)
+    tool_entry = next(e for e in entries if e.step_id == "s2.1")
+    tool_entry.tool_exchange.tool_call.arguments_json = '{"expression":"1+1"}'
+    again = scripted()
+    outcome, _, _ = await run_once(entries, again, journal_only=True)
+    assert again.calls == []
+    assert outcome.error is not None
+    assert outcome.error.reason == "REPLAY_DIVERGED"
+    assert outcome.error.metadata["stepId"] == "s2.1"
+    assert outcome.error.metadata["entryIndex"] == str(tool_entry.entry_index)

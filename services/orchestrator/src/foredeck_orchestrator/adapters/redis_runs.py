@@ -93,6 +93,8 @@ class RunRecord:
     digest: str
     enqueued: bool
     created_ms: int
+    fork_source: str = ""
+    fork_length: int = 0
 
 
 def run_from_record(raw: Mapping[Any, Any]) -> RunRecord:
@@ -127,6 +129,8 @@ def run_from_record(raw: Mapping[Any, Any]) -> RunRecord:
         digest=_text(raw.get(b"digest")),
         enqueued=_int(raw.get(b"enq")) == 1,
         created_ms=_int(raw.get(b"created")),
+        fork_source=_text(raw.get(b"fork_src")),
+        fork_length=_int(raw.get(b"fork_len")),
     )
 
 
@@ -231,9 +235,16 @@ class RedisRuns:
         claims: str,
         trace: Mapping[str, str],
         user_key: str,
+        extra: Mapping[str, str | int] | None = None,
     ) -> tuple[bool, str]:
-        """Record a new run (QUEUED) unless its id exists; return (created, stored digest)."""
+        """Record a new run (QUEUED) unless its id exists; return (created, stored digest).
+
+        ``extra`` fields are written into the record in the same step.
+        """
         run_id = run.run_id
+        pairs: list[str | int] = []
+        for name, value in (extra or {}).items():
+            pairs.extend((name, value))
         result = await self._submit(
             keys=[self.keys.run(run_id), self.keys.events(run_id)],
             args=[
@@ -245,6 +256,7 @@ class RedisRuns:
                 self.event_retention,
                 priority_name(run.priority),
                 user_key,
+                *pairs,
             ],
         )
         return bool(int(result[0])), _text(result[1])
@@ -422,14 +434,25 @@ class RedisRuns:
         result = await self._release(keys=[self.keys.run(run_id)], args=[token, int(refund)])
         return int(result) > 0
 
-    async def append(self, run_id: str, token: int, entry: journal_pb2.JournalEntry) -> None:
-        """Commit a journal entry (fenced); raises :class:`LeaseLostError`."""
+    async def append(
+        self,
+        run_id: str,
+        token: int,
+        entry: journal_pb2.JournalEntry,
+        *,
+        position: int | None = None,
+    ) -> None:
+        """Commit a journal entry (fenced); raises :class:`LeaseLostError`.
+
+        ``position`` is the entry's place in this run's own list (1 first), when it differs
+        from ``entry_index`` (a fork's entries come after its source's prefix).
+        """
         result = int(
             await self._append(
                 keys=[self.keys.run(run_id), self.keys.journal(run_id)],
                 args=[
                     token,
-                    entry.entry_index,
+                    entry.entry_index if position is None else position,
                     entry.SerializeToString(),
                     entry.usage.input_tokens,
                     entry.usage.output_tokens,

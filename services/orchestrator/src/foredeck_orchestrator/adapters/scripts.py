@@ -54,7 +54,7 @@ SUBMIT = (
     + _EVENT
     + """
 -- KEYS: run, events. ARGV: request digest, spec, claims, trace, queued event, maxlen,
--- priority, user key.
+-- priority, user key, then any extra field/value pairs (a fork's source and prefix length).
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return {0, redis.call('HGET', KEYS[1], 'digest')}
 end
@@ -62,6 +62,7 @@ redis.call('HSET', KEYS[1], 'digest', ARGV[1], 'spec', ARGV[2], 'claims', ARGV[3
   'trace', ARGV[4], 'status', 1, 'token', 0, 'owner', '', 'lease', 0, 'deliveries', 0,
   'in', 0, 'out', 0, 'cost', 0, 'steps', 0, 'seq', 0, 'enq', 0, 'created', now,
   'priority', ARGV[7], 'user', ARGV[8])
+for i = 9, #ARGV - 1, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 add_event(KEYS[2], KEYS[1], ARGV[5], ARGV[6], now)
 return {1, ARGV[1]}
 """
@@ -92,7 +93,11 @@ end
 local tok = redis.call('HINCRBY', KEYS[1], 'token', 1)
 redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease', now + tonumber(ARGV[2]))
 if st == 1 then
-  redis.call('HSET', KEYS[1], 'status', 2, 'start', now)
+  redis.call('HSET', KEYS[1], 'status', 2)
+  -- A run resumed after an approval keeps the time it first started.
+  if tonumber(redis.call('HGET', KEYS[1], 'start') or '0') == 0 then
+    redis.call('HSET', KEYS[1], 'start', now)
+  end
   add_event(KEYS[2], KEYS[1], ARGV[4], ARGV[8], now)
 end
 return {'ok', tok, d, redis.call('HGET', KEYS[1], 'start')}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from foredeck.common.v1 import agent_pb2, error_pb2, journal_pb2, run_event_pb2, run_pb2, usage_pb2
 
@@ -82,6 +82,10 @@ class RunContext:
     credentials: Callable[[], str]
     deadline: float | None = None
     trace_id: str = ""
+    approve: Callable[[str, str, str], str] | None = None
+    """Mints the approval token of an approved call: (step id, tool name, arguments JSON)."""
+    children: Any = None
+    """Starts and awaits sub-agent runs (a ``domain.children.SubAgents``); None: none may run."""
 
 
 @dataclass(slots=True)
@@ -92,6 +96,8 @@ class RunOutcome:
     output: str = ""
     error: error_pb2.Error | None = None
     usage: usage_pb2.Usage = field(default_factory=usage_pb2.Usage)
+    reused_entries: int = 0
+    """How many journal entries answered steps instead of downstream calls."""
 
 
 class AgentLoop(Protocol):

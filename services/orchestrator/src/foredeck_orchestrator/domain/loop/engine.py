@@ -23,6 +23,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode, TracerProvider
 
 from foredeck.common.v1 import (
+    approval_pb2,
     chat_pb2,
     error_pb2,
     journal_pb2,
@@ -40,6 +41,7 @@ from foredeck.toolrunner.v1 import toolrunner_service_pb2 as tools
 from foredeck_kit.idempotency import tool_effect_key
 from foredeck_kit.logs import get_logger
 from foredeck_kit.metrics import Metrics
+from foredeck_orchestrator.domain.children import ChildRefused, SubAgents
 from foredeck_orchestrator.domain.loop import prompts
 from foredeck_orchestrator.domain.loop.budget import Spent, check_budget, wall_time_exceeded
 from foredeck_orchestrator.domain.loop.errors import (
@@ -59,6 +61,7 @@ from foredeck_orchestrator.domain.loop.plan import (
 )
 from foredeck_orchestrator.domain.loop.ports import CallOptions, Downstreams
 from foredeck_orchestrator.domain.ports import RunContext, RunOutcome
+from foredeck_orchestrator.domain.waiting import ApprovalPending, approval_id_for
 
 __all__ = ["LoopSettings", "PlanActLoop"]
 
@@ -66,8 +69,14 @@ T = TypeVar("T")
 
 _SUCCEEDED = journal_pb2.JOURNAL_ENTRY_OUTCOME_SUCCEEDED
 _FAILED = journal_pb2.JOURNAL_ENTRY_OUTCOME_FAILED
+_WAITING = journal_pb2.JOURNAL_ENTRY_OUTCOME_WAITING
 _FINAL = (_SUCCEEDED, _FAILED)
-_REPLANNABLE_TOOL_REASONS = ("STEP_FAILED", "TOOL_NOT_ALLOWED")
+_REPLANNABLE_TOOL_REASONS = (
+    "STEP_FAILED",
+    "TOOL_NOT_ALLOWED",
+    "APPROVAL_DENIED",
+    "APPROVAL_EXPIRED",
+)
 _FATAL_UPSTREAM_CODES = ("UNAUTHENTICATED", "INTERNAL", "UNKNOWN", "DATA_LOSS")
 _MAX_SUMMARY = 256
 _MAX_MEMORY_CONTENT = 32 * 1024
@@ -163,6 +172,7 @@ class _Run:
         self.rejections: list[str] = []
         self.replans = 0
         self.executed: set[str] = set()
+        self.reused: set[str] = set()
         self.parsed: dict[str, ValidPlan] = {}
         self.deadline = self._deadline()
         self.log = get_logger("foredeck.orchestrator.loop")
@@ -231,9 +241,20 @@ class _Run:
                 )
             )
             return RunOutcome(
-                status=run_pb2.RUN_STATUS_FAILED, error=failed.error, usage=self._usage()
+                status=run_pb2.RUN_STATUS_FAILED,
+                error=failed.error,
+                usage=self._usage(),
+                reused_entries=self._reused_entries(),
             )
-        return RunOutcome(status=run_pb2.RUN_STATUS_SUCCEEDED, output=answer, usage=self._usage())
+        return RunOutcome(
+            status=run_pb2.RUN_STATUS_SUCCEEDED,
+            output=answer,
+            usage=self._usage(),
+            reused_entries=self._reused_entries(),
+        )
+
+    def _reused_entries(self) -> int:
+        return sum(len(self.by_step[step_id]) for step_id in self.reused)
 
     def _usage(self) -> usage_pb2.Usage:
         usage = usage_pb2.Usage()
@@ -282,6 +303,7 @@ class _Run:
             plan_step_id=entry.step_id,
             allowed_tools=self.agent.allowed_tools,
             max_steps=self.max_plan_steps,
+            allowed_sub_agents=self.agent.allowed_sub_agents,
         )
 
     async def _action(self, action: PlannedAction) -> error_pb2.Error | None:
@@ -294,6 +316,26 @@ class _Run:
                 lambda draft: self._tool_body(draft, action),
                 tool_name=action.tool_name,
             )
+            if entry.outcome == _WAITING:
+                exchange = entry.tool_exchange
+                raise ApprovalPending(entry.step_id, exchange.tool_call, exchange.approval_id)
+            recorded_call = entry.tool_exchange.tool_call
+            if self.loop.journal_only and (
+                recorded_call.tool_name != action.tool_name
+                or recorded_call.arguments_json != action.arguments_json
+            ):
+                raise RunFailed(
+                    make_error(
+                        Code.FAILED_PRECONDITION,
+                        "REPLAY_DIVERGED",
+                        "the replay calls the tool differently than the journal records",
+                        {
+                            "runId": self.run.run_id,
+                            "stepId": action.step_id,
+                            "entryIndex": str(entry.entry_index),
+                        },
+                    )
+                )
             result = entry.tool_exchange.result
             content = result.content if entry.HasField("tool_exchange") else ""
             if entry.outcome == _SUCCEEDED:
@@ -304,6 +346,21 @@ class _Run:
             ):
                 raise RunFailed(entry.error)
             self._observe(action, content or entry.error.message, is_error=True)
+            return entry.error
+        if action.kind == run_event_pb2.STEP_KIND_SUB_AGENT:
+            entry = await self._step(
+                action.step_id,
+                action.kind,
+                action.description,
+                lambda draft: self._sub_agent_body(draft, action),
+            )
+            record = entry.sub_agent
+            if entry.outcome == _SUCCEEDED:
+                self._observe(action, record.output, is_error=False)
+                return None
+            if entry.error.reason not in ("STEP_FAILED", "SUB_AGENT_LIMIT"):
+                raise RunFailed(entry.error)
+            self._observe(action, entry.error.message, is_error=True)
             return entry.error
         entry = await self._step(
             action.step_id,
@@ -348,7 +405,15 @@ class _Run:
         recorded = self._recorded(step_id)
         if recorded is not None:
             self.last_index = max(self.last_index, recorded.step_index)
+            self.reused.add(step_id)
             return recorded
+        if budgeted:
+            exceeded = check_budget(
+                self.run.budget, self.spent, now=self.loop.clock(), deadline=self.deadline
+            )
+            if exceeded is not None:
+                exceeded.metadata["stepId"] = step_id
+                raise RunFailed(exceeded)
         if self.loop.journal_only:
             raise RunFailed(
                 make_error(
@@ -358,13 +423,6 @@ class _Run:
                     {"runId": self.run.run_id, "stepId": step_id, "entryIndex": "0"},
                 )
             )
-        if budgeted:
-            exceeded = check_budget(
-                self.run.budget, self.spent, now=self.loop.clock(), deadline=self.deadline
-            )
-            if exceeded is not None:
-                exceeded.metadata["stepId"] = step_id
-                raise RunFailed(exceeded)
         index = self.last_index + 1
         attempt = len(self.by_step.get(step_id, ())) + 1
         kind_name = _kind_name(kind)
@@ -410,6 +468,10 @@ class _Run:
             except RunFailed as failed:
                 draft.outcome = _FAILED
                 draft.error.CopyFrom(failed.error)
+            except ChildRefused as refused:
+                draft.outcome = _FAILED
+                draft.error.CopyFrom(refused.error)
+                draft.error.metadata["stepId"] = step_id
             if draft.outcome == _FAILED:
                 span.set_status(Status(StatusCode.ERROR, draft.error.reason))
                 span.set_attribute("foredeck.error_reason", draft.error.reason)
@@ -419,6 +481,9 @@ class _Run:
         self.executed.add(step_id)
         self.spent.add(stored)
         self.last_index = max(self.last_index, stored.step_index or index)
+        if stored.outcome == _WAITING:
+            # Paused, not finished: the step finishes when the run resumes.
+            return stored
         latency = self.loop.clock() - started
         success = stored.outcome == _SUCCEEDED
         finished = run_event_pb2.StepFinished(
@@ -635,10 +700,17 @@ class _Run:
         description = "plan the task" if kind == run_event_pb2.STEP_KIND_PLAN else "revise the plan"
 
         async def body(draft: journal_pb2.JournalEntry) -> None:
-            schema = json.dumps(plan_schema(self.max_plan_steps), sort_keys=True)
+            sub_agents = list(self.agent.allowed_sub_agents)
+            schema = json.dumps(plan_schema(self.max_plan_steps, bool(sub_agents)), sort_keys=True)
             system = prompts.planner_system_prompt(
                 self.agent.system_prompt, list(self.agent.allowed_tools), self.max_plan_steps
             )
+            if sub_agents:
+                system += (
+                    '\n\nA step may also hand a task to another agent: kind "sub_agent", with '
+                    '"agent_name" (one of: ' + ", ".join(sorted(sub_agents)) + ") and "
+                    '"input" (the task in full). Its answer comes back as the step\'s result.'
+                )
             message = prompts.planning_message(
                 self.run.input, self.memories, self.observations, self.rejections
             )
@@ -672,6 +744,46 @@ class _Run:
 
         return await self._step(step_id, kind, description, body)
 
+    async def _sub_agent_body(self, draft: journal_pb2.JournalEntry, action: PlannedAction) -> None:
+        """Start the step's child run (or find it, after a crash) and wait for its end."""
+        record = draft.sub_agent
+        record.agent_name = action.sub_agent_name
+        record.input = action.sub_agent_input
+        children: SubAgents | None = self.ctx.children
+        if children is None:
+            raise ChildRefused(
+                make_error(
+                    Code.RESOURCE_EXHAUSTED,
+                    "SUB_AGENT_LIMIT",
+                    "this run cannot start sub-agents",
+                    {"parentRunId": self.run.run_id, "budget": "allowed_sub_agents"},
+                )
+            )
+        child_id, version = await children.start(
+            draft.step_id, action.sub_agent_name, action.sub_agent_input
+        )
+        record.child_run_id = child_id
+        record.agent_version = version
+        draft.child_run_id = child_id
+        result = await children.wait(draft.step_id, child_id)
+        record.status = result.status
+        record.output = result.output
+        draft.usage.CopyFrom(result.usage)
+        if result.status != run_pb2.RUN_STATUS_SUCCEEDED:
+            draft.outcome = _FAILED
+            metadata = {"stepId": draft.step_id, "childRunId": child_id}
+            if result.error is not None:
+                metadata["upstreamReason"] = result.error.reason
+                metadata["upstreamDomain"] = result.error.domain
+            draft.error.CopyFrom(
+                make_error(
+                    Code.FAILED_PRECONDITION,
+                    "STEP_FAILED",
+                    f"the sub-agent run ended {run_pb2.RunStatus.Name(result.status)}",
+                    metadata,
+                )
+            )
+
     async def _reason_body(self, draft: journal_pb2.JournalEntry, action: PlannedAction) -> None:
         message = prompts.reasoning_message(
             self.run.input, self.memories, self.observations, action.description
@@ -689,29 +801,27 @@ class _Run:
         exchange.tool_call.CopyFrom(call)
         exchange.idempotency_key = tool_effect_key(self.run.run_id, step_id)
         policy = self.agent.approval_policy
-        if policy.all_tools or call.tool_name in policy.tool_names:
-            # Pausing a run for a person's decision is not built yet; a call that needs one is
-            # never made without it, and the planner is told to do without the tool.
-            message = "this tool needs a person's approval, which this run cannot ask for"
+        approved = self._approved(step_id)
+        if policy.all_tools or call.tool_name in policy.tool_names or approved is not None:
+            if approved is None:
+                await self._wait_for_approval(draft)
+                return
             exchange.approval_required = True
-            exchange.result.CopyFrom(
-                tool_pb2.ToolResult(tool_call_id=call.tool_call_id, content=message, is_error=True)
-            )
-            draft.outcome = _FAILED
-            draft.error.CopyFrom(
-                make_error(
-                    Code.FAILED_PRECONDITION,
-                    "STEP_FAILED",
-                    message,
-                    {"stepId": step_id, "toolName": call.tool_name, "approvalRequired": "true"},
-                )
-            )
-            return
+            exchange.approval_id = approved.tool_exchange.approval_id
+            exchange.approval_status = approval_pb2.APPROVAL_STATUS_APPROVED
         await self._publish(
             run_event_pb2.RunEvent(
-                tool_call_requested=run_event_pb2.ToolCallRequested(step_id=step_id, tool_call=call)
+                tool_call_requested=run_event_pb2.ToolCallRequested(
+                    step_id=step_id,
+                    tool_call=call,
+                    requires_approval=exchange.approval_required,
+                    approval_id=exchange.approval_id,
+                )
             )
         )
+        approval_token = ""
+        if approved is not None and self.ctx.approve is not None:
+            approval_token = self.ctx.approve(step_id, call.tool_name, call.arguments_json)
         request = tools.ExecuteToolRequest(
             tool_name=call.tool_name,
             arguments_json=call.arguments_json,
@@ -719,6 +829,7 @@ class _Run:
             run_id=self.run.run_id,
             step_id=step_id,
             tool_call_id=call.tool_call_id,
+            approval_token=approval_token,
         )
         tool_client = self.loop.downstreams.tools
         try:
@@ -726,6 +837,10 @@ class _Run:
                 step_id, lambda options: tool_client.execute_tool(request, options)
             )
         except DownstreamError as error:
+            if error.reason == "APPROVAL_REQUIRED" and not approval_token:
+                # The tool's own registration asks for a person: nothing ran, so wait for one.
+                await self._wait_for_approval(draft)
+                return
             mapped = self._downstream_error(error, step_id, call.tool_name)
             exchange.result.CopyFrom(
                 tool_pb2.ToolResult(
@@ -768,6 +883,33 @@ class _Run:
         exchange.replayed = response.replayed
         exchange.duration.CopyFrom(response.duration)
         await self._tool_finished(draft, replayed=response.replayed)
+
+    def _approved(self, step_id: str) -> journal_pb2.JournalEntry | None:
+        """The journaled approval of the step's tool call, if a person granted one."""
+        for entry in reversed(self.by_step.get(step_id, ())):
+            if entry.tool_exchange.approval_status == approval_pb2.APPROVAL_STATUS_APPROVED:
+                return entry
+        return None
+
+    async def _wait_for_approval(self, draft: journal_pb2.JournalEntry) -> None:
+        """Journal the step as waiting for a person's decision on its call."""
+        exchange = draft.tool_exchange
+        exchange.ClearField("result")
+        exchange.approval_required = True
+        exchange.approval_id = approval_id_for(self.run.run_id, draft.step_id)
+        exchange.approval_status = approval_pb2.APPROVAL_STATUS_PENDING
+        draft.outcome = _WAITING
+        draft.ClearField("error")
+        await self._publish(
+            run_event_pb2.RunEvent(
+                tool_call_requested=run_event_pb2.ToolCallRequested(
+                    step_id=draft.step_id,
+                    tool_call=exchange.tool_call,
+                    requires_approval=True,
+                    approval_id=exchange.approval_id,
+                )
+            )
+        )
 
     async def _tool_finished(self, draft: journal_pb2.JournalEntry, *, replayed: bool) -> None:
         exchange = draft.tool_exchange

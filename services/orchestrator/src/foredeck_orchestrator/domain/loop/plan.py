@@ -35,10 +35,25 @@ _MAX_RATIONALE = 4096
 
 STEP_TOOL = "tool_call"
 STEP_REASON = "reason"
+STEP_SUB_AGENT = "sub_agent"
 
 
-def plan_schema(max_steps: int) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) a plan must satisfy, as sent to llmrouter."""
+def plan_schema(max_steps: int, sub_agents: bool = False) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) a plan must satisfy, as sent to llmrouter.
+
+    With ``sub_agents`` (the agent may start some), a step may also be a ``sub_agent`` step
+    naming the agent (``agent_name``) and its task (``input``).
+    """
+    schema = _base_schema(max_steps)
+    if sub_agents:
+        item = schema["properties"]["steps"]["items"]
+        item["properties"]["kind"]["enum"].append(STEP_SUB_AGENT)
+        item["properties"]["agent_name"] = {"type": "string"}
+        item["properties"]["input"] = {"type": "string"}
+    return schema
+
+
+def _base_schema(max_steps: int) -> dict[str, Any]:
     return {
         "type": "object",
         "properties": {
@@ -78,6 +93,8 @@ class PlannedAction:
     tool_name: str = ""
     arguments_json: str = ""
     replan_after: bool = False
+    sub_agent_name: str = ""
+    sub_agent_input: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +115,8 @@ class ValidPlan:
                     kind=action.kind,
                     tool_name=action.tool_name,
                     arguments_json=action.arguments_json,
+                    sub_agent_name=action.sub_agent_name,
+                    sub_agent_input=action.sub_agent_input,
                 )
                 for action in self.actions
             ],
@@ -105,8 +124,8 @@ class ValidPlan:
 
 
 @functools.lru_cache(maxsize=128)
-def _validator(max_steps: int) -> Draft202012Validator:
-    return Draft202012Validator(plan_schema(max_steps))
+def _validator(max_steps: int, sub_agents: bool = False) -> Draft202012Validator:
+    return Draft202012Validator(plan_schema(max_steps, sub_agents))
 
 
 class PlanRejected(Exception):
@@ -147,6 +166,7 @@ def parse_plan(
     plan_step_id: str,
     allowed_tools: Collection[str],
     max_steps: int,
+    allowed_sub_agents: Collection[str] = (),
 ) -> ValidPlan:
     """Read and check the model's plan; raise :class:`PlanRejected` when it must not run.
 
@@ -158,7 +178,7 @@ def parse_plan(
     except ValueError:
         raise PlanRejected(_invalid(plan_step_id, "the plan is not JSON")) from None
     errors = sorted(
-        _validator(max_steps).iter_errors(document),
+        _validator(max_steps, bool(allowed_sub_agents)).iter_errors(document),
         key=lambda error: list(error.absolute_path),
     )
     if errors:
@@ -194,6 +214,30 @@ def parse_plan(
                     replan_after=bool(step.get("replan_after", False)),
                 )
             )
+            continue
+        if step["kind"] == STEP_SUB_AGENT:
+            agent_name = str(step.get("agent_name", ""))
+            task = str(step.get("input", ""))
+            actions.append(
+                PlannedAction(
+                    step_id,
+                    run_event_pb2.STEP_KIND_SUB_AGENT,
+                    description,
+                    replan_after=bool(step.get("replan_after", False)),
+                    sub_agent_name=agent_name,
+                    sub_agent_input=task,
+                )
+            )
+            if rejection is None and agent_name not in set(allowed_sub_agents):
+                rejection = _invalid(
+                    plan_step_id,
+                    f"step {number} starts an agent this agent may not start",
+                    plannedStep=step_id,
+                )
+            elif rejection is None and not task:
+                rejection = _invalid(
+                    plan_step_id, f"step {number} gives its sub-agent no task", plannedStep=step_id
+                )
             continue
         tool_name = str(step.get("tool_name", ""))
         arguments = _arguments(step)
