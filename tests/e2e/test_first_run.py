@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from foredeck.common.v1 import journal_pb2, run_event_pb2, run_pb2
+from foredeck.common.v1 import agent_pb2, journal_pb2, run_event_pb2, run_pb2
 from foredeck_client import AsyncClient
 from foredeck_client.errors import NotFound
 from foredeck_testing.provider import Endpoint, ScriptedProvider, TextReply
@@ -297,3 +297,56 @@ async def test_a_run_on_the_embedded_local_model_passes_through_every_service(
     if finished.status == run_pb2.RUN_STATUS_SUCCEEDED:
         assert finished.output
         assert "STEP_KIND_REMEMBER" in kinds
+
+
+async def test_a_tool_call_waits_for_a_person_who_approves_it_from_the_cli(
+    tmp_path: Path,
+) -> None:
+    provider = ScriptedProvider()
+    async with provider:
+        provider.enqueue(TextReply(CALCULATOR_PLAN), TextReply("17 * 23 = 391."))
+        env = {
+            "FOREDECK_LLMROUTER_OPENAI_API_KEY": "test-key",
+            "FOREDECK_LLMROUTER_OPENAI_BASE_URL": provider.openai_base_url,
+            "FOREDECK_LLMROUTER_LOCAL_ENABLED": "false",
+        }
+        async with (
+            foredeck_up(tmp_path, env) as stack,
+            AsyncClient(data_dir=stack.data_dir) as client,
+        ):
+            await client.create_agent(
+                agent_pb2.Agent(
+                    name="careful",
+                    allowed_tools=["calculator"],
+                    approval_policy=agent_pb2.ApprovalPolicy(tool_names=["calculator"]),
+                )
+            )
+            run = await client.create_run(TASK, agent="careful")
+            waiting = None
+            async for event in client.watch_run(run.run_id):
+                if event.HasField("tool_call_requested") and (
+                    event.tool_call_requested.requires_approval
+                ):
+                    waiting = event.tool_call_requested
+                    break
+            assert waiting is not None
+            assert (await client.get_run(run.run_id)).status in (
+                run_pb2.RUN_STATUS_WAITING_APPROVAL,
+                run_pb2.RUN_STATUS_RUNNING,
+            )
+            code, out, err = await _cli(stack, "approve", "--json")
+            assert code == 0, err
+            pending = [json.loads(line)["approval"] for line in out.splitlines()]
+            assert [a["approval_id"] for a in pending] == [waiting.approval_id]
+            code, out, err = await _cli(stack, "approve", waiting.approval_id)
+            assert code == 0, err
+            assert out.startswith(f"approved {waiting.approval_id}")
+            finished = await client.wait_run(run.run_id)
+            # The same decision again is a repeat and changes nothing; the other one is refused.
+            again, _, again_err = await _cli(stack, "approve", waiting.approval_id)
+            deny, _, deny_err = await _cli(stack, "approve", waiting.approval_id, "--deny")
+        assert finished.status == run_pb2.RUN_STATUS_SUCCEEDED, finished.error
+        assert finished.output == "17 * 23 = 391."
+        assert again == 0, again_err
+        assert deny == 4
+        assert "APPROVAL_NOT_PENDING" in deny_err

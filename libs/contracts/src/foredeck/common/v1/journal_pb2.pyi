@@ -127,7 +127,7 @@ class JournalEntry(_message.Message):
 
     A worker appends an entry, fenced by its lease, before the run moves on; the run's state is
     rebuilt from the journal after a crash, ReplayRun re-executes a run from it without calling a
-    model or a tool, and ForkRun copies a prefix of it. A step usually has one entry; it has more
+    model or a tool, and ForkRun reuses a prefix of it by reference. A step usually has one entry; it has more
     when an attempt failed and was retried, or when it paused (waiting for an approval or a
     sub-agent) and finished later. Entries are never changed once written.
     """

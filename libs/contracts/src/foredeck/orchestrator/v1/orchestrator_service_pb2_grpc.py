@@ -666,7 +666,8 @@ class RunServiceServicer:
 
     def ForkRun(self, request, context):
         """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
-        are copied into the new run and reused as recorded, and execution continues live at step N,
+        are shared with the new run by reference (not copied) and reused as recorded, and execution
+        continues live at step N,
         optionally with a changed input or agent version. Needs `runs:create` and visibility of the
         source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
         tool effect keys and run their tools again.
@@ -676,8 +677,9 @@ class RunServiceServicer:
         BUDGET_INVALID or INVALID_REQUEST; RESOURCE_EXHAUSTED CONCURRENCY_LIMITED or QUEUE_FULL;
         FAILED_PRECONDITION REQUEST_ID_REUSED.
 
-        Atomic: the new run, its copied journal prefix and its queue entry are written together or
-        not at all. Idempotent by `request_id`: a retry returns the run the first call created, with
+        Atomic: the new run, its reference to the source's journal prefix and its queue entry are
+        written together or not at all. The fork reads the prefix from the source run, so it works
+        while the source's journal is kept (JOURNAL_EXPIRED after). Idempotent by `request_id`: a retry returns the run the first call created, with
         `created` false, and forks nothing a second time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -462,7 +462,8 @@ class RunServiceStub:
     """
     ForkRun: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ForkRunRequest, _orchestrator_service_pb2.ForkRunResponse]
     """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
-    are copied into the new run and reused as recorded, and execution continues live at step N,
+    are shared with the new run by reference (not copied) and reused as recorded, and execution
+    continues live at step N,
     optionally with a changed input or agent version. Needs `runs:create` and visibility of the
     source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
     tool effect keys and run their tools again.
@@ -472,8 +473,9 @@ class RunServiceStub:
     BUDGET_INVALID or INVALID_REQUEST; RESOURCE_EXHAUSTED CONCURRENCY_LIMITED or QUEUE_FULL;
     FAILED_PRECONDITION REQUEST_ID_REUSED.
 
-    Atomic: the new run, its copied journal prefix and its queue entry are written together or
-    not at all. Idempotent by `request_id`: a retry returns the run the first call created, with
+    Atomic: the new run, its reference to the source's journal prefix and its queue entry are
+    written together or not at all. The fork reads the prefix from the source run, so it works
+    while the source's journal is kept (JOURNAL_EXPIRED after). Idempotent by `request_id`: a retry returns the run the first call created, with
     `created` false, and forks nothing a second time.
     """
 
@@ -631,7 +633,8 @@ class RunServiceAsyncStub(RunServiceStub):
     """
     ForkRun: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.ForkRunRequest, _orchestrator_service_pb2.ForkRunResponse]  # type: ignore[assignment]
     """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
-    are copied into the new run and reused as recorded, and execution continues live at step N,
+    are shared with the new run by reference (not copied) and reused as recorded, and execution
+    continues live at step N,
     optionally with a changed input or agent version. Needs `runs:create` and visibility of the
     source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
     tool effect keys and run their tools again.
@@ -641,8 +644,9 @@ class RunServiceAsyncStub(RunServiceStub):
     BUDGET_INVALID or INVALID_REQUEST; RESOURCE_EXHAUSTED CONCURRENCY_LIMITED or QUEUE_FULL;
     FAILED_PRECONDITION REQUEST_ID_REUSED.
 
-    Atomic: the new run, its copied journal prefix and its queue entry are written together or
-    not at all. Idempotent by `request_id`: a retry returns the run the first call created, with
+    Atomic: the new run, its reference to the source's journal prefix and its queue entry are
+    written together or not at all. The fork reads the prefix from the source run, so it works
+    while the source's journal is kept (JOURNAL_EXPIRED after). Idempotent by `request_id`: a retry returns the run the first call created, with
     `created` false, and forks nothing a second time.
     """
 
@@ -863,7 +867,8 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_orchestrator_service_pb2.ForkRunResponse, _abc.Awaitable[_orchestrator_service_pb2.ForkRunResponse]]:
         """ForkRun starts a new run from step N of a finished run: the journal entries of steps 1 to N-1
-        are copied into the new run and reused as recorded, and execution continues live at step N,
+        are shared with the new run by reference (not copied) and reused as recorded, and execution
+        continues live at step N,
         optionally with a changed input or agent version. Needs `runs:create` and visibility of the
         source run. Gateway-only. The fork is a new run with a new run id, so its live steps carry new
         tool effect keys and run their tools again.
@@ -873,8 +878,9 @@ class RunServiceServicer(metaclass=_abc_1.ABCMeta):
         BUDGET_INVALID or INVALID_REQUEST; RESOURCE_EXHAUSTED CONCURRENCY_LIMITED or QUEUE_FULL;
         FAILED_PRECONDITION REQUEST_ID_REUSED.
 
-        Atomic: the new run, its copied journal prefix and its queue entry are written together or
-        not at all. Idempotent by `request_id`: a retry returns the run the first call created, with
+        Atomic: the new run, its reference to the source's journal prefix and its queue entry are
+        written together or not at all. The fork reads the prefix from the source run, so it works
+        while the source's journal is kept (JOURNAL_EXPIRED after). Idempotent by `request_id`: a retry returns the run the first call created, with
         `created` false, and forks nothing a second time.
         """
 
