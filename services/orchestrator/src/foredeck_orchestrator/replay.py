@@ -4,10 +4,12 @@ The agent loop runs in the API process with ``journal_only`` set, over the run's
 fork, the source's prefix and the fork's own entries) and the agent version the run was pinned
 to. Every step is answered from its recorded entry; a step the journal does not hold fails the
 replay with REPLAY_DIVERGED instead of calling out. Nothing is written: the replay's journal
-refuses appends and its events go nowhere.
+refuses appends and its events stay in memory.
 
-A replay is identical when it reached the recorded status and output and reused every journal
-entry. Otherwise the first difference is reported as a ``ReplayDivergence`` (or, with
+A replay publishes nothing, but it reproduces each reused step's StepStarted and StepFinished
+events in memory. It is identical when it reached the recorded status and output, reused every
+journal entry, and each step's outcome event matches the one the run published. Otherwise the
+first difference is reported as a ``ReplayDivergence`` (or, with
 ``strict``, as FAILED_PRECONDITION REPLAY_DIVERGED).
 """
 
@@ -76,15 +78,50 @@ class _ReadOnlyJournal:
         raise _Refused("journal")
 
 
-class _DroppedEvents:
-    """Events of a replay are counted, not published."""
+class _CollectedEvents:
+    """Events of a replay are kept in memory for the comparison, never published."""
 
     def __init__(self) -> None:
-        self.count = 0
+        self.events: list[run_event_pb2.RunEvent] = []
 
     async def publish(self, event: run_event_pb2.RunEvent) -> str:
-        self.count += 1
+        self.events.append(event)
         return ""
+
+
+def _step_outcomes(
+    events: Sequence[run_event_pb2.RunEvent],
+) -> dict[str, tuple[bool, str, str]]:
+    """Each step's last StepFinished: success, summary and error reason, by step id."""
+    outcomes: dict[str, tuple[bool, str, str]] = {}
+    for event in events:
+        if event.HasField("step_finished"):
+            done = event.step_finished
+            outcomes[done.step_id] = (done.success, done.summary, done.error.reason)
+    return outcomes
+
+
+def _event_divergence(
+    recorded: Sequence[run_event_pb2.RunEvent],
+    replayed: Sequence[run_event_pb2.RunEvent],
+    entries: Sequence[journal_pb2.JournalEntry],
+) -> journal_pb2.ReplayDivergence | None:
+    """The first step whose recorded outcome event differs from the replay's.
+
+    Only steps the recorded stream still holds are compared (a fork's prefix steps published
+    their events in the source run, and old events may be trimmed); a step retried or resumed
+    after a crash counts by its last StepFinished.
+    """
+    mine = _step_outcomes(replayed)
+    index = {entry.step_id: entry.entry_index for entry in entries}
+    for step_id, outcome in _step_outcomes(recorded).items():
+        if mine.get(step_id) != outcome:
+            return journal_pb2.ReplayDivergence(
+                step_id=step_id,
+                entry_index=index.get(step_id, 0),
+                description="the replay's events for this step differ from the recorded ones",
+            )
+    return None
 
 
 def _divergence(
@@ -174,7 +211,7 @@ async def replay_run(
     loop = PlanActLoop(
         Downstreams(llm=no_calls, tools=no_calls, memory=no_calls), journal_only=True
     )
-    events = _DroppedEvents()
+    events = _CollectedEvents()
     ctx = RunContext(
         run=replayed,
         agent=agent,
@@ -204,6 +241,10 @@ async def replay_run(
             int(error.metadata.get("entryIndex", "0") or 0) if error is not None else 0,
             outcome.reused_entries,
         )
+        if divergence is None:
+            divergence = _event_divergence(
+                await runs.events_after(run.run_id, "0-0", count=100_000), events.events, entries
+            )
         span.set_attribute("foredeck.replay_identical", divergence is None)
     if divergence is not None and strict:
         raise precondition(

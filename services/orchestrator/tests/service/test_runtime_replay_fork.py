@@ -125,6 +125,27 @@ async def test_a_replay_gives_the_recorded_result_with_no_downstream_call(
                 pb.ReplayRunRequest(run_id=run.run_id), metadata=api.md()
             )
             after = calls(ds)
+            # The run's published events say a step ended otherwise than its journal entry: the
+            # replay's own events for that step no longer match, so it is not identical.
+            events_key = f"fdorch:run:{{{run.run_id}}}:events"
+            recorded_events: Any = await redis_client.xrange(events_key)
+            finished_steps = [
+                run_event_pb2.RunEvent.FromString(fields[b"e"]).step_finished
+                for _, fields in recorded_events
+                if run_event_pb2.RunEvent.FromString(fields[b"e"]).HasField("step_finished")
+            ]
+            altered = run_event_pb2.RunEvent(
+                step_finished=run_event_pb2.StepFinished(
+                    step_id=finished_steps[1].step_id, success=True, summary="something else"
+                )
+            )
+            altered_id: Any = await redis_client.xadd(
+                events_key, {"e": altered.SerializeToString(), "s": 999, "t": 0}
+            )
+            events_differ = await api.runs.ReplayRun(
+                pb.ReplayRunRequest(run_id=run.run_id), metadata=api.md()
+            )
+            await redis_client.xdel(events_key, altered_id)
             journal: Any = await redis_client.lrange(f"fdorch:run:{{{run.run_id}}}:journal", 0, -1)
             # The journal loses its last entries: the replay now needs steps it does not hold.
             await redis_client.ltrim(f"fdorch:run:{{{run.run_id}}}:journal", 0, len(journal) - 3)
@@ -149,6 +170,10 @@ async def test_a_replay_gives_the_recorded_result_with_no_downstream_call(
     assert replay.replayed_entry_count == len(journal) == run.step_count
     assert replay.recorded_usage == run.usage
     assert again == replay
+    assert not events_differ.identical
+    assert events_differ.status == run.status
+    assert events_differ.divergence.step_id == finished_steps[1].step_id
+    assert "events" in events_differ.divergence.description
     assert not diverged.identical
     assert diverged.status == run_pb2.RUN_STATUS_FAILED
     assert diverged.error.reason == "REPLAY_DIVERGED"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from foredeck.common.v1 import journal_pb2, run_pb2
+from foredeck.common.v1 import journal_pb2, run_event_pb2, run_pb2
 from foredeck_orchestrator.domain.loop import PlanActLoop
 from foredeck_orchestrator.domain.ports import RunOutcome
 from services.orchestrator.tests.loop_support import (
@@ -106,7 +106,7 @@ async def test_resume_after_k_entries_makes_exactly_the_remaining_calls(committe
 
 async def test_replay_of_a_finished_run_calls_nothing() -> None:
     first = scripted()
-    full, journal, _ = await run_once([], first)
+    full, journal, live = await run_once([], first)
     again = scripted()
     outcome, replayed, events = await run_once(journal.stored, again, journal_only=True)
     assert again.calls == []
@@ -114,7 +114,24 @@ async def test_replay_of_a_finished_run_calls_nothing() -> None:
     assert outcome.output == full.output
     assert outcome.usage == full.usage
     assert replayed.appends == 0
-    assert events.events == []
+
+    # The replay tells its steps as the live run did: the same starts and outcomes, in order.
+    def steps(stream: list[run_event_pb2.RunEvent]) -> list[tuple[str, str, bool, str]]:
+        return [
+            ("started", e.step_started.step_id, True, e.step_started.description)
+            if e.HasField("step_started")
+            else (
+                "finished",
+                e.step_finished.step_id,
+                e.step_finished.success,
+                e.step_finished.summary,
+            )
+            for e in stream
+            if e.HasField("step_started") or e.HasField("step_finished")
+        ]
+
+    assert steps(events.events) == steps(live.events)
+    assert {e.WhichOneof("payload") for e in events.events} == {"step_started", "step_finished"}
 
 
 async def test_replay_of_a_cut_journal_diverges_instead_of_calling() -> None:

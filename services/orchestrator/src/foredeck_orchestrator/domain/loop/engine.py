@@ -406,6 +406,8 @@ class _Run:
         if recorded is not None:
             self.last_index = max(self.last_index, recorded.step_index)
             self.reused.add(step_id)
+            if self.loop.journal_only:
+                await self._republish(recorded)
             return recorded
         if budgeted:
             exceeded = check_budget(
@@ -528,6 +530,30 @@ class _Run:
 
     async def _publish(self, event: run_event_pb2.RunEvent) -> None:
         await self.ctx.events.publish(event)
+
+    async def _republish(self, recorded: journal_pb2.JournalEntry) -> None:
+        """A replay's events for a step answered from the journal: the step's start and end
+        as the live run published them, so the replay's events can be compared with them."""
+        await self._publish(
+            run_event_pb2.RunEvent(
+                step_started=run_event_pb2.StepStarted(
+                    step_id=recorded.step_id,
+                    step_index=recorded.step_index,
+                    kind=recorded.kind,
+                    description=recorded.description,
+                    attempt=recorded.attempt,
+                )
+            )
+        )
+        finished = run_event_pb2.StepFinished(
+            step_id=recorded.step_id,
+            success=recorded.outcome == _SUCCEEDED,
+            summary=_clip(self._summary(recorded), _MAX_SUMMARY),
+        )
+        finished.usage.CopyFrom(recorded.usage)
+        if recorded.outcome != _SUCCEEDED:
+            finished.error.CopyFrom(recorded.error)
+        await self._publish(run_event_pb2.RunEvent(step_finished=finished))
 
     # --- downstream calls -----------------------------------------------------------------
 
