@@ -702,13 +702,15 @@ class RunServicer(pb_grpc.RunServiceServicer):
         run_id = request.run_id
         cursor = request.after_event_id or "0-0"
         if request.after_event_id:
-            first = await self.runs.first_event(run_id)
-            if first is not None and first.sequence > 1 and _older(cursor, first.event_id):
+            # Events after the cursor are lost only when one newer than it was trimmed.
+            trimmed = await self.runs.trimmed_through(run_id)
+            if trimmed and _older(cursor, trimmed):
+                first = await self.runs.first_event(run_id)
                 raise ServiceError(
                     grpc.StatusCode.OUT_OF_RANGE,
                     "EVENTS_TRIMMED",
                     "events after this id are no longer kept",
-                    metadata={"oldestEventId": first.event_id},
+                    metadata={"oldestEventId": first.event_id if first is not None else ""},
                 )
         while True:
             events = await self.runs.events_after(run_id, cursor)

@@ -18,6 +18,7 @@ from foredeck.common.v1 import run_event_pb2, run_pb2, usage_pb2
 from foredeck.orchestrator.v1 import orchestrator_service_pb2 as pb
 from foredeck_kit.errors import error_details
 from foredeck_orchestrator.adapters.keys import run_id_for
+from foredeck_orchestrator.adapters.redis_runs import RedisRuns
 from services.orchestrator.tests.service.runtime_support import (
     Api,
     api_server,
@@ -297,3 +298,48 @@ async def test_a_run_recorded_by_a_submitter_that_died_before_queueing_it_still_
     assert queued == 0
     assert run.status == SUCCEEDED
     assert note is None
+
+
+async def test_watch_resumes_right_before_trimmed_events_and_refuses_past_them(
+    redis_url: str,
+) -> None:
+    async with downstreams() as ds:
+        settings = settings_for(redis_url, ds, event_retention=100)
+        async with api_server(settings) as api:
+            await api.create_agent()
+            run_id = (await api.submit()).run.run_id  # no worker: it stays queued
+            assert api.host.runs is not None
+            runs: RedisRuns = api.host.runs
+            claim = await runs.claim(run_id, "test-worker", 60_000, 5)
+            # A long run: many more events than the stream keeps.
+            published: list[str] = []
+            for index in range(300):
+                event = run_event_pb2.RunEvent(
+                    step_started=run_event_pb2.StepStarted(step_id=f"s{index}")
+                )
+                published.append(await runs.publish(run_id, claim.token, event.SerializeToString()))
+            kept = [e.event_id for e in await runs.events_after(run_id, "0-0")]
+            trimmed = await runs.trimmed_through(run_id)
+
+            async def first_events(after: str, count: int) -> list[str]:
+                stream = api.runs.WatchRun(
+                    pb.WatchRunRequest(run_id=run_id, after_event_id=after), metadata=api.md()
+                )
+                seen: list[str] = []
+                async for reply in stream:
+                    seen.append(reply.event.event_id)
+                    if len(seen) == count:
+                        break
+                stream.cancel()
+                return seen
+
+            # From the newest trimmed event nothing is lost: it resumes at the oldest kept one.
+            resumed = await first_events(trimmed, 3)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await first_events(published[published.index(trimmed) - 1], 1)
+    assert len(kept) == 100
+    assert published[published.index(trimmed) + 1] == kept[0]
+    assert resumed == kept[:3]
+    assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+    assert error_details(refused.value).reason == "EVENTS_TRIMMED"
+    assert dict(error_details(refused.value).metadata)["oldestEventId"] == kept[0]

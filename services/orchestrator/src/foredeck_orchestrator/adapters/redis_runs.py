@@ -363,6 +363,11 @@ class RedisRuns:
             out.extend(decode_event(run_id, eid, fields) for eid, fields in entries)
         return out
 
+    async def trimmed_through(self, run_id: str) -> str:
+        """The newest event id trimmed from the run's stream; empty when none was."""
+        value: Any = await self.redis.hget(self.keys.run(run_id), "trimmed_through")
+        return _text(value) if value else ""
+
     async def first_event(self, run_id: str) -> Any | None:
         """The oldest event still kept, or None."""
         entries: Any = await self.redis.xrange(self.keys.events(run_id), "-", "+", count=1)

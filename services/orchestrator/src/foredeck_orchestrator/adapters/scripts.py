@@ -38,13 +38,22 @@ _FENCE = """
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
 """
 
-# Append one event to the run's stream: sequence from the record, time from the server.
+# Append one event to the run's stream: sequence from the record, time from the server. The
+# stream keeps the newest `maxlen` events, trimmed a batch at a time (a hundredth of `maxlen`);
+# the newest id cut is kept on the record as `trimmed_through`, so a reader resuming after it
+# knows that nothing it has not seen was lost (Redis itself does not record trimmed ids).
 _EVENT = """
 local function add_event(events_key, run_key, payload, maxlen, now)
   local seq = redis.call('HINCRBY', run_key, 'seq', 1)
-  local id = redis.call('XADD', events_key, 'MAXLEN', '~', maxlen, '*',
-    'e', payload, 's', seq, 't', now)
+  local id = redis.call('XADD', events_key, '*', 'e', payload, 's', seq, 't', now)
   redis.call('HSET', run_key, 'last_event', id)
+  local keep = tonumber(maxlen)
+  local excess = redis.call('XLEN', events_key) - keep
+  if excess >= math.max(1, math.floor(keep / 100)) then
+    local cut = redis.call('XRANGE', events_key, '-', '+', 'COUNT', excess + 1)
+    redis.call('XTRIM', events_key, 'MINID', cut[#cut][1])
+    redis.call('HSET', run_key, 'trimmed_through', cut[#cut - 1][1])
+  end
   return id
 end
 """
