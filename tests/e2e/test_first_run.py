@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import pytest
 from foredeck.common.v1 import agent_pb2, journal_pb2, run_event_pb2, run_pb2
 from foredeck_client import AsyncClient
 from foredeck_client.errors import NotFound
+from foredeck_testing.node import node_with_packages
 from foredeck_testing.provider import Endpoint, ScriptedProvider, TextReply
 
 REPO = Path(__file__).resolve().parents[2]
@@ -135,24 +135,6 @@ async def _cli(stack: Stack, *args: str) -> tuple[int, str, str]:
     return process.returncode, out.decode(), err.decode()
 
 
-def _node() -> str:
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed: the Node.js client needs Node.js 18 or newer")
-    installed = NODE_EXAMPLE / "node_modules" / ".package-lock.json"
-    lock = NODE_EXAMPLE / "package-lock.json"
-    if not installed.is_file() or installed.stat().st_mtime < lock.stat().st_mtime:
-        npm = shutil.which("npm")
-        assert npm is not None, "node is installed but npm is not"
-        subprocess.run(
-            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=NODE_EXAMPLE,
-            check=True,
-            timeout=300,
-        )
-    return node
-
-
 def _prompts(provider: ScriptedProvider) -> list[str]:
     """The text of every chat request the model received, in order."""
     return [
@@ -164,7 +146,7 @@ def _prompts(provider: ScriptedProvider) -> list[str]:
 async def test_the_first_run_goes_through_every_service_and_the_second_recalls_it(
     tmp_path: Path,
 ) -> None:
-    node = _node()
+    node = node_with_packages(NODE_EXAMPLE)
     provider = ScriptedProvider()
     async with provider:
         provider.enqueue(

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -22,6 +20,7 @@ import pytest
 
 from foredeck_kit.errors import ServiceError
 from foredeck_testing.echo import SERVICE_NAME, Context, Message, register, unary
+from foredeck_testing.node import node_with_packages
 from foredeck_testing.server import RunningServer, running_server
 
 HERE = Path(__file__).resolve().parent
@@ -34,22 +33,7 @@ CALL_TIMEOUT = 30.0
 @pytest.fixture(scope="session")
 def node() -> str:
     """The ``node`` binary, with this folder's locked packages installed."""
-    node = shutil.which("node")
-    if node is None:
-        pytest.skip("node is not installed: the Node.js client check needs Node.js 18 or newer")
-    installed = HERE / "node_modules" / ".package-lock.json"
-    lock = HERE / "package-lock.json"
-    if not installed.is_file() or installed.stat().st_mtime < lock.stat().st_mtime:
-        npm = shutil.which("npm")
-        assert npm is not None, "node is installed but npm is not; install npm to run this check"
-        # Install scripts are not needed by these packages; --ignore-scripts runs none of them.
-        subprocess.run(
-            [npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
-            cwd=HERE,
-            check=True,
-            timeout=300,
-        )
-    return node
+    return node_with_packages(HERE)
 
 
 async def _echo(request: Message, context: Context) -> Message:

@@ -41,7 +41,7 @@ from foredeck.gateway.v1 import api_key_pb2
 from foredeck.gateway.v1 import gateway_service_pb2 as gw
 from foredeck.gateway.v1 import gateway_service_pb2_grpc as gw_grpc
 from foredeck_client.connection import Connection, resolve_connection
-from foredeck_client.errors import ForedeckError, error_from_rpc
+from foredeck_client.errors import error_from_rpc
 
 __all__ = ["AsyncClient", "Page"]
 
@@ -420,8 +420,3 @@ class AsyncClient:
         request = gw.RevokeApiKeyRequest(api_key_id=api_key_id, reason=reason)
         response = await self._call(self.admin.RevokeApiKey, request)
         return response.api_key
-
-
-def is_retryable(error: ForedeckError) -> bool:
-    """Whether repeating the same call later may succeed."""
-    return error.code in _RETRYABLE or error.retry_after is not None

@@ -29,11 +29,11 @@ from foredeck.common.v1 import (
     journal_pb2,
     run_event_pb2,
     run_pb2,
-    usage_pb2,
 )
 from foredeck.gateway.v1 import api_key_pb2
 from foredeck_client.errors import ConfigurationError, ForedeckError
 from foredeck_client.sync import Client
+from foredeck_client.trace import RunNode, load_tree, render_png, render_text, usage_text
 
 __all__ = ["add_commands"]
 
@@ -66,12 +66,6 @@ def _kind_name(kind: run_event_pb2.StepKind.ValueType) -> str:
 def _short(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _cost(usage: usage_pb2.Usage) -> str:
-    tokens = usage.input_tokens + usage.output_tokens
-    dollars = usage.cost_usd_micros / 1_000_000
-    return f"{tokens} tokens ({usage.input_tokens} in, {usage.output_tokens} out), ${dollars:.4f}"
 
 
 def _as_dict(message: Message) -> dict[str, Any]:
@@ -194,7 +188,7 @@ class LiveView:
         self._draw()
         self.live.stop()
         style = "green" if run.status == run_pb2.RUN_STATUS_SUCCEEDED else "red"
-        self.console.print(f"[{style}]{self.status}[/] [dim]·[/] {_cost(run.usage)}")
+        self.console.print(f"[{style}]{self.status}[/] [dim]·[/] {usage_text(run.usage)}")
         if run.error.message:
             self.console.print(f"[red]{escape(run.error.reason)}: {escape(run.error.message)}[/]")
 
@@ -237,7 +231,7 @@ class PlainView:
             self._say(f"error: {event.error.error.message}")
 
     def finish(self, run: run_pb2.Run) -> None:
-        self._say(f"{_status_name(run.status)} · {_cost(run.usage)}")
+        self._say(f"{_status_name(run.status)} · {usage_text(run.usage)}")
         if run.error.message:
             self._say(f"error {run.error.reason}: {run.error.message}")
         if run.output:
@@ -369,7 +363,7 @@ def _show(args: argparse.Namespace) -> int:
             f"  {entry.step_index:>3} {_kind_name(entry.kind):<10} {outcome.lower():<9}{took}"
             f"  {_short(entry.description, 80)}\n"
         )
-    out.write(f"{_cost(run.usage)}\n")
+    out.write(f"{usage_text(run.usage)}\n")
     if run.error.message:
         out.write(f"error {run.error.reason}: {run.error.message}\n")
     if run.output:
@@ -476,8 +470,6 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _trace(args: argparse.Namespace) -> int:
-    from foredeck_client.trace import RunNode, load_tree, render_png, render_text
-
     with _client(args) as client:
         root = load_tree(client, args.run_id)
     if args.json:

@@ -16,7 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from foredeck.common.v1 import journal_pb2, run_event_pb2, run_pb2, usage_pb2
 from foredeck_client.sync import Client
 
-__all__ = ["RunNode", "StepRow", "load_tree", "render_png", "render_text"]
+__all__ = ["RunNode", "StepRow", "load_tree", "render_png", "render_text", "usage_text"]
 
 _JOURNAL_PAGE = 100  # the most a FULL page holds
 
@@ -120,7 +120,8 @@ def load_tree(client: Client, run_id: str) -> RunNode:
     return nodes[runs[0].run_id]
 
 
-def _cost(usage: usage_pb2.Usage) -> str:
+def usage_text(usage: usage_pb2.Usage) -> str:
+    """Tokens and cost for people: ``150 tokens (120 in, 30 out), $0.0012``."""
     tokens = usage.input_tokens + usage.output_tokens
     dollars = usage.cost_usd_micros / 1e6
     return f"{tokens} tokens ({usage.input_tokens} in, {usage.output_tokens} out), ${dollars:.4f}"
@@ -140,7 +141,7 @@ def render_text(root: RunNode) -> str:
                 seconds = f" · {(end - start).total_seconds():.2f}s"
             agent = f"{run.agent_name} v{run.agent_version}"
             lines.append(
-                f"{pad}run {run.run_id} · {agent} · {status}{seconds} · {_cost(run.usage)}"
+                f"{pad}run {run.run_id} · {agent} · {status}{seconds} · {usage_text(run.usage)}"
             )
             continue
         took = f"{row.seconds:7.2f}s" if row.seconds is not None else "      - "
@@ -151,7 +152,7 @@ def render_text(root: RunNode) -> str:
             f"{row.label[:70]}{spent}"
         )
     steps, usage = root.totals()
-    lines.append(f"total: {steps} steps, {_cost(usage)}")
+    lines.append(f"total: {steps} steps, {usage_text(usage)}")
     return "\n".join(lines) + "\n"
 
 
@@ -193,7 +194,7 @@ def render_png(root: RunNode, path: Path) -> None:
     axes.invert_yaxis()
     axes.set_xlabel("seconds since the run's first step")
     steps, usage = root.totals()
-    axes.set_title(f"run {root.run.run_id} · {steps} steps · {_cost(usage)}", fontsize=9)
+    axes.set_title(f"run {root.run.run_id} · {steps} steps · {usage_text(usage)}", fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -169,26 +169,26 @@ def _etag(tenant_id: str, name: str, version: int) -> str:
 # --- agents ---------------------------------------------------------------------------------
 
 
+def _stored_version(principal: Principal, source: agent_pb2.Agent, version: int) -> agent_pb2.Agent:
+    """``source`` as version ``version`` of the caller's tenant, output-only fields set."""
+    agent = agent_pb2.Agent()
+    agent.CopyFrom(source)
+    for output_only in ("tenant_id", "state", "create_time", "created_by", "archive_time"):
+        agent.ClearField(output_only)
+    agent.version = version
+    agent.tenant_id = principal.tenant_id
+    agent.create_time.FromMilliseconds(_now_ms())
+    agent.created_by = principal.user_id
+    agent.etag = _etag(principal.tenant_id, agent.name, version)
+    return agent
+
+
 @store_errors
 class AgentServicer(pb_grpc.AgentServiceServicer):
     """Versioned agent definitions of the caller's tenant."""
 
     def __init__(self, agents: RedisAgents) -> None:
         self.agents = agents
-
-    def _stored(
-        self, principal: Principal, source: agent_pb2.Agent, version: int
-    ) -> agent_pb2.Agent:
-        agent = agent_pb2.Agent()
-        agent.CopyFrom(source)
-        for output_only in ("tenant_id", "state", "create_time", "created_by", "archive_time"):
-            agent.ClearField(output_only)
-        agent.version = version
-        agent.tenant_id = principal.tenant_id
-        agent.create_time.FromMilliseconds(_now_ms())
-        agent.created_by = principal.user_id
-        agent.etag = _etag(principal.tenant_id, agent.name, version)
-        return agent
 
     async def CreateAgent(
         self, request: pb.CreateAgentRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -204,7 +204,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
             content.ClearField(output_only)
         content.ClearField("archive_time")
         content.ClearField("etag")
-        stored = self._stored(principal, content, 1)
+        stored = _stored_version(principal, content, 1)
         write = await self.agents.create(
             principal.tenant_id, stored, request.request_id, _content_digest(content)
         )
@@ -278,7 +278,7 @@ class AgentServicer(pb_grpc.AgentServiceServicer):
                     "the agent changed since the etag was read",
                     metadata={"agentName": name, "latestVersion": latest.version},
                 )
-            stored = self._stored(principal, merged, latest.version + 1)
+            stored = _stored_version(principal, merged, latest.version + 1)
             write = await self.agents.create_version(
                 principal.tenant_id,
                 name,
@@ -451,7 +451,7 @@ class RunServicer(pb_grpc.RunServiceServicer):
         if version > 1:
             return None
         content = default_agent()
-        stored = AgentServicer(self.agents)._stored(principal, content, 1)
+        stored = _stored_version(principal, content, 1)
         stored.created_by = "foredeck"
         write = await self.agents.create(
             principal.tenant_id, stored, DEFAULT_AGENT_REQUEST_ID, _content_digest(content)
